@@ -1,0 +1,12 @@
+//! Runner's thread-per-core core. No tokio, no NATS: shards compute and commit; the I/O
+//! bridge in the `runner` binary does all network work.
+//!
+//! - [`routing`]: stable `(tenant, key) -> partition -> shard`.
+//! - [`keys`]: key encodings of the per-shard databases.
+//! - [`record`]: the values stored in them.
+//! - [`store`]: one LMDB environment per shard and the batch commit.
+
+pub mod keys;
+pub mod record;
+pub mod routing;
+pub mod store;

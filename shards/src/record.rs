@@ -1,0 +1,195 @@
+//! The values stored in the per-shard databases (JSON-encoded, so that a stopped runner's
+//! data can be inspected and a newer version can add fields).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// JSON text kept as text: parsed only where it is used.
+pub type Json = Box<RawValue>;
+
+/// `null` as a stored JSON value.
+pub fn json_null() -> Json {
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable_null())
+}
+
+fn unreachable_null() -> Json {
+    // "null" is always valid JSON; this keeps the function total without a panic path.
+    serde_json::value::to_raw_value(&serde_json::Value::Null).unwrap_or_default()
+}
+
+/// Lifecycle of a saga instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    Running,
+    Completed,
+    Failed,
+}
+
+impl InstanceStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, InstanceStatus::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Running => "running",
+            InstanceStatus::Completed => "completed",
+            InstanceStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A key parked behind a quarantined event (policy `park`): later events wait in the
+/// dead-letter queue, in order, until an operator requeues or skips.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parked {
+    /// Id of the dead letter that holds the poison event.
+    pub poison_event_id: String,
+    pub since: u64,
+    pub error: String,
+}
+
+/// One saga instance (db `sagas`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SagaRecord {
+    pub status: InstanceStatus,
+    /// Last applied stream sequence per source stream (invariant 3).
+    #[serde(default)]
+    pub last_seq: BTreeMap<String, u64>,
+    /// Effect command ids dispatched and not yet answered (invariant 4): a result event is
+    /// applied only for one of these, once.
+    #[serde(default)]
+    pub outstanding: BTreeSet<String>,
+    /// Number of transitions applied.
+    pub version: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<Parked>,
+    /// The trace context of the event that started the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// Ids of the events applied, in order, bounded (most recent last); replay uses it to
+    /// re-apply results in the order the instance first saw them.
+    #[serde(default)]
+    pub applied: Vec<AppliedRef>,
+    /// The program's state (JSON).
+    pub state: Json,
+}
+
+/// One applied event, as remembered by its instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRef {
+    pub stream: String,
+    pub seq: u64,
+    pub id: String,
+}
+
+/// What an outbox item asks the bridge to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WorkKind {
+    /// Publish an effect command to `WORKFLOW_COMMANDS`.
+    Effect { effect: String },
+    /// Submit an aggregate command to the Gateway.
+    Command { command: String, aggregate: String, aggregate_id: String },
+}
+
+/// One outbox item (db `outbox`): written with the transition, deleted after dispatch is
+/// durably confirmed (invariant 2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// Deterministic id (invariant 5): the command id, the `Nats-Msg-Id`, the idempotency key.
+    pub work_id: String,
+    #[serde(flatten)]
+    pub kind: WorkKind,
+    pub tenant: String,
+    pub saga: String,
+    pub correlation_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    pub source_event_id: String,
+    pub payload: Json,
+    pub created_at: u64,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub next_attempt_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Set when an operator replay re-created an item already dispatched once: the relay
+    /// deletes it without dispatching.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suppressed: bool,
+}
+
+/// One durable timer (db `schedules`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleEntry {
+    pub name: String,
+    pub payload: Json,
+    pub source_event_id: String,
+    pub scheduled_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// The effect gate (db `effects`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum EffectRecord {
+    /// The provider may have been called `attempts` times; no result is recorded yet.
+    Started { attempts: u32, updated_at: u64 },
+    /// The result event was published and acknowledged; `result` is its exact body, so a
+    /// redelivered command re-publishes the same bytes under the same `Nats-Msg-Id`.
+    Completed { attempts: u32, updated_at: u64, subject: String, outcome: String, result: Json },
+}
+
+/// Why something became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// The program failed on this event past its attempts.
+    Poison,
+    /// An event of a parked key, held behind the poison one.
+    Parked,
+    /// The message could not be decoded.
+    Undecodable,
+    /// An outbox item whose dispatch failed past its limit.
+    Dispatch,
+}
+
+/// One dead letter (db `deadletter`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub kind: DeadLetterKind,
+    pub partition: u32,
+    pub tenant: String,
+    pub at: u64,
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saga: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The message body as received, when it was not decodable JSON (lossy UTF-8, bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<String>,
+    /// The decoded event (what the program saw), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<Json>,
+    /// The outbox item, for a dispatch dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<OutboxItem>,
+    #[serde(default)]
+    pub attempts: u32,
+}

@@ -1,0 +1,668 @@
+//! The per-shard store: one LMDB environment, its named databases, and the one way to
+//! write to it — a [`Batch`] committed in one write transaction.
+//!
+//! Owned by its shard's thread (the env's only writer). Read transactions are opened
+//! without thread-local storage so that several tasks of one executor may read; none is
+//! ever held across an `.await`.
+
+use crate::keys::{
+    CheckpointKey, DeadLetterKey, EffectKey, OutboxKey, SagaKey, ScheduleKey, deadletter_tenant_prefix,
+    schedule_upper_bound,
+};
+use crate::record::{DeadLetter, EffectRecord, OutboxItem, SagaRecord, ScheduleEntry};
+use heed::types::Bytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, WithoutTls};
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// How hard a commit tries to reach the disk. Set per data directory in the runner's
+/// config (`storage.durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Full LMDB sync: every commit is on disk (data and meta page fsync'd) before it
+    /// returns, so a JetStream ack sent after it survives a process crash, an OS crash and a
+    /// power loss. The default, and the only mode for production.
+    #[default]
+    Fsync,
+    /// UNSAFE for production (`MDB_NOMETASYNC`): data pages are synced, the meta page is not.
+    /// A process crash loses nothing; an OS crash or power loss may roll back the last
+    /// committed transaction(s) while their messages were already acked, so those events
+    /// are lost to the saga. Database integrity is kept. For benchmarks.
+    NoMetaSync,
+    /// UNSAFE for production (`MDB_NOSYNC`): no fsync at all; the OS writes pages when it
+    /// likes. A process crash (SIGKILL) loses nothing, because the pages are in the OS page
+    /// cache; an OS crash or power loss may lose any number of recent commits whose
+    /// messages were acked, and on file systems that reorder writes may corrupt the
+    /// environment. For benchmarks.
+    NoSync,
+}
+
+impl Durability {
+    fn flags(self) -> EnvFlags {
+        match self {
+            Durability::Fsync => EnvFlags::empty(),
+            Durability::NoMetaSync => EnvFlags::NO_META_SYNC,
+            Durability::NoSync => EnvFlags::NO_SYNC,
+        }
+    }
+}
+
+/// Settings of one shard environment; already validated by the caller.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub durability: Durability,
+    /// Map size an environment starts with (bytes, rounded to pages). Setting:
+    /// `storage.initial_map_size`.
+    pub initial_map_size: usize,
+    /// The map never grows beyond this (bytes). Setting: `storage.max_map_size`.
+    pub max_map_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { durability: Durability::Fsync, initial_map_size: 64 << 20, max_map_size: 64 << 30 }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("shard {shard}: lmdb at {path}: {source}")]
+    Lmdb {
+        shard: usize,
+        path: PathBuf,
+        #[source]
+        source: heed::Error,
+    },
+    #[error(
+        "shard {shard}: lmdb map at {path} is full at {size} bytes, the limit set by storage.max_map_size; raise storage.max_map_size or free space"
+    )]
+    MapFull { shard: usize, path: PathBuf, size: usize },
+    #[error("shard {shard}: cannot create {path}: {source}")]
+    CreateDir {
+        shard: usize,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shard {shard}: corrupt {db} entry at {path}: {why}")]
+    Corrupt { shard: usize, path: PathBuf, db: &'static str, why: String },
+    #[error("shard {shard}: {path} belongs to shard {found} of a data directory with {found_partitions} partitions, expected shard {shard} with {partitions}")]
+    WrongEnv { shard: usize, path: PathBuf, found: usize, found_partitions: u32, partitions: u32 },
+    #[error("shard {shard}: injected commit failure at {path} (test)")]
+    Injected { shard: usize, path: PathBuf },
+}
+
+impl StoreError {
+    /// Whether retrying the same commit later may succeed (disk full, I/O error) rather than
+    /// the data or the settings being wrong.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Lmdb { source, .. } => matches!(source, heed::Error::Io(_)) || is_mdb_transient(source),
+            StoreError::MapFull { .. } | StoreError::Injected { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn is_mdb_transient(e: &heed::Error) -> bool {
+    matches!(e, heed::Error::Mdb(heed::MdbError::Other(_)) | heed::Error::Mdb(heed::MdbError::Panic))
+}
+
+/// The named databases; see [`crate::keys`] for their key layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Db {
+    Sagas,
+    Outbox,
+    Schedules,
+    Effects,
+    Checkpoints,
+    DeadLetter,
+    Meta,
+}
+
+impl Db {
+    pub const ALL: [Db; 7] = [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::Checkpoints, Db::DeadLetter, Db::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Db::Sagas => "sagas",
+            Db::Outbox => "outbox",
+            Db::Schedules => "schedules",
+            Db::Effects => "effects",
+            Db::Checkpoints => "checkpoints",
+            Db::DeadLetter => "deadletter",
+            Db::Meta => "meta",
+        }
+    }
+}
+
+type Raw = Database<Bytes, Bytes>;
+
+/// Meta keys.
+const META_LAYOUT_VERSION: &[u8] = b"layout_version";
+const META_PARTITIONS: &[u8] = b"partitions";
+const META_SHARD: &[u8] = b"shard_index";
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// One write of a batch.
+#[derive(Debug, Clone)]
+enum Op {
+    Put { db: Db, key: Vec<u8>, value: Vec<u8> },
+    Delete { db: Db, key: Vec<u8> },
+    /// `checkpoints[key] = max(checkpoints[key], seq)`.
+    Advance { key: Vec<u8>, seq: u64 },
+}
+
+/// Everything one shard writes for one batch: saga states, outbox inserts and deletes,
+/// schedule inserts and deletes, effect-gate updates, checkpoint advances and dead
+/// letters. [`Store::commit`] writes it in one transaction or not at all; there is no other
+/// write path, so a partial update cannot be expressed.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    ops: Vec<Op>,
+    bytes: usize,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Approximate bytes written (keys and values).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn put(&mut self, db: Db, key: Vec<u8>, value: Vec<u8>) {
+        self.bytes += key.len() + value.len();
+        self.ops.push(Op::Put { db, key, value });
+    }
+
+    fn delete(&mut self, db: Db, key: Vec<u8>) {
+        self.bytes += key.len();
+        self.ops.push(Op::Delete { db, key });
+    }
+
+    pub fn put_saga(&mut self, key: &SagaKey, record: &SagaRecord) {
+        self.put(Db::Sagas, key.encode(), to_json(record));
+    }
+
+    /// Stores an already-encoded saga record (the pipeline serialises once).
+    pub fn put_saga_encoded(&mut self, key: &SagaKey, record: Vec<u8>) {
+        self.put(Db::Sagas, key.encode(), record);
+    }
+
+    pub fn delete_saga(&mut self, key: &SagaKey) {
+        self.delete(Db::Sagas, key.encode());
+    }
+
+    pub fn put_outbox(&mut self, key: OutboxKey, item: &OutboxItem) {
+        self.put(Db::Outbox, key.encode().to_vec(), to_json(item));
+    }
+
+    pub fn delete_outbox(&mut self, key: OutboxKey) {
+        self.delete(Db::Outbox, key.encode().to_vec());
+    }
+
+    pub fn put_schedule(&mut self, key: &ScheduleKey, entry: &ScheduleEntry) {
+        self.put(Db::Schedules, key.encode(), to_json(entry));
+    }
+
+    pub fn delete_schedule(&mut self, key: &ScheduleKey) {
+        self.delete(Db::Schedules, key.encode());
+    }
+
+    pub fn put_effect(&mut self, key: &EffectKey, record: &EffectRecord) {
+        self.put(Db::Effects, key.encode(), to_json(record));
+    }
+
+    pub fn delete_effect(&mut self, key: &EffectKey) {
+        self.delete(Db::Effects, key.encode());
+    }
+
+    /// Raises the checkpoint to `seq`; never lowers it.
+    pub fn advance_checkpoint(&mut self, key: &CheckpointKey, seq: u64) {
+        let key = key.encode();
+        self.bytes += key.len() + 8;
+        self.ops.push(Op::Advance { key, seq });
+    }
+
+    /// Sets the checkpoint exactly (controlled replay lowers it).
+    pub fn set_checkpoint(&mut self, key: &CheckpointKey, seq: u64) {
+        self.put(Db::Checkpoints, key.encode(), seq.to_be_bytes().to_vec());
+    }
+
+    pub fn put_deadletter(&mut self, key: &DeadLetterKey, letter: &DeadLetter) {
+        self.put(Db::DeadLetter, key.encode(), to_json(letter));
+    }
+
+    pub fn delete_deadletter(&mut self, key: &DeadLetterKey) {
+        self.delete(Db::DeadLetter, key.encode());
+    }
+
+    /// Raw write, used by partition moves that copy entries verbatim.
+    pub(crate) fn put_raw(&mut self, db: Db, key: Vec<u8>, value: Vec<u8>) {
+        self.put(db, key, value);
+    }
+
+    pub(crate) fn delete_raw(&mut self, db: Db, key: Vec<u8>) {
+        self.delete(db, key);
+    }
+
+    /// Appends another batch; its writes apply after this one's.
+    pub fn extend(&mut self, other: Batch) {
+        self.bytes += other.bytes;
+        self.ops.extend(other.ops);
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain records cannot fail: no maps with non-string keys, no
+    // fallible Serialize impls.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitInfo {
+    pub ops: usize,
+    pub bytes: usize,
+    /// The map was grown this many times to fit the batch.
+    pub grew: u32,
+}
+
+/// One shard's environment. Owned by the shard's thread.
+pub struct Store {
+    env: Env<WithoutTls>,
+    dbs: [Raw; 7],
+    shard: usize,
+    partitions: u32,
+    path: PathBuf,
+    map_size: Cell<usize>,
+    max_map_size: usize,
+    /// Test hook: fail the next commit after this many ops were written in its transaction.
+    fail_after: Cell<Option<usize>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("shard", &self.shard).field("path", &self.path).finish()
+    }
+}
+
+fn page_round(n: usize) -> usize {
+    const PAGE: usize = 4096;
+    n.div_ceil(PAGE).max(1) * PAGE
+}
+
+impl Store {
+    /// Opens (creating if needed) the environment of `shard` at `path`, for a data directory
+    /// with `partitions` partitions. Refuses an environment that belongs to another shard.
+    pub fn open(path: &Path, shard: usize, partitions: u32, config: &StoreConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir { shard, path: path.to_owned(), source })?;
+        let lmdb = |source| StoreError::Lmdb { shard, path: path.to_owned(), source };
+        // An existing environment may already be larger than the initial size.
+        let existing = std::fs::metadata(path.join("data.mdb")).map(|m| m.len() as usize).unwrap_or(0);
+        let map_size = page_round(config.initial_map_size.max(existing).min(config.max_map_size.max(existing)));
+        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+        opts.map_size(map_size).max_dbs(16).max_readers(126);
+        // SAFETY: the flags are plain LMDB sync flags; their crash semantics are documented on
+        // `Durability`. The env is used only through this type, by one writer thread.
+        unsafe { opts.flags(config.durability.flags()) };
+        // SAFETY: this process opens each shard environment once and never modifies the
+        // files outside LMDB; other processes only read (inspection).
+        let env = unsafe { opts.open(path) }.map_err(lmdb)?;
+        let mut wtxn = env.write_txn().map_err(lmdb)?;
+        let mut dbs = Vec::with_capacity(Db::ALL.len());
+        for db in Db::ALL {
+            let handle: Raw = env.create_database(&mut wtxn, Some(db.name())).map_err(lmdb)?;
+            dbs.push(handle);
+        }
+        let dbs: [Raw; 7] = dbs.try_into().map_err(|_| StoreError::Corrupt {
+            shard,
+            path: path.to_owned(),
+            db: "meta",
+            why: "database handles".into(),
+        })?;
+        let meta = dbs[Db::Meta as usize];
+        let read_u32 = |wtxn: &heed::RwTxn, key: &[u8]| -> Result<Option<u32>, StoreError> {
+            match meta.get(wtxn, key).map_err(lmdb)? {
+                None => Ok(None),
+                Some(b) if b.len() == 4 => Ok(Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
+                Some(_) => Err(StoreError::Corrupt {
+                    shard,
+                    path: path.to_owned(),
+                    db: "meta",
+                    why: format!("{} is not a u32", String::from_utf8_lossy(key)),
+                }),
+            }
+        };
+        match (read_u32(&wtxn, META_SHARD)?, read_u32(&wtxn, META_PARTITIONS)?) {
+            (Some(found), Some(found_partitions)) => {
+                if found as usize != shard || found_partitions != partitions {
+                    return Err(StoreError::WrongEnv {
+                        shard,
+                        path: path.to_owned(),
+                        found: found as usize,
+                        found_partitions,
+                        partitions,
+                    });
+                }
+            }
+            _ => {
+                meta.put(&mut wtxn, META_LAYOUT_VERSION, &LAYOUT_VERSION.to_be_bytes()).map_err(lmdb)?;
+                meta.put(&mut wtxn, META_PARTITIONS, &partitions.to_be_bytes()).map_err(lmdb)?;
+                meta.put(&mut wtxn, META_SHARD, &(shard as u32).to_be_bytes()).map_err(lmdb)?;
+            }
+        }
+        wtxn.commit().map_err(lmdb)?;
+        Ok(Self {
+            env,
+            dbs,
+            shard,
+            partitions,
+            path: path.to_owned(),
+            map_size: Cell::new(map_size),
+            max_map_size: page_round(config.max_map_size.max(map_size)),
+            fail_after: Cell::new(None),
+        })
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn map_size(&self) -> usize {
+        self.map_size.get()
+    }
+
+    fn db(&self, db: Db) -> Raw {
+        self.dbs[db as usize]
+    }
+
+    fn lmdb(&self, source: heed::Error) -> StoreError {
+        StoreError::Lmdb { shard: self.shard, path: self.path.clone(), source }
+    }
+
+    /// Test hook: the next commit fails inside its transaction after `ops` writes, so tests
+    /// can prove that nothing of a failed commit is visible.
+    pub fn inject_commit_failure_after(&self, ops: usize) {
+        self.fail_after.set(Some(ops));
+    }
+
+    /// Writes the whole batch in one write transaction, growing the map and retrying when it
+    /// is full. Either everything in the batch is durable (per the durability mode) when
+    /// this returns `Ok`, or nothing of it is visible.
+    pub fn commit(&self, batch: &Batch) -> Result<CommitInfo, StoreError> {
+        let mut grew = 0;
+        loop {
+            match self.try_commit(batch) {
+                Ok(()) => return Ok(CommitInfo { ops: batch.ops.len(), bytes: batch.bytes, grew }),
+                Err(StoreError::Lmdb { source: heed::Error::Mdb(heed::MdbError::MapFull), .. }) => {
+                    self.grow(batch.bytes)?;
+                    grew += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn grow(&self, need: usize) -> Result<(), StoreError> {
+        let current = self.map_size.get();
+        if current >= self.max_map_size {
+            return Err(StoreError::MapFull { shard: self.shard, path: self.path.clone(), size: current });
+        }
+        let target = page_round(current.saturating_mul(2).max(current + need * 2)).min(self.max_map_size);
+        // SAFETY: the shard's thread is the env's only user in this process and holds no
+        // transaction here: commit's transaction was dropped (aborted) before this call, and
+        // read transactions never outlive a synchronous call.
+        unsafe { self.env.resize(target) }.map_err(|e| self.lmdb(e))?;
+        tracing::info!(shard = self.shard, path = %self.path.display(), from = current, to = target, "grew lmdb map");
+        self.map_size.set(target);
+        Ok(())
+    }
+
+    fn try_commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let fail_after = self.fail_after.take();
+        for (i, op) in batch.ops.iter().enumerate() {
+            if fail_after == Some(i) {
+                return Err(StoreError::Injected { shard: self.shard, path: self.path.clone() });
+            }
+            match op {
+                Op::Put { db, key, value } => self.db(*db).put(&mut wtxn, key, value),
+                Op::Delete { db, key } => self.db(*db).delete(&mut wtxn, key).map(|_| ()),
+                Op::Advance { key, seq } => {
+                    let db = self.db(Db::Checkpoints);
+                    let current = db.get(&wtxn, key).map_err(|e| self.lmdb(e))?.and_then(decode_u64).unwrap_or(0);
+                    if *seq > current { db.put(&mut wtxn, key, &seq.to_be_bytes()) } else { Ok(()) }
+                }
+            }
+            .map_err(|e| self.lmdb(e))?;
+        }
+        if fail_after.is_some_and(|n| n >= batch.ops.len()) {
+            return Err(StoreError::Injected { shard: self.shard, path: self.path.clone() });
+        }
+        wtxn.commit().map_err(|e| self.lmdb(e))
+    }
+
+    /// A read view for one synchronous step; never hold it across an `.await`.
+    pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
+        let txn = self.env.read_txn().map_err(|e| self.lmdb(e))?;
+        Ok(ReadView { store: self, txn })
+    }
+
+    /// Forces a sync (used after commits in an unsafe durability mode at shutdown).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.env.force_sync().map_err(|e| self.lmdb(e))
+    }
+}
+
+fn decode_u64(b: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes)
+}
+
+/// Entry counts of one shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    pub sagas: u64,
+    pub outbox: u64,
+    pub schedules: u64,
+    pub effects: u64,
+    pub checkpoints: u64,
+    pub deadletters: u64,
+}
+
+/// A consistent snapshot of one shard's store.
+pub struct ReadView<'s> {
+    store: &'s Store,
+    txn: RoTxn<'s, WithoutTls>,
+}
+
+impl<'s> ReadView<'s> {
+    fn corrupt(&self, db: Db, why: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt { shard: self.store.shard, path: self.store.path.clone(), db: db.name(), why: why.to_string() }
+    }
+
+    fn get_raw(&self, db: Db, key: &[u8]) -> Result<Option<&[u8]>, StoreError> {
+        self.store.db(db).get(&self.txn, key).map_err(|e| self.store.lmdb(e))
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, db: Db, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| self.corrupt(db, e))
+    }
+
+    pub fn saga(&self, key: &SagaKey) -> Result<Option<SagaRecord>, StoreError> {
+        self.get_raw(Db::Sagas, &key.encode())?.map(|b| self.decode(Db::Sagas, b)).transpose()
+    }
+
+    pub fn effect(&self, key: &EffectKey) -> Result<Option<EffectRecord>, StoreError> {
+        self.get_raw(Db::Effects, &key.encode())?.map(|b| self.decode(Db::Effects, b)).transpose()
+    }
+
+    pub fn checkpoint(&self, key: &CheckpointKey) -> Result<Option<u64>, StoreError> {
+        Ok(self.get_raw(Db::Checkpoints, &key.encode())?.and_then(decode_u64))
+    }
+
+    pub fn outbox_item(&self, key: OutboxKey) -> Result<Option<OutboxItem>, StoreError> {
+        self.get_raw(Db::Outbox, &key.encode())?.map(|b| self.decode(Db::Outbox, b)).transpose()
+    }
+
+    /// Outbox items in key order (per partition, in creation order), starting after `after`.
+    pub fn outbox(&self, after: Option<OutboxKey>, limit: usize) -> Result<Vec<(OutboxKey, OutboxItem)>, StoreError> {
+        let db = self.store.db(Db::Outbox);
+        let lmdb = |e| self.store.lmdb(e);
+        let mut out = Vec::new();
+        let iter = match after {
+            None => db.iter(&self.txn).map_err(lmdb)?,
+            Some(k) => {
+                let start = k.encode();
+                let mut it = db.range(&self.txn, &(std::ops::Bound::Excluded(&start[..]), std::ops::Bound::Unbounded)).map_err(lmdb)?;
+                for item in it.by_ref().take(limit) {
+                    let (k, v) = item.map_err(lmdb)?;
+                    out.push((OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?, self.decode(Db::Outbox, v)?));
+                }
+                return Ok(out);
+            }
+        };
+        for item in iter.take(limit) {
+            let (k, v) = item.map_err(lmdb)?;
+            out.push((OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?, self.decode(Db::Outbox, v)?));
+        }
+        Ok(out)
+    }
+
+    /// The highest outbox sequence stored (to keep new sequences above it after a restart).
+    pub fn max_outbox_seq(&self) -> Result<u64, StoreError> {
+        let db = self.store.db(Db::Outbox);
+        let mut max = 0;
+        for item in db.iter(&self.txn).map_err(|e| self.store.lmdb(e))? {
+            let (k, _) = item.map_err(|e| self.store.lmdb(e))?;
+            max = max.max(OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?.seq);
+        }
+        Ok(max)
+    }
+
+    /// Timers due at or before `now`, in due order, at most `limit`.
+    pub fn due_schedules(&self, now: u64, limit: usize) -> Result<Vec<(ScheduleKey, ScheduleEntry)>, StoreError> {
+        let db = self.store.db(Db::Schedules);
+        let lmdb = |e| self.store.lmdb(e);
+        let upper = schedule_upper_bound(now);
+        let range = (std::ops::Bound::Unbounded, std::ops::Bound::Excluded(&upper[..]));
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &range).map_err(lmdb)?.take(limit) {
+            let (k, v) = item.map_err(lmdb)?;
+            out.push((ScheduleKey::decode(k).map_err(|e| self.corrupt(Db::Schedules, e))?, self.decode(Db::Schedules, v)?));
+        }
+        Ok(out)
+    }
+
+    /// Due time of the earliest timer.
+    pub fn next_due(&self) -> Result<Option<u64>, StoreError> {
+        let db = self.store.db(Db::Schedules);
+        match db.first(&self.txn).map_err(|e| self.store.lmdb(e))? {
+            None => Ok(None),
+            Some((k, _)) => Ok(Some(ScheduleKey::decode(k).map_err(|e| self.corrupt(Db::Schedules, e))?.due_at)),
+        }
+    }
+
+    /// All timers of one saga instance (inspection; scans the schedule table).
+    pub fn schedules_of(&self, key: &SagaKey) -> Result<Vec<(ScheduleKey, ScheduleEntry)>, StoreError> {
+        let db = self.store.db(Db::Schedules);
+        let lmdb = |e| self.store.lmdb(e);
+        let mut out = Vec::new();
+        for item in db.iter(&self.txn).map_err(lmdb)? {
+            let (k, v) = item.map_err(lmdb)?;
+            let sk = ScheduleKey::decode(k).map_err(|e| self.corrupt(Db::Schedules, e))?;
+            if &sk.saga == key {
+                out.push((sk, self.decode(Db::Schedules, v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead letters of one tenant in time order, starting after `after`, at most `limit`.
+    pub fn deadletters(
+        &self,
+        tenant: &str,
+        after: Option<&DeadLetterKey>,
+        limit: usize,
+    ) -> Result<Vec<(DeadLetterKey, DeadLetter)>, StoreError> {
+        let db = self.store.db(Db::DeadLetter);
+        let lmdb = |e| self.store.lmdb(e);
+        let prefix = deadletter_tenant_prefix(tenant);
+        let mut out = Vec::new();
+        for item in db.prefix_iter(&self.txn, &prefix).map_err(lmdb)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(lmdb)?;
+            let dk = DeadLetterKey::decode(k).map_err(|e| self.corrupt(Db::DeadLetter, e))?;
+            if after.is_some_and(|a| &dk <= a) {
+                continue;
+            }
+            out.push((dk, self.decode(Db::DeadLetter, v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every entry of one database, raw (partition moves, inspection tools).
+    pub fn for_each_raw(&self, db: Db, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        for item in self.store.db(db).iter(&self.txn).map_err(|e| self.store.lmdb(e))? {
+            let (k, v) = item.map_err(|e| self.store.lmdb(e))?;
+            f(k, v)?;
+        }
+        Ok(())
+    }
+
+    /// Entries of every saga instance of one tenant, in key order.
+    pub fn sagas_of_tenant(&self, tenant: &str, limit: usize) -> Result<Vec<(SagaKey, SagaRecord)>, StoreError> {
+        let db = self.store.db(Db::Sagas);
+        let lmdb = |e| self.store.lmdb(e);
+        let mut out = Vec::new();
+        for item in db.prefix_iter(&self.txn, &crate::keys::saga_tenant_prefix(tenant)).map_err(lmdb)?.take(limit) {
+            let (k, v) = item.map_err(lmdb)?;
+            out.push((SagaKey::decode(k).map_err(|e| self.corrupt(Db::Sagas, e))?, self.decode(Db::Sagas, v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let n = |db: Db| self.store.db(db).len(&self.txn).map_err(|e| self.store.lmdb(e));
+        Ok(StoreStats {
+            sagas: n(Db::Sagas)?,
+            outbox: n(Db::Outbox)?,
+            schedules: n(Db::Schedules)?,
+            effects: n(Db::Effects)?,
+            checkpoints: n(Db::Checkpoints)?,
+            deadletters: n(Db::DeadLetter)?,
+        })
+    }
+
+    /// Raw saga record bytes (the pipeline parses only what it needs).
+    pub fn saga_raw(&self, key: &SagaKey) -> Result<Option<&[u8]>, StoreError> {
+        self.get_raw(Db::Sagas, &key.encode())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,317 @@
+use super::*;
+use crate::record::{DeadLetterKind, InstanceStatus, Json, WorkKind};
+use proptest::prelude::*;
+
+fn json(s: &str) -> Json {
+    serde_json::value::RawValue::from_string(s.to_owned()).unwrap()
+}
+
+fn open(dir: &Path, config: &StoreConfig) -> Store {
+    Store::open(dir, 0, 16, config).unwrap()
+}
+
+fn saga_record(state: &str, version: u64) -> SagaRecord {
+    SagaRecord {
+        status: InstanceStatus::Running,
+        last_seq: [("AGGREGATE_EVENTS".to_owned(), version)].into(),
+        outstanding: Default::default(),
+        version,
+        created_at: 1,
+        updated_at: 2,
+        parked: None,
+        traceparent: None,
+        applied: vec![],
+        state: json(state),
+    }
+}
+
+fn outbox_item(id: &str) -> OutboxItem {
+    OutboxItem {
+        work_id: id.to_owned(),
+        kind: WorkKind::Effect { effect: "charge".into() },
+        tenant: "t".into(),
+        saga: "order".into(),
+        correlation_id: "o1".into(),
+        traceparent: None,
+        source_event_id: "e1".into(),
+        payload: json(r#"{"amount":5}"#),
+        created_at: 1,
+        attempts: 0,
+        next_attempt_at: 0,
+        last_error: None,
+        suppressed: false,
+    }
+}
+
+fn schedule(name: &str) -> ScheduleEntry {
+    ScheduleEntry { name: name.into(), payload: json("{}"), source_event_id: "e".into(), scheduled_at: 0, traceparent: None }
+}
+
+fn letter(tenant: &str, at: u64, id: &str) -> (DeadLetterKey, DeadLetter) {
+    (
+        DeadLetterKey { tenant: tenant.into(), at, id: id.into() },
+        DeadLetter {
+            id: id.into(),
+            kind: DeadLetterKind::Poison,
+            partition: 1,
+            tenant: tenant.into(),
+            at,
+            error: "boom".into(),
+            saga: None,
+            correlation_id: None,
+            stream: None,
+            seq: 0,
+            subject: None,
+            headers: Default::default(),
+            raw: None,
+            event: None,
+            work: None,
+            attempts: 1,
+        },
+    )
+}
+
+/// Everything readable from a store, as comparable text.
+fn snapshot(store: &Store) -> Vec<(Db, Vec<u8>, Vec<u8>)> {
+    let view = store.read().unwrap();
+    let mut out = Vec::new();
+    for db in Db::ALL {
+        view.for_each_raw(db, |k, v| {
+            out.push((db, k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    }
+    out
+}
+
+#[test]
+fn round_trips_every_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreConfig::default());
+    let sk = SagaKey::new("t", "order", "o1");
+    let ek = EffectKey::new("t", "cmd-1");
+    let ck = CheckpointKey { tenant: "t".into(), saga: "order".into(), stream: "S".into() };
+    let (dk, dl) = letter("t", 5, "d1");
+    let mut b = Batch::new();
+    b.put_saga(&sk, &saga_record(r#"{"step":"reserved"}"#, 3));
+    b.put_outbox(OutboxKey { partition: 2, seq: 10 }, &outbox_item("w1"));
+    b.put_outbox(OutboxKey { partition: 1, seq: 11 }, &outbox_item("w2"));
+    b.put_schedule(&ScheduleKey { due_at: 100, saga: sk.clone(), timer_id: "a".into() }, &schedule("late"));
+    b.put_schedule(&ScheduleKey { due_at: 50, saga: sk.clone(), timer_id: "b".into() }, &schedule("early"));
+    b.put_effect(&ek, &EffectRecord::Started { attempts: 1, updated_at: 3 });
+    b.advance_checkpoint(&ck, 7);
+    b.advance_checkpoint(&ck, 4); // never lowers
+    b.put_deadletter(&dk, &dl);
+    store.commit(&b).unwrap();
+
+    let v = store.read().unwrap();
+    let rec = v.saga(&sk).unwrap().unwrap();
+    assert_eq!(rec.state.get(), r#"{"step":"reserved"}"#);
+    assert_eq!(rec.version, 3);
+    assert!(matches!(v.effect(&ek).unwrap(), Some(EffectRecord::Started { attempts: 1, .. })));
+    assert_eq!(v.checkpoint(&ck).unwrap(), Some(7));
+    let outbox: Vec<_> = v.outbox(None, 10).unwrap().into_iter().map(|(k, i)| (k.partition, i.work_id)).collect();
+    assert_eq!(outbox, vec![(1, "w2".to_owned()), (2, "w1".to_owned())]);
+    assert_eq!(v.outbox(Some(OutboxKey { partition: 1, seq: 11 }), 10).unwrap().len(), 1);
+    let due: Vec<_> = v.due_schedules(99, 10).unwrap().into_iter().map(|(_, e)| e.name).collect();
+    assert_eq!(due, vec!["early"]);
+    let due: Vec<_> = v.due_schedules(100, 10).unwrap().into_iter().map(|(_, e)| e.name).collect();
+    assert_eq!(due, vec!["early", "late"]);
+    assert_eq!(v.next_due().unwrap(), Some(50));
+    assert_eq!(v.deadletters("t", None, 10).unwrap().len(), 1);
+    assert_eq!(v.deadletters("", None, 10).unwrap().len(), 0);
+    assert_eq!(v.max_outbox_seq().unwrap(), 11);
+    let stats = v.stats().unwrap();
+    assert_eq!((stats.sagas, stats.outbox, stats.schedules, stats.effects, stats.checkpoints, stats.deadletters), (1, 2, 2, 1, 1, 1));
+    drop(v);
+
+    let mut b = Batch::new();
+    b.delete_outbox(OutboxKey { partition: 2, seq: 10 });
+    b.delete_schedule(&ScheduleKey { due_at: 50, saga: sk.clone(), timer_id: "b".into() });
+    b.delete_deadletter(&dk);
+    store.commit(&b).unwrap();
+    let v = store.read().unwrap();
+    assert_eq!(v.outbox(None, 10).unwrap().len(), 1);
+    assert_eq!(v.next_due().unwrap(), Some(100));
+    assert!(v.deadletters("t", None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn deadletters_list_per_tenant_in_time_order_with_paging() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreConfig::default());
+    let mut b = Batch::new();
+    for (t, at, id) in [("a", 30, "x"), ("a", 10, "y"), ("ab", 5, "z"), ("a", 20, "w")] {
+        let (k, l) = letter(t, at, id);
+        b.put_deadletter(&k, &l);
+    }
+    store.commit(&b).unwrap();
+    let v = store.read().unwrap();
+    let ids: Vec<_> = v.deadletters("a", None, 10).unwrap().into_iter().map(|(k, _)| k.id).collect();
+    assert_eq!(ids, ["y", "w", "x"]);
+    let first = v.deadletters("a", None, 1).unwrap();
+    let next: Vec<_> = v.deadletters("a", Some(&first[0].0), 10).unwrap().into_iter().map(|(k, _)| k.id).collect();
+    assert_eq!(next, ["w", "x"]);
+}
+
+#[test]
+fn refuses_another_shards_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path(), 1, 16, &StoreConfig::default()).unwrap());
+    let err = Store::open(dir.path(), 0, 16, &StoreConfig::default()).unwrap_err();
+    assert!(matches!(err, StoreError::WrongEnv { found: 1, shard: 0, .. }), "{err}");
+    let err = Store::open(dir.path(), 1, 32, &StoreConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("16 partitions"), "{err}");
+}
+
+#[test]
+fn the_map_grows_itself_and_names_the_setting_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { durability: Durability::NoSync, initial_map_size: 256 << 10, max_map_size: 8 << 20 };
+    let store = open(dir.path(), &config);
+    let start = store.map_size();
+    let value = "x".repeat(1000);
+    // ~2 MiB in batches of 100 records: far above the initial 256 KiB map.
+    for round in 0..20 {
+        let mut b = Batch::new();
+        for i in 0..100 {
+            b.put_saga(&SagaKey::new("t", "s", format!("{round}-{i}")), &saga_record(&format!("\"{value}\""), 1));
+        }
+        store.commit(&b).unwrap();
+    }
+    assert!(store.map_size() > start, "map did not grow");
+    assert_eq!(store.read().unwrap().stats().unwrap().sagas, 2000);
+
+    // Now exceed the 8 MiB ceiling: the error names shard, path and setting.
+    let mut err = None;
+    for round in 0..40 {
+        let mut b = Batch::new();
+        for i in 0..200 {
+            b.put_saga(&SagaKey::new("t", "big", format!("{round}-{i}")), &saga_record(&format!("\"{value}\""), 1));
+        }
+        if let Err(e) = store.commit(&b) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("the map limit was never reached");
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::MapFull { shard: 0, .. }), "{msg}");
+    assert!(msg.contains("storage.max_map_size") && msg.contains(&dir.path().display().to_string()), "{msg}");
+    // The failed batch left nothing behind and the store still works.
+    assert_eq!(store.read().unwrap().stats().unwrap().sagas % 200, 0);
+    let mut b = Batch::new();
+    b.put_saga(&SagaKey::new("t", "s", "after"), &saga_record("1", 1));
+    store.commit(&b).unwrap();
+}
+
+#[test]
+fn reopening_keeps_data_and_a_grown_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { durability: Durability::Fsync, initial_map_size: 128 << 10, max_map_size: 64 << 20 };
+    {
+        let store = open(dir.path(), &config);
+        let mut b = Batch::new();
+        for i in 0..500 {
+            b.put_saga(&SagaKey::new("t", "s", i.to_string()), &saga_record(&format!("\"{}\"", "y".repeat(900)), 1));
+        }
+        store.commit(&b).unwrap();
+    }
+    let store = open(dir.path(), &config);
+    assert_eq!(store.read().unwrap().stats().unwrap().sagas, 500);
+}
+
+#[derive(Debug, Clone)]
+enum TestOp {
+    PutSaga(u8, u8),
+    DelSaga(u8),
+    PutOutbox(u8),
+    DelOutbox(u8),
+    PutSchedule(u8),
+    DelSchedule(u8),
+    PutEffect(u8),
+    Advance(u8, u64),
+    PutLetter(u8),
+    DelLetter(u8),
+}
+
+fn test_op() -> impl Strategy<Value = TestOp> {
+    prop_oneof![
+        (0u8..8, any::<u8>()).prop_map(|(k, v)| TestOp::PutSaga(k, v)),
+        (0u8..8).prop_map(TestOp::DelSaga),
+        (0u8..8).prop_map(TestOp::PutOutbox),
+        (0u8..8).prop_map(TestOp::DelOutbox),
+        (0u8..8).prop_map(TestOp::PutSchedule),
+        (0u8..8).prop_map(TestOp::DelSchedule),
+        (0u8..8).prop_map(TestOp::PutEffect),
+        (0u8..4, 0u64..100).prop_map(|(k, s)| TestOp::Advance(k, s)),
+        (0u8..8).prop_map(TestOp::PutLetter),
+        (0u8..8).prop_map(TestOp::DelLetter),
+    ]
+}
+
+fn to_batch(ops: &[TestOp]) -> Batch {
+    let mut b = Batch::new();
+    for op in ops {
+        match *op {
+            TestOp::PutSaga(k, v) => b.put_saga(&SagaKey::new("t", "s", k.to_string()), &saga_record(&v.to_string(), u64::from(v))),
+            TestOp::DelSaga(k) => b.delete_saga(&SagaKey::new("t", "s", k.to_string())),
+            TestOp::PutOutbox(k) => b.put_outbox(OutboxKey { partition: u32::from(k % 3), seq: u64::from(k) }, &outbox_item(&k.to_string())),
+            TestOp::DelOutbox(k) => b.delete_outbox(OutboxKey { partition: u32::from(k % 3), seq: u64::from(k) }),
+            TestOp::PutSchedule(k) => b.put_schedule(
+                &ScheduleKey { due_at: u64::from(k) * 7, saga: SagaKey::new("t", "s", "x"), timer_id: k.to_string() },
+                &schedule("n"),
+            ),
+            TestOp::DelSchedule(k) => b.delete_schedule(&ScheduleKey {
+                due_at: u64::from(k) * 7,
+                saga: SagaKey::new("t", "s", "x"),
+                timer_id: k.to_string(),
+            }),
+            TestOp::PutEffect(k) => b.put_effect(&EffectKey::new("t", k.to_string()), &EffectRecord::Started { attempts: 1, updated_at: 0 }),
+            TestOp::Advance(k, s) => b.advance_checkpoint(&CheckpointKey { tenant: "t".into(), saga: k.to_string(), stream: "S".into() }, s),
+            TestOp::PutLetter(k) => {
+                let (key, l) = letter("t", u64::from(k), "d");
+                b.put_deadletter(&key, &l)
+            }
+            TestOp::DelLetter(k) => b.delete_deadletter(&letter("t", u64::from(k), "d").0),
+        }
+    }
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A commit writes everything in it or nothing: a failure injected after any number of
+    /// writes inside the transaction leaves the store exactly as before; the same batch
+    /// without the failure then lands whole.
+    #[test]
+    fn a_commit_is_all_or_nothing(
+        before in prop::collection::vec(test_op(), 0..30),
+        batch in prop::collection::vec(test_op(), 1..40),
+        fail_at in 0usize..45,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() });
+        store.commit(&to_batch(&before)).unwrap();
+        let snap = snapshot(&store);
+
+        let b = to_batch(&batch);
+        store.inject_commit_failure_after(fail_at);
+        let err = store.commit(&b).unwrap_err();
+        let injected = matches!(err, StoreError::Injected { .. });
+        prop_assert!(injected, "unexpected error {}", err);
+        prop_assert_eq!(snapshot(&store), snap);
+
+        // Reference: the same ops applied to a fresh store in one commit after `before`.
+        let reference_dir = tempfile::tempdir().unwrap();
+        let reference = open(reference_dir.path(), &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() });
+        let mut all = to_batch(&before);
+        all.extend(to_batch(&batch));
+        reference.commit(&all).unwrap();
+
+        store.commit(&b).unwrap();
+        prop_assert_eq!(snapshot(&store), snapshot(&reference));
+    }
+}
