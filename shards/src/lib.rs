@@ -7,6 +7,7 @@
 //! - [`store`]: one LMDB environment per shard and the batch commit.
 
 pub mod keys;
+pub mod layout;
 pub mod record;
 pub mod routing;
 pub mod store;

@@ -149,7 +149,7 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// One write of a batch.
 #[derive(Debug, Clone)]
-enum Op {
+pub(crate) enum Op {
     Put { db: Db, key: Vec<u8>, value: Vec<u8> },
     Delete { db: Db, key: Vec<u8> },
     /// `checkpoints[key] = max(checkpoints[key], seq)`.
@@ -258,6 +258,19 @@ impl Batch {
 
     pub(crate) fn delete_raw(&mut self, db: Db, key: Vec<u8>) {
         self.delete(db, key);
+    }
+
+    pub(crate) fn advance_checkpoint_raw(&mut self, key: Vec<u8>, seq: u64) {
+        self.bytes += key.len() + 8;
+        self.ops.push(Op::Advance { key, seq });
+    }
+
+    pub(crate) fn into_ops(self) -> Vec<Op> {
+        self.ops
+    }
+
+    pub(crate) fn push_op(&mut self, op: Op) {
+        self.ops.push(op);
     }
 
     /// Appends another batch; its writes apply after this one's.
