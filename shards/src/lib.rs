@@ -8,6 +8,8 @@
 
 pub mod keys;
 pub mod layout;
+pub mod manifest;
+pub mod program;
 pub mod record;
 pub mod routing;
 pub mod store;

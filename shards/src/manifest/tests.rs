@@ -1,0 +1,161 @@
+use super::*;
+
+fn ok_check(_: &LoadedSaga) -> Result<(), String> {
+    Ok(())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const GOOD: &str = r#"
+sagas:
+  - name: order
+    program: order.rhai
+    triggers:
+      - subject: "events.*.order.OrderPlaced"
+        correlation: data.order_id
+        may_start: true
+effects:
+  - name: charge
+    provider: http
+    settings:
+      url: "http://127.0.0.1:1/charge"
+      headers: { authorization: "secret:pay_token" }
+"#;
+
+#[test]
+fn loads_yaml_and_json_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "order.rhai", "fn on_event(s, e) { #{} }");
+    let yaml = write(dir.path(), "m.yaml", GOOD);
+    let json = write(
+        dir.path(),
+        "e.json",
+        r#"{"effects":[{"name":"ship","provider":"noop","retry":{"attempts":5},"timeout_ms":100}]}"#,
+    );
+    let set = ManifestSet::load(&[yaml, json], &ok_check).unwrap();
+    assert_eq!(set.sagas["order"].spec.gas, 100_000);
+    assert_eq!(set.sagas["order"].spec.on_poison, PoisonPolicy::Park);
+    assert_eq!(set.effects["ship"].retry.attempts, 5);
+    assert_eq!(set.effects["charge"].secret_refs().into_iter().collect::<Vec<_>>(), ["pay_token"]);
+    let hits: Vec<_> = set.triggers_for("AGGREGATE_EVENTS", "events.acme.order.OrderPlaced").map(|(s, _)| s.spec.name.clone()).collect();
+    assert_eq!(hits, ["order"]);
+    assert_eq!(set.triggers_for("AGGREGATE_EVENTS", "events.acme.order.Other").count(), 0);
+    assert_eq!(set.triggers_for("OTHER", "events.acme.order.OrderPlaced").count(), 0);
+}
+
+#[test]
+fn every_problem_is_reported_with_file_item_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "order.rhai", "fn on_event(s, e) { #{} }");
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        r#"
+sagas:
+  - name: order
+    program: ../outside.rhai
+    triggers:
+      - subject: "events..x"
+        correlation: ""
+  - name: order
+    program: missing.rhai
+    gas: 0
+    triggers:
+      - subject: "a.>.b"
+        correlation: data.id
+        may_start: true
+  - name: "bad name"
+    program: /etc/passwd
+    triggers: []
+effects:
+  - name: pay
+    provider: http
+    settings: { url: "ftp://x", verb: "POST" }
+    retry: { attempts: 0 }
+  - name: ask
+    provider: nats_request
+"#,
+    );
+    let errs = ManifestSet::load(&[bad.clone()], &ok_check).unwrap_err();
+    let text = errs.to_string();
+    let expect = [
+        "saga \"order\" (sagas[0]): field `program`: ../outside.rhai leaves the manifest's directory",
+        "saga \"order\" (sagas[0]): field `triggers[0].subject`: \"events..x\" has an empty token",
+        "saga \"order\" (sagas[0]): field `triggers[0].correlation`",
+        "saga \"order\" (sagas[0]): field `triggers`: no trigger has `may_start: true`",
+        "saga \"order\" (sagas[1]): field `gas`: must be above 0",
+        "saga \"order\" (sagas[1]): field `triggers[0].subject`: \"a.>.b\": `>` must be the last token",
+        "saga \"bad name\" (sagas[2]): field `name`",
+        "saga \"bad name\" (sagas[2]): field `program`: /etc/passwd is absolute",
+        "effect \"pay\" (effects[0]): field `settings.url`: \"ftp://x\" is not an http(s) URL",
+        "effect \"pay\" (effects[0]): field `settings.verb`: unknown setting",
+        "effect \"pay\" (effects[0]): field `retry.attempts`: must be at least 1",
+        "effect \"ask\" (effects[1]): field `settings.subject`: is required",
+    ];
+    for e in expect {
+        assert!(text.contains(e), "missing {e:?} in:\n{text}");
+    }
+    assert!(errs.0.iter().all(|e| e.file == bad));
+
+    // Duplicates across files and missing programs.
+    let a = write(dir.path(), "a.yaml", GOOD);
+    let b = write(dir.path(), "b.yaml", &GOOD.replace("order.rhai", "nope.rhai"));
+    let text = ManifestSet::load(&[a, b], &ok_check).unwrap_err().to_string();
+    assert!(text.contains("duplicate saga name, first defined in"), "{text}");
+    assert!(text.contains("duplicate effect name"), "{text}");
+}
+
+#[test]
+fn unknown_fields_and_syntax_errors_are_rejected_with_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.yaml", "sagas:\n  - name: x\n    program: p.rhai\n    trigers: []\n");
+    let text = ManifestSet::load(&[p], &ok_check).unwrap_err().to_string();
+    assert!(text.contains("unknown field `trigers`") && text.contains("line"), "{text}");
+    let p = write(dir.path(), "m.json", "{\"sagas\": [}");
+    let text = ManifestSet::load(&[p], &ok_check).unwrap_err().to_string();
+    assert!(text.contains("m.json") && text.contains("line 1"), "{text}");
+}
+
+#[test]
+fn the_program_check_is_reported_against_the_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "order.rhai", "fn on_event(s, e) { timestamp() }");
+    let m = write(dir.path(), "m.yaml", GOOD);
+    let text = ManifestSet::load(&[m], &crate::program::check_program).unwrap_err().to_string();
+    assert!(text.contains("saga \"order\" (sagas[0]): field `program`") && text.contains("reads the clock"), "{text}");
+}
+
+#[test]
+fn subject_matching_follows_nats_rules() {
+    assert!(subject_matches("a.*.c", "a.b.c"));
+    assert!(!subject_matches("a.*.c", "a.b.d"));
+    assert!(subject_matches("a.>", "a.b.c"));
+    assert!(!subject_matches("a.>", "a"));
+    assert!(!subject_matches("a.b", "a.b.c"));
+    assert!(subject_matches("a.b", "a.b"));
+}
+
+#[test]
+fn lookup_path_reads_nested_values() {
+    let v = serde_json::json!({"data": {"order_id": "o-1", "n": 7, "list": [{"x": "y"}]}, "aggregate_id": "a"});
+    assert_eq!(lookup_path(&v, "data.order_id").as_deref(), Some("o-1"));
+    assert_eq!(lookup_path(&v, "data.n").as_deref(), Some("7"));
+    assert_eq!(lookup_path(&v, "data.list.0.x").as_deref(), Some("y"));
+    assert_eq!(lookup_path(&v, "data.missing"), None);
+    assert_eq!(lookup_path(&v, "data"), None);
+}
+
+#[test]
+fn backoff_grows_and_caps() {
+    let r = RetrySpec { attempts: 5, backoff_ms: 100, max_backoff_ms: 1_000, jitter: 0.5 };
+    assert_eq!([1, 2, 3, 4, 5].map(|a| r.backoff(a)), [100, 200, 400, 800, 1_000]);
+    assert_eq!(r.backoff_jittered(2, 0.0), 150);
+    assert_eq!(r.backoff_jittered(2, 1.0), 250);
+}
