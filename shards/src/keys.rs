@@ -93,11 +93,7 @@ impl<'a> KeyReader<'a> {
         Ok(u32::from_be_bytes(self.fixed::<4>()?))
     }
     fn end(self) -> Result<(), KeyError> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(KeyError::Malformed { db: self.db, why: "trailing bytes" })
-        }
+        if self.rest.is_empty() { Ok(()) } else { Err(KeyError::Malformed { db: self.db, why: "trailing bytes" }) }
     }
 }
 

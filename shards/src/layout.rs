@@ -118,14 +118,20 @@ impl DataDir {
             }
         };
         if layout.shards == 0 || layout.partitions == 0 {
-            return Err(LayoutError::BadFile { path: root.to_owned(), file: LAYOUT_FILE, why: "zero shards or partitions".into() });
+            return Err(LayoutError::BadFile {
+                path: root.to_owned(),
+                file: LAYOUT_FILE,
+                why: "zero shards or partitions".into(),
+            });
         }
         let pending = read_json::<MoveFile>(root, MOVE_FILE)?;
         let plan = match pending {
             // An interrupted move to the same count resumes; to another count, the interrupted
             // move finishes first and a new one follows.
             Some(m) => Some(m),
-            None if layout.shards != shards => Some(MoveFile { from: layout.shards, to: shards, phase: MovePhase::Copying }),
+            None if layout.shards != shards => {
+                Some(MoveFile { from: layout.shards, to: shards, phase: MovePhase::Copying })
+            }
             None => None,
         };
         if let Some(m) = plan {
@@ -168,9 +174,11 @@ pub fn shard_path(root: &Path, shard: usize) -> PathBuf {
 fn read_json<T: serde::de::DeserializeOwned>(root: &Path, file: &'static str) -> Result<Option<T>, LayoutError> {
     let path = root.join(file);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| LayoutError::BadFile { path: root.to_owned(), file, why: e.to_string() }),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| LayoutError::BadFile {
+            path: root.to_owned(),
+            file,
+            why: e.to_string(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(LayoutError::Io { path, source }),
     }
@@ -237,9 +245,8 @@ fn run_move(
     tracing::warn!(data = %root.display(), from, to, "shard count changed: moving partitions");
     progress(MoveProgress::Started { from, to });
     let envs = from.max(to);
-    let stores: Vec<Store> = (0..envs)
-        .map(|i| Store::open(&shard_path(root, i), i, partitions, config))
-        .collect::<Result<_, _>>()?;
+    let stores: Vec<Store> =
+        (0..envs).map(|i| Store::open(&shard_path(root, i), i, partitions, config)).collect::<Result<_, _>>()?;
     let router = Router::new(partitions, to);
     let mut moved = 0u64;
 

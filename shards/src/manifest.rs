@@ -310,7 +310,10 @@ fn resolve_program(manifest: &Path, program: &Path) -> Result<PathBuf, String> {
                 return Err(format!("{} leaves the manifest's directory (`..` is not allowed)", program.display()));
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("{} is absolute; give a path relative to the manifest's directory", program.display()));
+                return Err(format!(
+                    "{} is absolute; give a path relative to the manifest's directory",
+                    program.display()
+                ));
             }
         }
     }
@@ -368,7 +371,11 @@ impl ManifestSet {
                     errors.push(err(item.clone(), "name", "must be 1-64 ASCII letters, digits, `_` or `-`".into()));
                 }
                 if let Some(first) = effect_origin.get(&effect.name) {
-                    errors.push(err(item.clone(), "name", format!("duplicate effect name, first defined in {}", first.display())));
+                    errors.push(err(
+                        item.clone(),
+                        "name",
+                        format!("duplicate effect name, first defined in {}", first.display()),
+                    ));
                 }
                 check_retry(&effect.retry, "retry", &item, &err, &mut errors);
                 if effect.timeout_ms == 0 {
@@ -382,7 +389,11 @@ impl ManifestSet {
                 }
                 for name in effect.secret_refs() {
                     if !valid_name(&name) && !name.contains('.') {
-                        errors.push(err(item.clone(), "settings", format!("secret name {name:?} is not a plain file name")));
+                        errors.push(err(
+                            item.clone(),
+                            "settings",
+                            format!("secret name {name:?} is not a plain file name"),
+                        ));
                     }
                 }
                 if errors.len() == before {
@@ -397,7 +408,11 @@ impl ManifestSet {
                     errors.push(err(item.clone(), "name", "must be 1-64 ASCII letters, digits, `_` or `-`".into()));
                 }
                 if let Some(first) = saga_origin.get(&saga.name) {
-                    errors.push(err(item.clone(), "name", format!("duplicate saga name, first defined in {}", first.display())));
+                    errors.push(err(
+                        item.clone(),
+                        "name",
+                        format!("duplicate saga name, first defined in {}", first.display()),
+                    ));
                 }
                 if saga.gas == 0 {
                     errors.push(err(item.clone(), "gas", "must be above 0".into()));
@@ -410,17 +425,29 @@ impl ManifestSet {
                     errors.push(err(item.clone(), "triggers", "a saga needs at least one trigger".into()));
                 }
                 if !saga.triggers.iter().any(|t| t.may_start) {
-                    errors.push(err(item.clone(), "triggers", "no trigger has `may_start: true`, so no instance can ever start".into()));
+                    errors.push(err(
+                        item.clone(),
+                        "triggers",
+                        "no trigger has `may_start: true`, so no instance can ever start".into(),
+                    ));
                 }
                 for (t, trigger) in saga.triggers.iter().enumerate() {
                     if let Err(e) = check_subject_filter(&trigger.subject) {
                         errors.push(err(item.clone(), &format!("triggers[{t}].subject"), e));
                     }
                     if trigger.correlation.is_empty() || trigger.correlation.split('.').any(str::is_empty) {
-                        errors.push(err(item.clone(), &format!("triggers[{t}].correlation"), "must be a dotted path such as `data.order_id`".into()));
+                        errors.push(err(
+                            item.clone(),
+                            &format!("triggers[{t}].correlation"),
+                            "must be a dotted path such as `data.order_id`".into(),
+                        ));
                     }
                     if !valid_name(&trigger.stream) {
-                        errors.push(err(item.clone(), &format!("triggers[{t}].stream"), "is not a valid stream name".into()));
+                        errors.push(err(
+                            item.clone(),
+                            &format!("triggers[{t}].stream"),
+                            "is not a valid stream name".into(),
+                        ));
                     }
                 }
                 let program_path = match resolve_program(path, &saga.program) {
@@ -433,7 +460,11 @@ impl ManifestSet {
                 let source = match std::fs::read_to_string(&program_path) {
                     Ok(s) => s,
                     Err(e) => {
-                        errors.push(err(item.clone(), "program", format!("cannot read {}: {e}", program_path.display())));
+                        errors.push(err(
+                            item.clone(),
+                            "program",
+                            format!("cannot read {}: {e}", program_path.display()),
+                        ));
                         continue;
                     }
                 };
@@ -453,9 +484,17 @@ impl ManifestSet {
     }
 
     /// Triggers of every saga matching a message from `stream` on `subject`.
-    pub fn triggers_for<'a>(&'a self, stream: &'a str, subject: &'a str) -> impl Iterator<Item = (&'a LoadedSaga, &'a TriggerSpec)> + 'a {
+    pub fn triggers_for<'a>(
+        &'a self,
+        stream: &'a str,
+        subject: &'a str,
+    ) -> impl Iterator<Item = (&'a LoadedSaga, &'a TriggerSpec)> + 'a {
         self.sagas.values().flat_map(move |s| {
-            s.spec.triggers.iter().filter(move |t| t.stream == stream && subject_matches(&t.subject, subject)).map(move |t| (s, t))
+            s.spec
+                .triggers
+                .iter()
+                .filter(move |t| t.stream == stream && subject_matches(&t.subject, subject))
+                .map(move |t| (s, t))
         })
     }
 
@@ -495,7 +534,10 @@ fn check_provider_settings(effect: &EffectSpec) -> Vec<(String, String)> {
     };
     for k in s.keys() {
         if !allowed.contains(&k.as_str()) {
-            out.push((format!("settings.{k}"), format!("unknown setting for provider {:?}; allowed: {}", effect.provider, allowed.join(", "))));
+            out.push((
+                format!("settings.{k}"),
+                format!("unknown setting for provider {:?}; allowed: {}", effect.provider, allowed.join(", ")),
+            ));
         }
     }
     match effect.provider {
@@ -508,7 +550,9 @@ fn check_provider_settings(effect: &EffectSpec) -> Vec<(String, String)> {
                 _ => {}
             }
             if let Some(m) = s.get("method") {
-                let ok = m.as_str().is_some_and(|m| ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&m.to_ascii_uppercase().as_str()));
+                let ok = m.as_str().is_some_and(|m| {
+                    ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&m.to_ascii_uppercase().as_str())
+                });
                 if !ok {
                     out.push(("settings.method".into(), "must be one of GET, POST, PUT, PATCH, DELETE".into()));
                 }

@@ -31,7 +31,8 @@ pub const MAX_STRING: usize = 256 << 10;
 pub const MAX_COLLECTION: usize = 10_000;
 
 /// Functions the evaluator implements itself (not listed among package functions).
-const BUILTIN_KEYWORDS: &[&str] = &["type_of", "Fn", "call", "curry", "is_def_fn", "is_def_var", "is_shared", "print", "debug"];
+const BUILTIN_KEYWORDS: &[&str] =
+    &["type_of", "Fn", "call", "curry", "is_def_fn", "is_def_var", "is_shared", "print", "debug"];
 
 /// Names a program might reach for to break determinism, with the reason it cannot.
 const FORBIDDEN: &[(&str, &str)] = &[
@@ -186,20 +187,22 @@ fn check_ast(engine: &Engine, ast: &AST, saga: &LoadedSaga) -> Result<(), String
                 let why = FORBIDDEN
                     .iter()
                     .find(|(n, _)| *n == name)
-                    .map(|(_, why)| format!("`{name}` {why}; saga programs must be deterministic (time comes from event.timestamp)"))
+                    .map(|(_, why)| {
+                        format!("`{name}` {why}; saga programs must be deterministic (time comes from event.timestamp)")
+                    })
                     .unwrap_or_else(|| format!("unknown function `{name}`"));
                 problems.push(format!("line {line}, column {col}: {why}"));
             }
         }
         true
     });
-    let entries = std::iter::once(("on_event", &saga.spec.on_event)).chain(saga.spec.compensation.as_ref().map(|c| ("compensation", c)));
+    let entries = std::iter::once(("on_event", &saga.spec.on_event))
+        .chain(saga.spec.compensation.as_ref().map(|c| ("compensation", c)));
     for (field, entry) in entries {
         match ast.iter_functions().find(|f| f.name == entry.as_str()) {
             None => problems.push(format!("entry point `{entry}` (field `{field}`) is not defined")),
-            Some(f) if f.params.len() != 2 => {
-                problems.push(format!("entry point `{entry}` takes {} parameters, expected 2 (state, event)", f.params.len()))
-            }
+            Some(f) if f.params.len() != 2 => problems
+                .push(format!("entry point `{entry}` takes {} parameters, expected 2 (state, event)", f.params.len())),
             Some(_) => {}
         }
     }
@@ -252,7 +255,14 @@ impl Programs {
 
     /// Runs one entry point on `(state, event)` under the saga's gas and wall-time guard,
     /// and validates the result. `event_id` is for error messages.
-    pub fn run(&self, saga: &str, entry: Entry, state: Dynamic, event: Dynamic, event_id: &str) -> Result<Transition, ProgramError> {
+    pub fn run(
+        &self,
+        saga: &str,
+        entry: Entry,
+        state: Dynamic,
+        event: Dynamic,
+        event_id: &str,
+    ) -> Result<Transition, ProgramError> {
         let c = self.sagas.get(saga).ok_or_else(|| ProgramError::UnknownSaga { saga: saga.to_owned() })?;
         let name = match entry {
             Entry::OnEvent => &c.on_event,
@@ -268,9 +278,12 @@ impl Programs {
             Ok(v) => v,
             Err(e) => {
                 return Err(match (self.guard.stopped.take(), *e) {
-                    (Some(Stop::Gas), _) => {
-                        ProgramError::OutOfGas { saga: saga.to_owned(), program: c.program.clone(), gas: c.gas, event_id: event_id.to_owned() }
-                    }
+                    (Some(Stop::Gas), _) => ProgramError::OutOfGas {
+                        saga: saga.to_owned(),
+                        program: c.program.clone(),
+                        gas: c.gas,
+                        event_id: event_id.to_owned(),
+                    },
                     (Some(Stop::Wall), _) => ProgramError::TooSlow {
                         saga: saga.to_owned(),
                         program: c.program.clone(),
@@ -324,7 +337,10 @@ impl Programs {
             if let Some(effect) = m.remove("effect") {
                 let effect = string(effect, &format!("work[{i}].effect"))?;
                 if !self.effects.contains(&effect) {
-                    return Err(format!("work[{i}].effect {effect:?} is not a known effect (known: {})", join(&self.effects)));
+                    return Err(format!(
+                        "work[{i}].effect {effect:?} is not a known effect (known: {})",
+                        join(&self.effects)
+                    ));
                 }
                 if let Some(k) = m.keys().next() {
                     return Err(format!("work[{i}] has unknown field `{k}`"));
@@ -332,9 +348,14 @@ impl Programs {
                 work.push(WorkSpec::Effect { effect, payload });
             } else if let Some(command) = m.remove("command") {
                 let command = string(command, &format!("work[{i}].command"))?;
-                let aggregate = string(m.remove("aggregate").ok_or_else(|| format!("work[{i}] has no `aggregate`"))?, &format!("work[{i}].aggregate"))?;
-                let aggregate_id =
-                    string(m.remove("aggregate_id").ok_or_else(|| format!("work[{i}] has no `aggregate_id`"))?, &format!("work[{i}].aggregate_id"))?;
+                let aggregate = string(
+                    m.remove("aggregate").ok_or_else(|| format!("work[{i}] has no `aggregate`"))?,
+                    &format!("work[{i}].aggregate"),
+                )?;
+                let aggregate_id = string(
+                    m.remove("aggregate_id").ok_or_else(|| format!("work[{i}] has no `aggregate_id`"))?,
+                    &format!("work[{i}].aggregate_id"),
+                )?;
                 if let Some(k) = m.keys().next() {
                     return Err(format!("work[{i}] has unknown field `{k}`"));
                 }
@@ -349,12 +370,16 @@ impl Programs {
         let mut schedules = Vec::new();
         for (i, item) in list(map.remove("schedules"), "schedules")?.into_iter().enumerate() {
             let mut m = item.try_cast::<rhai::Map>().ok_or_else(|| format!("schedules[{i}] is not a map"))?;
-            let name = string(m.remove("name").ok_or_else(|| format!("schedules[{i}] has no `name`"))?, &format!("schedules[{i}].name"))?;
+            let name = string(
+                m.remove("name").ok_or_else(|| format!("schedules[{i}] has no `name`"))?,
+                &format!("schedules[{i}].name"),
+            )?;
             if !crate::manifest::valid_name(&name) {
                 return Err(format!("schedules[{i}].name {name:?} must be 1-64 letters, digits, `_` or `-`"));
             }
             let after = m.remove("after_ms").ok_or_else(|| format!("schedules[{i}] has no `after_ms`"))?;
-            let after_ms = after.as_int().map_err(|t| format!("schedules[{i}].after_ms must be an integer, got {t}"))?;
+            let after_ms =
+                after.as_int().map_err(|t| format!("schedules[{i}].after_ms must be an integer, got {t}"))?;
             if after_ms < 0 {
                 return Err(format!("schedules[{i}].after_ms must not be negative"));
             }

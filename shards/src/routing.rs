@@ -124,8 +124,7 @@ mod tests {
             ("t-9", RouteKey::Effect { command_id: "x" }, 0x5003_fc15_5b96_fbc2),
             ("acme", RouteKey::Raw { stream: "AGGREGATE_EVENTS", seq: 7 }, 0x10e9_a3e2_e2cb_38f3),
         ];
-        let got: Vec<String> =
-            cases.iter().map(|(t, k, _)| format!("{:#018x}", stable_hash(t, *k))).collect();
+        let got: Vec<String> = cases.iter().map(|(t, k, _)| format!("{:#018x}", stable_hash(t, *k))).collect();
         let want: Vec<String> = cases.iter().map(|(_, _, h)| format!("{h:#018x}")).collect();
         assert_eq!(got, want);
         // And the partition/shard arithmetic on top of it.

@@ -89,7 +89,9 @@ pub enum StoreError {
     },
     #[error("shard {shard}: corrupt {db} entry at {path}: {why}")]
     Corrupt { shard: usize, path: PathBuf, db: &'static str, why: String },
-    #[error("shard {shard}: {path} belongs to shard {found} of a data directory with {found_partitions} partitions, expected shard {shard} with {partitions}")]
+    #[error(
+        "shard {shard}: {path} belongs to shard {found} of a data directory with {found_partitions} partitions, expected shard {shard} with {partitions}"
+    )]
     WrongEnv { shard: usize, path: PathBuf, found: usize, found_partitions: u32, partitions: u32 },
     #[error("shard {shard}: injected commit failure at {path} (test)")]
     Injected { shard: usize, path: PathBuf },
@@ -124,7 +126,8 @@ pub enum Db {
 }
 
 impl Db {
-    pub const ALL: [Db; 7] = [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::Checkpoints, Db::DeadLetter, Db::Meta];
+    pub const ALL: [Db; 7] =
+        [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::Checkpoints, Db::DeadLetter, Db::Meta];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -150,10 +153,20 @@ pub const LAYOUT_VERSION: u32 = 1;
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
-    Put { db: Db, key: Vec<u8>, value: Vec<u8> },
-    Delete { db: Db, key: Vec<u8> },
+    Put {
+        db: Db,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        db: Db,
+        key: Vec<u8>,
+    },
     /// `checkpoints[key] = max(checkpoints[key], seq)`.
-    Advance { key: Vec<u8>, seq: u64 },
+    Advance {
+        key: Vec<u8>,
+        seq: u64,
+    },
 }
 
 /// Everything one shard writes for one batch: saga states, outbox inserts and deletes,
@@ -323,7 +336,11 @@ impl Store {
     /// Opens (creating if needed) the environment of `shard` at `path`, for a data directory
     /// with `partitions` partitions. Refuses an environment that belongs to another shard.
     pub fn open(path: &Path, shard: usize, partitions: u32, config: &StoreConfig) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir { shard, path: path.to_owned(), source })?;
+        std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
+            shard,
+            path: path.to_owned(),
+            source,
+        })?;
         let lmdb = |source| StoreError::Lmdb { shard, path: path.to_owned(), source };
         // An existing environment may already be larger than the initial size.
         let existing = std::fs::metadata(path.join("data.mdb")).map(|m| m.len() as usize).unwrap_or(0);
@@ -513,7 +530,12 @@ pub struct ReadView<'s> {
 
 impl<'s> ReadView<'s> {
     fn corrupt(&self, db: Db, why: impl std::fmt::Display) -> StoreError {
-        StoreError::Corrupt { shard: self.store.shard, path: self.store.path.clone(), db: db.name(), why: why.to_string() }
+        StoreError::Corrupt {
+            shard: self.store.shard,
+            path: self.store.path.clone(),
+            db: db.name(),
+            why: why.to_string(),
+        }
     }
 
     fn get_raw(&self, db: Db, key: &[u8]) -> Result<Option<&[u8]>, StoreError> {
@@ -549,10 +571,15 @@ impl<'s> ReadView<'s> {
             None => db.iter(&self.txn).map_err(lmdb)?,
             Some(k) => {
                 let start = k.encode();
-                let mut it = db.range(&self.txn, &(std::ops::Bound::Excluded(&start[..]), std::ops::Bound::Unbounded)).map_err(lmdb)?;
+                let mut it = db
+                    .range(&self.txn, &(std::ops::Bound::Excluded(&start[..]), std::ops::Bound::Unbounded))
+                    .map_err(lmdb)?;
                 for item in it.by_ref().take(limit) {
                     let (k, v) = item.map_err(lmdb)?;
-                    out.push((OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?, self.decode(Db::Outbox, v)?));
+                    out.push((
+                        OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?,
+                        self.decode(Db::Outbox, v)?,
+                    ));
                 }
                 return Ok(out);
             }
@@ -584,7 +611,10 @@ impl<'s> ReadView<'s> {
         let mut out = Vec::new();
         for item in db.range(&self.txn, &range).map_err(lmdb)?.take(limit) {
             let (k, v) = item.map_err(lmdb)?;
-            out.push((ScheduleKey::decode(k).map_err(|e| self.corrupt(Db::Schedules, e))?, self.decode(Db::Schedules, v)?));
+            out.push((
+                ScheduleKey::decode(k).map_err(|e| self.corrupt(Db::Schedules, e))?,
+                self.decode(Db::Schedules, v)?,
+            ));
         }
         Ok(out)
     }
@@ -639,7 +669,11 @@ impl<'s> ReadView<'s> {
     }
 
     /// Every entry of one database, raw (partition moves, inspection tools).
-    pub fn for_each_raw(&self, db: Db, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    pub fn for_each_raw(
+        &self,
+        db: Db,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         for item in self.store.db(db).iter(&self.txn).map_err(|e| self.store.lmdb(e))? {
             let (k, v) = item.map_err(|e| self.store.lmdb(e))?;
             f(k, v)?;

@@ -44,7 +44,10 @@ fn loads_yaml_and_json_manifests() {
     assert_eq!(set.sagas["order"].spec.on_poison, PoisonPolicy::Park);
     assert_eq!(set.effects["ship"].retry.attempts, 5);
     assert_eq!(set.effects["charge"].secret_refs().into_iter().collect::<Vec<_>>(), ["pay_token"]);
-    let hits: Vec<_> = set.triggers_for("AGGREGATE_EVENTS", "events.acme.order.OrderPlaced").map(|(s, _)| s.spec.name.clone()).collect();
+    let hits: Vec<_> = set
+        .triggers_for("AGGREGATE_EVENTS", "events.acme.order.OrderPlaced")
+        .map(|(s, _)| s.spec.name.clone())
+        .collect();
     assert_eq!(hits, ["order"]);
     assert_eq!(set.triggers_for("AGGREGATE_EVENTS", "events.acme.order.Other").count(), 0);
     assert_eq!(set.triggers_for("OTHER", "events.acme.order.OrderPlaced").count(), 0);
@@ -83,7 +86,7 @@ effects:
     provider: nats_request
 "#,
     );
-    let errs = ManifestSet::load(&[bad.clone()], &ok_check).unwrap_err();
+    let errs = ManifestSet::load(std::slice::from_ref(&bad), &ok_check).unwrap_err();
     let text = errs.to_string();
     let expect = [
         "saga \"order\" (sagas[0]): field `program`: ../outside.rhai leaves the manifest's directory",

@@ -12,7 +12,12 @@ fn loaded(source: &str) -> LoadedSaga {
             max_wall_ms: 1_000,
             on_poison: Default::default(),
             retry: Default::default(),
-            triggers: vec![TriggerSpec { stream: "S".into(), subject: "a.>".into(), correlation: "id".into(), may_start: true }],
+            triggers: vec![TriggerSpec {
+                stream: "S".into(),
+                subject: "a.>".into(),
+                correlation: "id".into(),
+                may_start: true,
+            }],
         },
         program_path: "p.rhai".into(),
         source: source.into(),
@@ -24,10 +29,8 @@ fn programs(source: &str, effects: &[&str]) -> Programs {
     let mut set = ManifestSet::default();
     set.sagas.insert("s".into(), loaded(source));
     for e in effects {
-        set.effects.insert(
-            (*e).into(),
-            serde_json::from_value(serde_json::json!({"name": e, "provider": "noop"})).unwrap(),
-        );
+        set.effects
+            .insert((*e).into(), serde_json::from_value(serde_json::json!({"name": e, "provider": "noop"})).unwrap());
     }
     check_program(&set.sagas["s"]).unwrap();
     Programs::build(&set).unwrap()
@@ -85,7 +88,9 @@ fn a_transition_is_validated_into_work_and_schedules() {
     assert_eq!(serde_json::to_string(&t.state).unwrap(), r#"{"n":1}"#);
     assert_eq!(t.status, InstanceStatus::Running);
     assert!(matches!(&t.work[0], WorkSpec::Effect { effect, .. } if effect == "charge"));
-    assert!(matches!(&t.work[1], WorkSpec::Command { command, aggregate_id, .. } if command == "Reserve" && aggregate_id == "sku-1"));
+    assert!(
+        matches!(&t.work[1], WorkSpec::Command { command, aggregate_id, .. } if command == "Reserve" && aggregate_id == "sku-1")
+    );
     assert_eq!(t.schedules[0].after_ms, 30_000);
 }
 

@@ -44,7 +44,13 @@ fn outbox_item(id: &str) -> OutboxItem {
 }
 
 fn schedule(name: &str) -> ScheduleEntry {
-    ScheduleEntry { name: name.into(), payload: json("{}"), source_event_id: "e".into(), scheduled_at: 0, traceparent: None }
+    ScheduleEntry {
+        name: name.into(),
+        payload: json("{}"),
+        source_event_id: "e".into(),
+        scheduled_at: 0,
+        traceparent: None,
+    }
 }
 
 fn letter(tenant: &str, at: u64, id: &str) -> (DeadLetterKey, DeadLetter) {
@@ -123,7 +129,10 @@ fn round_trips_every_database() {
     assert_eq!(v.deadletters("", None, 10).unwrap().len(), 0);
     assert_eq!(v.max_outbox_seq().unwrap(), 11);
     let stats = v.stats().unwrap();
-    assert_eq!((stats.sagas, stats.outbox, stats.schedules, stats.effects, stats.checkpoints, stats.deadletters), (1, 2, 2, 1, 1, 1));
+    assert_eq!(
+        (stats.sagas, stats.outbox, stats.schedules, stats.effects, stats.checkpoints, stats.deadletters),
+        (1, 2, 2, 1, 1, 1)
+    );
     drop(v);
 
     let mut b = Batch::new();
@@ -255,9 +264,13 @@ fn to_batch(ops: &[TestOp]) -> Batch {
     let mut b = Batch::new();
     for op in ops {
         match *op {
-            TestOp::PutSaga(k, v) => b.put_saga(&SagaKey::new("t", "s", k.to_string()), &saga_record(&v.to_string(), u64::from(v))),
+            TestOp::PutSaga(k, v) => {
+                b.put_saga(&SagaKey::new("t", "s", k.to_string()), &saga_record(&v.to_string(), u64::from(v)))
+            }
             TestOp::DelSaga(k) => b.delete_saga(&SagaKey::new("t", "s", k.to_string())),
-            TestOp::PutOutbox(k) => b.put_outbox(OutboxKey { partition: u32::from(k % 3), seq: u64::from(k) }, &outbox_item(&k.to_string())),
+            TestOp::PutOutbox(k) => {
+                b.put_outbox(OutboxKey { partition: u32::from(k % 3), seq: u64::from(k) }, &outbox_item(&k.to_string()))
+            }
             TestOp::DelOutbox(k) => b.delete_outbox(OutboxKey { partition: u32::from(k % 3), seq: u64::from(k) }),
             TestOp::PutSchedule(k) => b.put_schedule(
                 &ScheduleKey { due_at: u64::from(k) * 7, saga: SagaKey::new("t", "s", "x"), timer_id: k.to_string() },
@@ -268,8 +281,12 @@ fn to_batch(ops: &[TestOp]) -> Batch {
                 saga: SagaKey::new("t", "s", "x"),
                 timer_id: k.to_string(),
             }),
-            TestOp::PutEffect(k) => b.put_effect(&EffectKey::new("t", k.to_string()), &EffectRecord::Started { attempts: 1, updated_at: 0 }),
-            TestOp::Advance(k, s) => b.advance_checkpoint(&CheckpointKey { tenant: "t".into(), saga: k.to_string(), stream: "S".into() }, s),
+            TestOp::PutEffect(k) => {
+                b.put_effect(&EffectKey::new("t", k.to_string()), &EffectRecord::Started { attempts: 1, updated_at: 0 })
+            }
+            TestOp::Advance(k, s) => {
+                b.advance_checkpoint(&CheckpointKey { tenant: "t".into(), saga: k.to_string(), stream: "S".into() }, s)
+            }
             TestOp::PutLetter(k) => {
                 let (key, l) = letter("t", u64::from(k), "d");
                 b.put_deadletter(&key, &l)
