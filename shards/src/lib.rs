@@ -6,10 +6,14 @@
 //! - [`record`]: the values stored in them.
 //! - [`store`]: one LMDB environment per shard and the batch commit.
 
+pub mod clock;
+pub mod ids;
 pub mod keys;
 pub mod layout;
 pub mod manifest;
+pub mod message;
 pub mod program;
 pub mod record;
+pub mod relay;
 pub mod routing;
 pub mod store;

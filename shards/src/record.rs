@@ -50,9 +50,10 @@ pub struct Parked {
     pub error: String,
 }
 
-/// One saga instance (db `sagas`).
+/// One saga instance (db `sagas`). `S` is the state's representation: JSON text when
+/// read for inspection, the program engine's value inside a shard.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SagaRecord {
+pub struct SagaRecord<S = Json> {
     pub status: InstanceStatus,
     /// Last applied stream sequence per source stream (invariant 3).
     #[serde(default)]
@@ -75,8 +76,11 @@ pub struct SagaRecord {
     #[serde(default)]
     pub applied: Vec<AppliedRef>,
     /// The program's state (JSON).
-    pub state: Json,
+    pub state: S,
 }
+
+/// How many applied-event references an instance keeps.
+pub const APPLIED_HISTORY: usize = 64;
 
 /// One applied event, as remembered by its instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

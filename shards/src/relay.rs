@@ -1,0 +1,341 @@
+//! The outbox relay's bookkeeping, one per shard (owned by the shard's thread, shared by
+//! its committer and its relay task through `Rc<RefCell<_>>`).
+//!
+//! The store is the truth; this is a bounded window over it. Commits offer their new items
+//! as hints; when the window is full the hint is dropped and a rescan of the outbox is
+//! scheduled, so nothing is lost. An item leaves the window only when the committer has
+//! durably deleted it (dispatch confirmed) or re-stored it with a retry time.
+//!
+//! ```text
+//!   commit ──offer──> pending ──take_ready──> in_flight ──Delivered──> (deleted)
+//!                        ^                       │  └─Retry──> delayed ──due──┐
+//!   rescan (store) ──────┘                       └─confirm timeout──> pending <┘
+//! ```
+
+use crate::keys::OutboxKey;
+use crate::record::OutboxItem;
+use crate::store::{Store, StoreError};
+use ahash::{AHashMap, AHashSet};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Relay settings (validated by the runner's config).
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Dispatches in flight per shard. Default 1024.
+    pub max_in_flight: usize,
+    /// Dispatches in flight per tenant per shard. Default 256.
+    pub max_in_flight_per_tenant: usize,
+    /// Items per dispatch request to the bridge. Default 256.
+    pub batch: usize,
+    /// Items kept in memory waiting for dispatch. Default 8192.
+    pub window: usize,
+    /// A dispatch not confirmed within this time is sent again. Default 30 s.
+    pub confirm_timeout_ms: u64,
+    /// Safety-net poll of the store. Default 1 s.
+    pub poll_ms: u64,
+    /// Backoff between failed dispatches.
+    pub retry: crate::manifest::RetrySpec,
+    /// Failed dispatches after which an item becomes a dead letter. Default 20.
+    pub max_attempts: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1024,
+            max_in_flight_per_tenant: 256,
+            batch: 256,
+            window: 8192,
+            confirm_timeout_ms: 30_000,
+            poll_ms: 1_000,
+            retry: crate::manifest::RetrySpec { attempts: 20, backoff_ms: 200, max_backoff_ms: 30_000, jitter: 0.2 },
+            max_attempts: 20,
+        }
+    }
+}
+
+/// What [`RelayState::take_ready`] hands out.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Items to dispatch, in order.
+    pub dispatch: Vec<(OutboxKey, OutboxItem)>,
+    /// Items created by a replay for work already dispatched: delete without dispatching.
+    pub suppressed: Vec<OutboxKey>,
+}
+
+#[derive(Debug)]
+pub struct RelayState {
+    cfg: RelayConfig,
+    pending: VecDeque<(OutboxKey, OutboxItem)>,
+    known: AHashSet<OutboxKey>,
+    in_flight: AHashMap<OutboxKey, (OutboxItem, u64)>,
+    delayed: BTreeMap<(u64, OutboxKey), OutboxItem>,
+    per_tenant: AHashMap<String, usize>,
+    needs_scan: bool,
+}
+
+impl RelayState {
+    pub fn new(cfg: RelayConfig) -> Self {
+        Self {
+            cfg,
+            pending: VecDeque::new(),
+            known: AHashSet::new(),
+            in_flight: AHashMap::new(),
+            delayed: BTreeMap::new(),
+            per_tenant: AHashMap::new(),
+            // A fresh shard may have items left from before a restart.
+            needs_scan: true,
+        }
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.cfg
+    }
+
+    /// Items known to the relay (pending, in flight, delayed).
+    pub fn depth(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn needs_scan(&self) -> bool {
+        self.needs_scan
+    }
+
+    pub fn request_scan(&mut self) {
+        self.needs_scan = true;
+    }
+
+    /// A freshly committed item. Dropped (and a rescan scheduled) when the window is full.
+    pub fn offer(&mut self, key: OutboxKey, item: OutboxItem, now: u64) {
+        if self.known.contains(&key) {
+            return;
+        }
+        if self.known.len() >= self.cfg.window {
+            self.needs_scan = true;
+            return;
+        }
+        self.admit(key, item, now);
+    }
+
+    fn admit(&mut self, key: OutboxKey, item: OutboxItem, now: u64) {
+        self.known.insert(key);
+        if item.next_attempt_at > now {
+            self.delayed.insert((item.next_attempt_at, key), item);
+        } else {
+            self.pending.push_back((key, item));
+        }
+    }
+
+    /// Refills the window from the store (items not known yet, in key order).
+    pub fn scan(&mut self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let view = store.read()?;
+        let mut after = None;
+        loop {
+            let room = self.cfg.window.saturating_sub(self.known.len());
+            if room == 0 {
+                // Still full: scan again once some of the window has drained.
+                return Ok(());
+            }
+            let page = view.outbox(after, 512)?;
+            let done = page.len() < 512;
+            for (key, item) in page {
+                after = Some(key);
+                if self.known.len() >= self.cfg.window {
+                    return Ok(());
+                }
+                if !self.known.contains(&key) {
+                    self.admit(key, item, now);
+                }
+            }
+            if done {
+                self.needs_scan = false;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Moves due retries to pending, re-queues dispatches whose confirmation timed out, and
+    /// takes what may be dispatched now within the in-flight limits.
+    pub fn take_ready(&mut self, now: u64) -> Ready {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, key), item) = entry.remove_entry();
+            self.pending.push_back((key, item));
+        }
+        let expired: Vec<OutboxKey> = self.in_flight.iter().filter(|(_, (_, d))| *d <= now).map(|(k, _)| *k).collect();
+        for key in expired {
+            if let Some((item, _)) = self.in_flight.remove(&key) {
+                tracing::warn!(work_id = %item.work_id, tenant = %item.tenant, "dispatch not confirmed in time; sending again");
+                self.dec_tenant(&item.tenant);
+                self.pending.push_front((key, item));
+            }
+        }
+        let mut ready = Ready::default();
+        let mut skipped = VecDeque::new();
+        while self.in_flight.len() < self.cfg.max_in_flight && ready.dispatch.len() < self.cfg.batch {
+            let Some((key, item)) = self.pending.pop_front() else { break };
+            if item.suppressed {
+                ready.suppressed.push(key);
+                self.in_flight.insert(key, (item, now + self.cfg.confirm_timeout_ms));
+                continue;
+            }
+            let count = self.per_tenant.get(&item.tenant).copied().unwrap_or(0);
+            if count >= self.cfg.max_in_flight_per_tenant {
+                skipped.push_back((key, item));
+                continue;
+            }
+            *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
+            self.in_flight.insert(key, (item.clone(), now + self.cfg.confirm_timeout_ms));
+            ready.dispatch.push((key, item));
+        }
+        // Items of tenants at their limit keep their place, in order, at the front.
+        while let Some(x) = skipped.pop_back() {
+            self.pending.push_front(x);
+        }
+        ready
+    }
+
+    fn dec_tenant(&mut self, tenant: &str) {
+        if let Some(c) = self.per_tenant.get_mut(tenant) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.per_tenant.remove(tenant);
+            }
+        }
+    }
+
+    /// The item an in-flight dispatch is for.
+    pub fn in_flight_item(&self, key: &OutboxKey) -> Option<&OutboxItem> {
+        self.in_flight.get(key).map(|(i, _)| i)
+    }
+
+    /// The committer durably deleted `key`.
+    pub fn delivered(&mut self, key: OutboxKey) {
+        if let Some((item, _)) = self.in_flight.remove(&key) {
+            if !item.suppressed {
+                self.dec_tenant(&item.tenant);
+            }
+        }
+        self.known.remove(&key);
+    }
+
+    /// The committer re-stored `key` with a later `next_attempt_at`.
+    pub fn retry_later(&mut self, key: OutboxKey, item: OutboxItem) {
+        if let Some((old, _)) = self.in_flight.remove(&key) {
+            self.dec_tenant(&old.tenant);
+        }
+        self.known.insert(key);
+        self.delayed.insert((item.next_attempt_at, key), item);
+    }
+
+    /// When the relay should look again without being woken: the next retry or the next
+    /// confirmation deadline.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let delayed = self.delayed.keys().next().map(|(t, _)| *t);
+        let confirm = self.in_flight.values().map(|(_, d)| *d).min();
+        match (delayed, confirm) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether anything is waiting that could be dispatched right now.
+    pub fn has_ready(&self, now: u64) -> bool {
+        (!self.pending.is_empty() && self.in_flight.len() < self.cfg.max_in_flight)
+            || self.delayed.keys().next().is_some_and(|(t, _)| *t <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::WorkKind;
+
+    fn item(tenant: &str, id: &str) -> OutboxItem {
+        OutboxItem {
+            work_id: id.into(),
+            kind: WorkKind::Effect { effect: "e".into() },
+            tenant: tenant.into(),
+            saga: "s".into(),
+            correlation_id: "c".into(),
+            traceparent: None,
+            source_event_id: "ev".into(),
+            payload: crate::record::json_null(),
+            created_at: 0,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+            suppressed: false,
+        }
+    }
+
+    fn key(seq: u64) -> OutboxKey {
+        OutboxKey { partition: 0, seq }
+    }
+
+    fn cfg() -> RelayConfig {
+        RelayConfig { max_in_flight: 3, max_in_flight_per_tenant: 2, batch: 10, window: 5, confirm_timeout_ms: 100, ..RelayConfig::default() }
+    }
+
+    #[test]
+    fn limits_in_flight_overall_and_per_tenant_keeping_order() {
+        let mut r = RelayState::new(cfg());
+        r.offer(key(1), item("a", "1"), 0);
+        r.offer(key(2), item("a", "2"), 0);
+        r.offer(key(3), item("a", "3"), 0);
+        r.offer(key(4), item("b", "4"), 0);
+        let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        assert_eq!(ready, [1, 2, 4]); // tenant a capped at 2, overall at 3
+        r.delivered(key(1));
+        let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        assert_eq!(ready, [3]);
+        assert_eq!(r.depth(), 3);
+    }
+
+    #[test]
+    fn a_full_window_drops_hints_and_asks_for_a_scan() {
+        let mut r = RelayState::new(cfg());
+        r.needs_scan = false;
+        for i in 0..7 {
+            r.offer(key(i), item("a", &i.to_string()), 0);
+        }
+        assert_eq!(r.depth(), 5);
+        assert!(r.needs_scan());
+    }
+
+    #[test]
+    fn retries_wait_and_unconfirmed_dispatches_are_sent_again() {
+        let mut r = RelayState::new(cfg());
+        r.offer(key(1), item("a", "1"), 0);
+        assert_eq!(r.take_ready(0).dispatch.len(), 1);
+        let mut later = item("a", "1");
+        later.next_attempt_at = 50;
+        r.retry_later(key(1), later);
+        assert!(r.take_ready(49).dispatch.is_empty());
+        assert_eq!(r.next_deadline(), Some(50));
+        assert_eq!(r.take_ready(50).dispatch.len(), 1);
+        // not confirmed within 100 ms: dispatched again
+        assert!(r.take_ready(149).dispatch.is_empty());
+        assert_eq!(r.take_ready(150).dispatch.len(), 1);
+        r.delivered(key(1));
+        assert_eq!(r.depth(), 0);
+        assert_eq!(r.next_deadline(), None);
+    }
+
+    #[test]
+    fn suppressed_items_are_deleted_without_dispatch() {
+        let mut r = RelayState::new(cfg());
+        let mut i = item("a", "1");
+        i.suppressed = true;
+        r.offer(key(1), i, 0);
+        let ready = r.take_ready(0);
+        assert!(ready.dispatch.is_empty());
+        assert_eq!(ready.suppressed, [key(1)]);
+    }
+}
