@@ -75,6 +75,11 @@ pub struct SagaRecord<S = Json> {
     /// re-apply results in the order the instance first saw them.
     #[serde(default)]
     pub applied: Vec<AppliedRef>,
+    /// After a controlled replay reset: ids of events applied before the reset. Work that
+    /// re-applying one of them produces was dispatched already, so it is not dispatched
+    /// again (each id is removed once its event is re-applied).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub replay_suppress: BTreeSet<String>,
     /// The program's state (JSON).
     pub state: S,
 }

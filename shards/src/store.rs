@@ -693,6 +693,28 @@ impl<'s> ReadView<'s> {
         Ok(out)
     }
 
+    /// A page of saga records after `after` (all tenants, key order), decoded as `T` (a
+    /// partial view is fine: unknown fields are ignored).
+    pub fn sagas_page<T: serde::de::DeserializeOwned>(
+        &self,
+        after: Option<&SagaKey>,
+        limit: usize,
+    ) -> Result<Vec<(SagaKey, T)>, StoreError> {
+        let db = self.store.db(Db::Sagas);
+        let lmdb = |e| self.store.lmdb(e);
+        let start = after.map(|k| k.encode());
+        let bounds = match &start {
+            Some(s) => (std::ops::Bound::Excluded(&s[..]), std::ops::Bound::Unbounded),
+            None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+        };
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &bounds).map_err(lmdb)?.take(limit) {
+            let (k, v) = item.map_err(lmdb)?;
+            out.push((SagaKey::decode(k).map_err(|e| self.corrupt(Db::Sagas, e))?, self.decode(Db::Sagas, v)?));
+        }
+        Ok(out)
+    }
+
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let n = |db: Db| self.store.db(db).len(&self.txn).map_err(|e| self.store.lmdb(e));
         Ok(StoreStats {

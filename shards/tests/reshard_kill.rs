@@ -28,6 +28,7 @@ fn record(i: usize) -> SagaRecord {
         parked: None,
         traceparent: None,
         applied: vec![],
+        replay_suppress: Default::default(),
         state: serde_json::value::to_raw_value(&serde_json::json!({ "i": i, "pad": "x".repeat(200) })).unwrap(),
     }
 }

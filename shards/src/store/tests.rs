@@ -21,6 +21,7 @@ fn saga_record(state: &str, version: u64) -> SagaRecord {
         parked: None,
         traceparent: None,
         applied: vec![],
+        replay_suppress: Default::default(),
         state: json(state),
     }
 }

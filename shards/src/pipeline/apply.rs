@@ -1,0 +1,392 @@
+//! Saga transitions: the sequence gate, the program call, staging of state, outbox items,
+//! timers and checkpoints; blocked keys, retries in place and quarantine (invariants 3, 5,
+//! 7).
+
+use super::{After, Blocked, CoreError, Instance, Origin, Pending, ShardCore, Source, Staged};
+use crate::ids;
+use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, SagaKey, ScheduleKey};
+use crate::manifest::PoisonPolicy;
+use crate::message::{Event, RawLetter};
+use crate::program::{Entry, ScheduleSpec, Transition, WorkSpec};
+use crate::record::{
+    APPLIED_HISTORY, AppliedRef, DeadLetter, DeadLetterKind, InstanceStatus, Json, OutboxItem, Parked, ScheduleEntry,
+    WorkKind,
+};
+use crate::routing::RouteKey;
+use rhai::Dynamic;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+/// Largest raw body kept in a dead letter.
+const MAX_RAW: usize = 64 << 10;
+
+/// Routes one event: behind its key's blocked head if there is one, else applied now.
+pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: Pending, now: u64) -> Result<(), CoreError> {
+    let key = p.key();
+    if let Err(e) = key.validate() {
+        // Cannot be stored under this key at all: quarantine at once.
+        quarantine(core, st, &p, &e.to_string(), 0, now);
+        return Ok(());
+    }
+    if let Some(mut b) = core.take_blocked(st, &key) {
+        if let Origin::Timer(sk) = &p.origin {
+            core.set_held_timer(st, sk.clone(), true);
+        }
+        b.queue.push_back(p);
+        core.set_blocked(st, key, Some(b));
+        return Ok(());
+    }
+    drive(core, st, key, VecDeque::from([p]), now)
+}
+
+/// Applies a key's events in order until one fails; that one blocks the key.
+fn drive(core: &mut ShardCore, st: &mut Staged, key: SagaKey, mut queue: VecDeque<Pending>, now: u64) -> Result<(), CoreError> {
+    while let Some(p) = queue.pop_front() {
+        if let Err(error) = apply_one(core, st, &key, &p, now)? {
+            return on_failure(core, st, key, p, error, 1, queue, now);
+        }
+    }
+    Ok(())
+}
+
+/// Applies requeued dead letters of one key in order (they pass the sequence gate).
+pub(super) fn drive_requeued(core: &mut ShardCore, st: &mut Staged, key: SagaKey, queue: VecDeque<Pending>, now: u64) -> Result<(), CoreError> {
+    drive(core, st, key, queue, now)
+}
+
+/// Retries the heads of blocked keys whose time has come.
+pub(super) fn retry_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+    let due: Vec<SagaKey> = core.blocked.iter().filter(|(_, b)| b.retry_at <= now).map(|(k, _)| k.clone()).collect();
+    for key in due {
+        let Some(b) = core.take_blocked(st, &key) else { continue };
+        match apply_one(core, st, &key, &b.head, now)? {
+            Ok(()) => {
+                tracing::info!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, attempts = b.attempts + 1, "blocked key recovered");
+                drive(core, st, key, b.queue, now)?;
+            }
+            Err(error) => on_failure(core, st, key, b.head, error, b.attempts + 1, b.queue, now)?,
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_failure(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: SagaKey,
+    head: Pending,
+    error: String,
+    attempts: u32,
+    rest: VecDeque<Pending>,
+    now: u64,
+) -> Result<(), CoreError> {
+    st.stats.failures += 1;
+    let spec = core.manifests.sagas.get(&key.saga).map(|s| (s.spec.retry, s.spec.on_poison));
+    let (retry, policy) = spec.unwrap_or((crate::manifest::RetrySpec { attempts: 1, ..Default::default() }, PoisonPolicy::Park));
+    if attempts < retry.attempts {
+        let unit = (crate::routing::stable_hash(&key.tenant, key.route()) % 1000) as f64 / 1000.0;
+        let retry_at = now + retry.backoff_jittered(attempts, unit).max(1);
+        tracing::warn!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, retry_in_ms = retry_at - now, error = %error, "transition failed; key blocked, will retry");
+        for p in std::iter::once(&head).chain(rest.iter()) {
+            if let Origin::Timer(sk) = &p.origin {
+                core.set_held_timer(st, sk.clone(), true);
+            }
+        }
+        core.set_blocked(st, key, Some(Blocked { head, attempts, retry_at, queue: rest, error }));
+        return Ok(());
+    }
+    tracing::error!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, error = %error, policy = ?policy, "event quarantined");
+    let letter_id = quarantine(core, st, &head, &error, attempts, now);
+    if policy == PoisonPolicy::Park {
+        let (mut inst, source) = match core.take(st, &key)? {
+            Some(x) => x,
+            None => (new_instance(&head.event, now), Source::Staged),
+        };
+        inst.parked = Some(Parked { poison_event_id: letter_id, since: now, error });
+        inst.updated_at = now;
+        core.put_back(st, key.clone(), inst, source, true);
+    }
+    // Parked: the rest become dead letters in order (apply_one sees the mark). Skip: they
+    // apply normally.
+    drive(core, st, key, rest, now)
+}
+
+fn new_instance(event: &Event, now: u64) -> Instance {
+    Instance {
+        status: InstanceStatus::Running,
+        last_seq: BTreeMap::new(),
+        outstanding: Default::default(),
+        version: 0,
+        created_at: now,
+        updated_at: now,
+        parked: None,
+        traceparent: event.traceparent.clone(),
+        applied: Vec::new(),
+        replay_suppress: Default::default(),
+        state: Dynamic::UNIT,
+    }
+}
+
+/// Applies one event to its instance. `Ok(Err(message))` is a program failure (retried by
+/// policy); `Err` aborts the batch.
+fn apply_one(core: &mut ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending, now: u64) -> Result<Result<(), String>, CoreError> {
+    let event = &p.event;
+    let Some(saga) = core.manifests.sagas.get(&key.saga) else {
+        // The saga was removed by a reload: nothing can apply this; quarantine at once.
+        quarantine(core, st, p, &format!("saga {:?} is not in the loaded manifests", key.saga), 0, now);
+        return Ok(Ok(()));
+    };
+    let has_compensation = saga.spec.compensation.is_some();
+    let requeued = matches!(p.origin, Origin::Requeue(_));
+    let taken = core.take(st, key)?;
+
+    let (mut inst, source, is_new) = match taken {
+        Some((inst, source)) => (inst, source, false),
+        None => {
+            let may_start = p.target.may_start && event.result.is_none() && !matches!(p.origin, Origin::Timer(_));
+            if !may_start {
+                st.stats.skipped += 1;
+                if matches!(p.origin, Origin::Timer(_)) {
+                    st.stats.timers_dropped += 1;
+                }
+                settle(core, st, p, None);
+                return Ok(Ok(()));
+            }
+            (new_instance(event, now), Source::Staged, true)
+        }
+    };
+
+    // A parked key: later events wait behind the poison one, in order.
+    if let Some(parked) = &inst.parked {
+        let why = format!("key parked behind dead letter {}", parked.poison_event_id);
+        core.put_back(st, key.clone(), inst, source, false);
+        st.stats.parked += 1;
+        write_deadletter(core, st, p, DeadLetterKind::Parked, &why, 0, now);
+        settle(core, st, p, None);
+        return Ok(Ok(()));
+    }
+    if inst.status.is_final() {
+        core.put_back(st, key.clone(), inst, source, false);
+        st.stats.skipped += 1;
+        if matches!(p.origin, Origin::Timer(_)) {
+            st.stats.timers_dropped += 1;
+        }
+        settle(core, st, p, None);
+        return Ok(Ok(()));
+    }
+    // The sequence gate (invariant 3).
+    if !requeued && event.seq > 0 && inst.last_seq.get(&event.stream).is_some_and(|&last| last >= event.seq) {
+        core.put_back(st, key.clone(), inst, source, false);
+        st.stats.duplicates += 1;
+        settle(core, st, p, None);
+        return Ok(Ok(()));
+    }
+    // A result is applied only for an outstanding command, once (invariant 4).
+    if let Some(r) = &event.result
+        && !inst.outstanding.contains(&r.command_id)
+    {
+        core.put_back(st, key.clone(), inst, source, false);
+        st.stats.duplicates += 1;
+        settle(core, st, p, None);
+        return Ok(Ok(()));
+    }
+
+    let entry = match &event.result {
+        Some(r) if r.outcome == "failed" && has_compensation => Entry::Compensation,
+        _ => Entry::OnEvent,
+    };
+    let input_event = event_dynamic(event, &key.correlation_id);
+    let started = Instant::now();
+    let result = core.programs.run(&key.saga, entry, inst.state.clone(), input_event, &event.id);
+    st.stats.program_ns += started.elapsed().as_nanos() as u64;
+    let t: Transition = match result {
+        Ok(t) => t,
+        Err(e) => {
+            if !is_new {
+                core.put_back(st, key.clone(), inst, source, false);
+            }
+            return Ok(Err(e.to_string()));
+        }
+    };
+
+    // Stage the transition.
+    let partition = core.router.partition(&key.tenant, key.route());
+    for (i, w) in t.work.into_iter().enumerate() {
+        let work_id = ids::work_id(&key.tenant, &key.saga, &key.correlation_id, &event.id, i);
+        let (kind, payload) = match w {
+            WorkSpec::Effect { effect, payload } => {
+                inst.outstanding.insert(work_id.clone());
+                (WorkKind::Effect { effect }, payload)
+            }
+            WorkSpec::Command { command, aggregate, aggregate_id, payload } => {
+                (WorkKind::Command { command, aggregate, aggregate_id }, payload)
+            }
+        };
+        let suppressed = inst.replay_suppress.contains(&event.id);
+        let item = OutboxItem {
+            work_id,
+            kind,
+            tenant: key.tenant.clone(),
+            saga: key.saga.clone(),
+            correlation_id: key.correlation_id.clone(),
+            traceparent: event.traceparent.clone().or_else(|| inst.traceparent.clone()),
+            source_event_id: event.id.clone(),
+            payload: to_json(&payload),
+            created_at: now,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+            suppressed,
+        };
+        let okey = OutboxKey { partition, seq: core.next_outbox_seq(now) };
+        st.batch.put_outbox(okey, &item);
+        st.new_outbox.push((okey, item));
+        st.stats.outbox_written += 1;
+    }
+    for (i, ScheduleSpec { name, after_ms, payload }) in t.schedules.into_iter().enumerate() {
+        let timer_id = ids::timer_id(&key.tenant, &key.saga, &key.correlation_id, &event.id, i);
+        let due_at = event.timestamp.saturating_add(after_ms);
+        let sk = ScheduleKey { due_at, saga: key.clone(), timer_id };
+        let entry = ScheduleEntry {
+            name,
+            payload: to_json(&payload),
+            source_event_id: event.id.clone(),
+            scheduled_at: event.timestamp,
+            traceparent: event.traceparent.clone(),
+        };
+        st.batch.put_schedule(&sk, &entry);
+        st.schedules_changed = true;
+    }
+    inst.replay_suppress.remove(&event.id);
+    if let Some(r) = &event.result {
+        inst.outstanding.remove(&r.command_id);
+    }
+    if event.seq > 0 {
+        let last = inst.last_seq.entry(event.stream.clone()).or_insert(0);
+        *last = (*last).max(event.seq);
+        st.batch.advance_checkpoint(
+            &CheckpointKey { tenant: key.tenant.clone(), saga: key.saga.clone(), stream: event.stream.clone() },
+            event.seq,
+        );
+    }
+    inst.applied.push(AppliedRef { stream: event.stream.clone(), seq: event.seq, id: event.id.clone() });
+    if inst.applied.len() > APPLIED_HISTORY {
+        let excess = inst.applied.len() - APPLIED_HISTORY;
+        inst.applied.drain(..excess);
+    }
+    inst.state = t.state;
+    inst.status = t.status;
+    inst.version += 1;
+    inst.updated_at = now;
+    core.put_back(st, key.clone(), inst, source, true);
+    st.stats.applied += 1;
+    settle(core, st, p, None);
+    Ok(Ok(()))
+}
+
+/// The program's view of an event (DESIGN "Saga programs").
+pub(super) fn event_dynamic(event: &Event, correlation_id: &str) -> Dynamic {
+    let mut m = rhai::Map::new();
+    m.insert("id".into(), event.id.clone().into());
+    m.insert("type".into(), event.event_type.clone().into());
+    m.insert("stream".into(), event.stream.clone().into());
+    m.insert("seq".into(), Dynamic::from_int(event.seq as i64));
+    m.insert("subject".into(), event.subject.clone().into());
+    m.insert("tenant".into(), event.tenant.clone().into());
+    m.insert("correlation_id".into(), correlation_id.to_owned().into());
+    m.insert("timestamp".into(), Dynamic::from_int(event.timestamp as i64));
+    m.insert("data".into(), rhai::serde::to_dynamic(&event.data).unwrap_or(Dynamic::UNIT));
+    if let Some(r) = &event.result {
+        m.insert("command_id".into(), r.command_id.clone().into());
+        m.insert("effect".into(), r.effect.clone().into());
+        m.insert("outcome".into(), r.outcome.clone().into());
+    }
+    Dynamic::from_map(m)
+}
+
+fn to_json(v: &Dynamic) -> Json {
+    serde_json::value::to_raw_value(v).unwrap_or_else(|_| crate::record::json_null())
+}
+
+/// Marks `p` done: answers its message after the commit, deletes its timer entry or its
+/// requeued dead letter in the same transaction.
+fn settle(core: &mut ShardCore, st: &mut Staged, p: &Pending, term: Option<String>) {
+    match &p.origin {
+        Origin::Delivery(d) => st.after.push(After::Resolved { delivery: d.clone(), term }),
+        Origin::Timer(sk) => {
+            st.batch.delete_schedule(sk);
+            st.schedules_changed = true;
+            if core.held_timers.contains(sk) {
+                core.set_held_timer(st, sk.clone(), false);
+            }
+        }
+        Origin::Requeue(dk) => st.batch.delete_deadletter(dk),
+    }
+}
+
+/// Writes `p` as a dead letter; returns its id.
+fn write_deadletter(core: &mut ShardCore, st: &mut Staged, p: &Pending, kind: DeadLetterKind, error: &str, attempts: u32, now: u64) -> String {
+    let event = &p.event;
+    let key = p.key();
+    let id = ids::deadletter_id(&event.stream, event.seq, &event.id, &key.saga, &key.correlation_id);
+    let at = core.next_deadletter_at(now);
+    let letter = DeadLetter {
+        id: id.clone(),
+        kind,
+        partition: core.router.partition(&key.tenant, RouteKey::Saga { saga: &key.saga, correlation_id: &key.correlation_id }),
+        tenant: key.tenant.clone(),
+        at,
+        error: error.to_owned(),
+        saga: Some(key.saga.clone()),
+        correlation_id: Some(key.correlation_id.clone()),
+        stream: Some(event.stream.clone()),
+        seq: event.seq,
+        subject: Some(event.subject.clone()),
+        headers: event.headers.clone(),
+        raw: None,
+        event: serde_json::value::to_raw_value(event.as_ref()).ok(),
+        work: None,
+        attempts,
+    };
+    st.batch.put_deadletter(&DeadLetterKey { tenant: key.tenant.clone(), at, id: id.clone() }, &letter);
+    st.stats.deadletters += 1;
+    id
+}
+
+/// Quarantines `p`: a dead letter with the decoded context and the error, and a `TERM`.
+fn quarantine(core: &mut ShardCore, st: &mut Staged, p: &Pending, error: &str, attempts: u32, now: u64) -> String {
+    st.stats.quarantined += 1;
+    let id = write_deadletter(core, st, p, DeadLetterKind::Poison, error, attempts, now);
+    settle(core, st, p, Some(error.to_owned()));
+    id
+}
+
+/// Quarantines a message the bridge could not decode.
+pub(super) fn quarantine_raw(core: &mut ShardCore, st: &mut Staged, letter: &RawLetter, now: u64) {
+    let raw = &letter.raw[..letter.raw.len().min(MAX_RAW)];
+    let id = ids::deadletter_id(&letter.stream, letter.seq, "", "", "");
+    let at = core.next_deadletter_at(now);
+    let tenant = if crate::keys::check_len("tenant", &letter.tenant, crate::keys::MAX_TENANT).is_ok() { letter.tenant.clone() } else { String::new() };
+    let dl = DeadLetter {
+        id: id.clone(),
+        kind: DeadLetterKind::Undecodable,
+        partition: core.router.partition(&tenant, RouteKey::Raw { stream: &letter.stream, seq: letter.seq }),
+        tenant: tenant.clone(),
+        at,
+        error: letter.error.clone(),
+        saga: None,
+        correlation_id: None,
+        stream: Some(letter.stream.clone()),
+        seq: letter.seq,
+        subject: Some(letter.subject.clone()),
+        headers: letter.headers.clone(),
+        raw: Some(String::from_utf8_lossy(raw).into_owned()),
+        event: None,
+        work: None,
+        attempts: 0,
+    };
+    st.batch.put_deadletter(&DeadLetterKey { tenant, at, id }, &dl);
+    st.stats.deadletters += 1;
+    st.stats.quarantined += 1;
+}

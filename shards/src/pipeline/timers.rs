@@ -1,0 +1,88 @@
+//! Durable timers and retention. A due timer becomes a `timer` event for its instance; the
+//! schedule entry is deleted in the same transaction that applies it (or quarantines or
+//! drops it), so a restart can neither lose nor repeat it.
+
+use super::{CoreError, Origin, Pending, ShardCore, Staged};
+use crate::message::{Event, Target};
+use crate::record::InstanceStatus;
+use std::sync::Arc;
+
+pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+    if !core.next_due.is_some_and(|t| t <= now) {
+        return Ok(());
+    }
+    let due = core.store.read()?.due_schedules(now, core.cfg.timer_batch + core.held_timers.len())?;
+    for (sk, entry) in due {
+        if core.held_timers.contains(&sk) {
+            continue;
+        }
+        let data = serde_json::json!({
+            "name": entry.name,
+            "payload": serde_json::from_str::<serde_json::Value>(entry.payload.get()).unwrap_or_default(),
+            "scheduled_at": entry.scheduled_at,
+        });
+        let event = Event {
+            id: sk.timer_id.clone(),
+            event_type: "timer".into(),
+            stream: "timers".into(),
+            seq: 0,
+            subject: format!("workflow.timers.{}.{}.{}", subject_token(&sk.saga.tenant), sk.saga.saga, entry.name),
+            tenant: sk.saga.tenant.clone(),
+            timestamp: sk.due_at,
+            data,
+            traceparent: entry.traceparent.clone(),
+            result: None,
+            headers: Default::default(),
+        };
+        let target = Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };
+        st.stats.timers_fired += 1;
+        st.schedules_changed = true;
+        super::apply::route(core, st, Pending { event: Arc::new(event), target, origin: Origin::Timer(sk) }, now)?;
+    }
+    Ok(())
+}
+
+/// The NATS subject token for a tenant (`_` for the empty tenant).
+pub fn subject_token(tenant: &str) -> &str {
+    if tenant.is_empty() { "_" } else { tenant }
+}
+
+/// The earliest timer not held behind a blocked key.
+pub(super) fn recompute_next_due(core: &mut ShardCore) {
+    let next = core.store.read().and_then(|v| v.due_schedules(u64::MAX, core.held_timers.len() + 1)).map(|due| {
+        due.into_iter().find(|(k, _)| !core.held_timers.contains(k)).map(|(k, _)| k.due_at)
+    });
+    match next {
+        Ok(n) => core.next_due = n,
+        Err(e) => {
+            tracing::error!(shard = core.shard, error = %e, "cannot read the schedule table; timers retried in 1 s");
+            core.next_due = Some(0);
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Final {
+    status: InstanceStatus,
+    updated_at: u64,
+    #[serde(default)]
+    parked: Option<serde::de::IgnoredAny>,
+}
+
+/// Removes completed and failed instances older than the retention, a page at a time.
+pub(super) fn sweep_retention(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+    let Some(retention) = core.cfg.retention_ms else { return Ok(()) };
+    if core.cfg.retention_sweep == 0 || now < core.next_sweep {
+        return Ok(());
+    }
+    core.next_sweep = now + 10_000;
+    let page = core.store.read()?.sagas_page::<Final>(core.retention_cursor.as_ref(), core.cfg.retention_sweep)?;
+    core.retention_cursor = if page.len() < core.cfg.retention_sweep { None } else { page.last().map(|(k, _)| k.clone()) };
+    for (key, rec) in page {
+        if rec.status.is_final() && rec.parked.is_none() && rec.updated_at.saturating_add(retention) < now && !st.instances.contains_key(&key) {
+            st.batch.delete_saga(&key);
+            core.cache.remove(&key);
+        }
+    }
+    Ok(())
+}
