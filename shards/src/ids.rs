@@ -18,17 +18,38 @@ fn derive(parts: &[&[u8]]) -> String {
 
 /// Id of the `index`-th work item emitted while applying `event_id` to an instance.
 pub fn work_id(tenant: &str, saga: &str, correlation_id: &str, event_id: &str, index: usize) -> String {
-    derive(&[b"work", tenant.as_bytes(), saga.as_bytes(), correlation_id.as_bytes(), event_id.as_bytes(), &(index as u64).to_be_bytes()])
+    derive(&[
+        b"work",
+        tenant.as_bytes(),
+        saga.as_bytes(),
+        correlation_id.as_bytes(),
+        event_id.as_bytes(),
+        &(index as u64).to_be_bytes(),
+    ])
 }
 
 /// Id of the `index`-th timer scheduled while applying `event_id` to an instance.
 pub fn timer_id(tenant: &str, saga: &str, correlation_id: &str, event_id: &str, index: usize) -> String {
-    derive(&[b"timer", tenant.as_bytes(), saga.as_bytes(), correlation_id.as_bytes(), event_id.as_bytes(), &(index as u64).to_be_bytes()])
+    derive(&[
+        b"timer",
+        tenant.as_bytes(),
+        saga.as_bytes(),
+        correlation_id.as_bytes(),
+        event_id.as_bytes(),
+        &(index as u64).to_be_bytes(),
+    ])
 }
 
 /// Id of a dead letter for a stream message (unique per message and instance).
 pub fn deadletter_id(stream: &str, seq: u64, event_id: &str, saga: &str, correlation_id: &str) -> String {
-    derive(&[b"dead", stream.as_bytes(), &seq.to_be_bytes(), event_id.as_bytes(), saga.as_bytes(), correlation_id.as_bytes()])
+    derive(&[
+        b"dead",
+        stream.as_bytes(),
+        &seq.to_be_bytes(),
+        event_id.as_bytes(),
+        saga.as_bytes(),
+        correlation_id.as_bytes(),
+    ])
 }
 
 #[cfg(test)]

@@ -321,6 +321,38 @@ fn resolve_program(manifest: &Path, program: &Path) -> Result<PathBuf, String> {
     Ok(dir.join(program))
 }
 
+/// Replaces `${NAME}` and `${NAME:-default}` with values from `vars`; a name with neither a
+/// value nor a default is an error naming it.
+pub fn expand_vars(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unclosed `${` in manifest".into());
+        };
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("`${{{inner}}}` is not a variable reference"));
+        }
+        match (vars(name), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!("variable {name} is not set and has no default (`${{{name}:-default}}`)"));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 fn parse_file(path: &Path, text: &str) -> Result<ManifestFile, String> {
     let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
@@ -339,6 +371,16 @@ impl ManifestSet {
     /// Loads and validates manifest files (YAML, or JSON by extension). Reports every
     /// problem found, each naming the file, the item and the field.
     pub fn load(paths: &[PathBuf], check: ProgramCheck<'_>) -> Result<Self, ManifestErrors> {
+        Self::load_with_vars(paths, check, &|_| None)
+    }
+
+    /// [`Self::load`], expanding `${NAME:-default}` in the manifest text from `vars` (the
+    /// runner passes the environment).
+    pub fn load_with_vars(
+        paths: &[PathBuf],
+        check: ProgramCheck<'_>,
+        vars: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ManifestErrors> {
         let mut errors = Vec::new();
         let mut set = ManifestSet { files: paths.to_vec(), ..Default::default() };
         let mut saga_origin: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -354,6 +396,13 @@ impl ManifestSet {
                 Ok(t) => t,
                 Err(e) => {
                     errors.push(err(String::new(), "", format!("cannot read: {e}")));
+                    continue;
+                }
+            };
+            let text = match expand_vars(&text, vars) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(err(String::new(), "", e));
                     continue;
                 }
             };

@@ -124,10 +124,18 @@ pub enum AdminOp {
 /// Requests into a shard's inbox.
 pub enum Request {
     /// Apply an event to one or more saga instances owned by this shard.
-    Apply { event: Arc<Event>, targets: Vec<Target>, reply: Reply<ApplyOutcome> },
+    Apply {
+        event: Arc<Event>,
+        targets: Vec<Target>,
+        reply: Reply<ApplyOutcome>,
+    },
     /// The effect gate, before calling a provider. `msg_seq` is the command message's
     /// stream sequence.
-    EffectBegin { key: EffectKey, msg_seq: u64, reply: Reply<GateDecision> },
+    EffectBegin {
+        key: EffectKey,
+        msg_seq: u64,
+        reply: Reply<GateDecision>,
+    },
     /// Record completion after the result event's PubAck.
     EffectFinish {
         key: EffectKey,
@@ -138,13 +146,27 @@ pub enum Request {
         reply: Reply<Result<(), String>>,
     },
     /// A started run ended without a result (it will be redelivered): forget it in memory.
-    EffectRelease { key: EffectKey },
+    EffectRelease {
+        key: EffectKey,
+    },
     /// Quarantine an undecodable message.
-    Quarantine { letter: RawLetter, reply: Reply<Result<(), String>> },
-    Query { query: Query, reply: Reply<QueryAnswer> },
-    Admin { op: AdminOp, reply: Reply<Result<serde_json::Value, String>> },
+    Quarantine {
+        letter: RawLetter,
+        reply: Reply<Result<(), String>>,
+    },
+    Query {
+        query: Query,
+        reply: Reply<QueryAnswer>,
+    },
+    Admin {
+        op: AdminOp,
+        reply: Reply<Result<serde_json::Value, String>>,
+    },
     /// Swap the manifests between batches.
-    Reload { set: Arc<ManifestSet>, reply: Reply<Result<(), String>> },
+    Reload {
+        set: Arc<ManifestSet>,
+        reply: Reply<Result<(), String>>,
+    },
 }
 
 impl std::fmt::Debug for Request {

@@ -151,8 +151,9 @@ pub enum EffectRecord {
     /// The provider may have been called `attempts` times; no result is recorded yet.
     Started { attempts: u32, updated_at: u64 },
     /// The result event was published and acknowledged; `result` is its exact body, so a
-    /// redelivered command re-publishes the same bytes under the same `Nats-Msg-Id`.
-    Completed { attempts: u32, updated_at: u64, subject: String, outcome: String, result: Json },
+    /// redelivered command re-publishes the same bytes under the same `Nats-Msg-Id`. (Text,
+    /// not nested JSON: internally tagged enums cannot hold raw JSON values.)
+    Completed { attempts: u32, updated_at: u64, subject: String, outcome: String, result: String },
 }
 
 /// Why something became a dead letter.

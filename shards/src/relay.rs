@@ -217,10 +217,10 @@ impl RelayState {
 
     /// The committer durably deleted `key`.
     pub fn delivered(&mut self, key: OutboxKey) {
-        if let Some((item, _)) = self.in_flight.remove(&key) {
-            if !item.suppressed {
-                self.dec_tenant(&item.tenant);
-            }
+        if let Some((item, _)) = self.in_flight.remove(&key)
+            && !item.suppressed
+        {
+            self.dec_tenant(&item.tenant);
         }
         self.known.remove(&key);
     }
@@ -280,7 +280,14 @@ mod tests {
     }
 
     fn cfg() -> RelayConfig {
-        RelayConfig { max_in_flight: 3, max_in_flight_per_tenant: 2, batch: 10, window: 5, confirm_timeout_ms: 100, ..RelayConfig::default() }
+        RelayConfig {
+            max_in_flight: 3,
+            max_in_flight_per_tenant: 2,
+            batch: 10,
+            window: 5,
+            confirm_timeout_ms: 100,
+            ..RelayConfig::default()
+        }
     }
 
     #[test]

@@ -79,7 +79,10 @@ impl ShardHandle {
     /// Sends a request, waiting while the inbox is full (backpressure). Works from any
     /// executor: tokio, glommio or a plain thread (`send` below).
     pub async fn send(&self, req: Request) -> Result<(), RuntimeError> {
-        self.inbox.send_async(req).await.map_err(|_| RuntimeError::Gone { shard: self.index, why: "inbox closed".into() })
+        self.inbox
+            .send_async(req)
+            .await
+            .map_err(|_| RuntimeError::Gone { shard: self.index, why: "inbox closed".into() })
     }
 
     /// Blocking send, for plain threads and tests.
@@ -151,8 +154,14 @@ impl ShardRuntime {
                 Pinning::Auto => Placement::Unbound,
             };
             let (ready_tx, ready_rx) = flume::bounded(1);
-            let chans = ShardChannels { inbox: inbox_rx, control: control_rx, control_tx: control_tx.clone(), dispatch: dispatch.clone() };
-            let (shard_cfg, data, manifests, clock, h) = (cfg.shard.clone(), data.clone(), manifests.clone(), clock.clone(), health.clone());
+            let chans = ShardChannels {
+                inbox: inbox_rx,
+                control: control_rx,
+                control_tx: control_tx.clone(),
+                dispatch: dispatch.clone(),
+            };
+            let (shard_cfg, data, manifests, clock, h) =
+                (cfg.shard.clone(), data.clone(), manifests.clone(), clock.clone(), health.clone());
             let mut builder = LocalExecutorBuilder::new(placement).name(&format!("shard-{index}")).io_memory(1 << 20);
             if let Some(t) = cfg.stall_threshold {
                 builder = builder.detect_stalls(Some(Box::new(StallLogger(t))));

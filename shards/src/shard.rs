@@ -280,11 +280,15 @@ pub async fn run_shard(
         }
 
         let now = clock.now_ms();
-        let result = core.borrow_mut().run_batch(work, now);
+        let (staged, result) = core.borrow_mut().run_batch(work, now);
         let outcome = match result {
-            Ok(staged) => {
+            Ok(()) => {
                 let started = Instant::now();
-                let commit = if staged.batch.is_empty() { Ok(()) } else { core.borrow().store().commit(&staged.batch).map(|_| ()) };
+                let commit = if staged.batch.is_empty() {
+                    Ok(())
+                } else {
+                    core.borrow().store().commit(&staged.batch).map(|_| ())
+                };
                 match commit {
                     Ok(()) => {
                         if !staged.batch.is_empty() {
@@ -306,7 +310,7 @@ pub async fn run_shard(
                     }
                 }
             }
-            Err((e, staged)) => {
+            Err(e) => {
                 core.borrow_mut().rollback(staged);
                 Err(e.to_string())
             }

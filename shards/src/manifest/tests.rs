@@ -162,3 +162,21 @@ fn backoff_grows_and_caps() {
     assert_eq!(r.backoff_jittered(2, 0.0), 150);
     assert_eq!(r.backoff_jittered(2, 1.0), 250);
 }
+
+#[test]
+fn variables_expand_with_defaults_and_missing_ones_are_named() {
+    let vars = |n: &str| (n == "HOST").then(|| "example.org".to_owned());
+    assert_eq!(expand_vars("a ${HOST} b ${PORT:-80} c", &vars).unwrap(), "a example.org b 80 c");
+    assert!(expand_vars("${NOPE}", &vars).unwrap_err().contains("variable NOPE is not set"));
+    assert!(expand_vars("${bad name}", &vars).is_err());
+}
+
+#[test]
+fn the_example_manifests_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/order");
+    let set = ManifestSet::load(&[root.join("sagas.yaml"), root.join("effects.yaml")], &crate::program::check_program)
+        .unwrap();
+    assert_eq!(set.sagas.len(), 1);
+    assert_eq!(set.effects.len(), 3);
+    assert!(set.effects["charge_payment"].settings["url"].as_str().unwrap().starts_with("http://127.0.0.1:18081/"));
+}

@@ -130,13 +130,21 @@ pub(super) fn run(
                 Err(format!("no dead letter {} for tenant {:?}", key.id, key.tenant))
             }
         }
-        AdminOp::Replay { tenant, saga, correlation_id, from_seq } => replay(core, st, tenant, saga, correlation_id, from_seq)?,
+        AdminOp::Replay { tenant, saga, correlation_id, from_seq } => {
+            replay(core, st, tenant, saga, correlation_id, from_seq)?
+        }
     };
     st.after.push(After::Admin(reply, answer));
     Ok(())
 }
 
-fn requeue(core: &mut ShardCore, st: &mut Staged, key: SagaKey, skip_poison: bool, now: u64) -> Result<Result<Value, String>, CoreError> {
+fn requeue(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: SagaKey,
+    skip_poison: bool,
+    now: u64,
+) -> Result<Result<Value, String>, CoreError> {
     if core.blocked.contains_key(&key) {
         return Ok(Err(format!("{key} is retrying its head event; requeue after it is quarantined")));
     }
@@ -204,11 +212,19 @@ fn replay(
         reset.push(key.correlation_id.clone());
         core.put_back(st, key, inst, super::Source::Staged, true);
     }
-    let mut streams: Vec<String> = core.manifests.sagas.get(&saga).map(|s| s.spec.triggers.iter().map(|t| t.stream.clone()).collect()).unwrap_or_default();
+    let mut streams: Vec<String> = core
+        .manifests
+        .sagas
+        .get(&saga)
+        .map(|s| s.spec.triggers.iter().map(|t| t.stream.clone()).collect())
+        .unwrap_or_default();
     streams.sort();
     streams.dedup();
     for stream in &streams {
-        st.batch.set_checkpoint(&CheckpointKey { tenant: tenant.clone(), saga: saga.clone(), stream: stream.clone() }, from_seq.saturating_sub(1));
+        st.batch.set_checkpoint(
+            &CheckpointKey { tenant: tenant.clone(), saga: saga.clone(), stream: stream.clone() },
+            from_seq.saturating_sub(1),
+        );
     }
     Ok(Ok(json!({ "reset": reset, "count": reset.len(), "from_seq": from_seq, "streams": streams })))
 }

@@ -40,7 +40,13 @@ pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: Pending, now: u64)
 }
 
 /// Applies a key's events in order until one fails; that one blocks the key.
-fn drive(core: &mut ShardCore, st: &mut Staged, key: SagaKey, mut queue: VecDeque<Pending>, now: u64) -> Result<(), CoreError> {
+fn drive(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: SagaKey,
+    mut queue: VecDeque<Pending>,
+    now: u64,
+) -> Result<(), CoreError> {
     while let Some(p) = queue.pop_front() {
         if let Err(error) = apply_one(core, st, &key, &p, now)? {
             return on_failure(core, st, key, p, error, 1, queue, now);
@@ -50,7 +56,13 @@ fn drive(core: &mut ShardCore, st: &mut Staged, key: SagaKey, mut queue: VecDequ
 }
 
 /// Applies requeued dead letters of one key in order (they pass the sequence gate).
-pub(super) fn drive_requeued(core: &mut ShardCore, st: &mut Staged, key: SagaKey, queue: VecDeque<Pending>, now: u64) -> Result<(), CoreError> {
+pub(super) fn drive_requeued(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: SagaKey,
+    queue: VecDeque<Pending>,
+    now: u64,
+) -> Result<(), CoreError> {
     drive(core, st, key, queue, now)
 }
 
@@ -83,7 +95,8 @@ fn on_failure(
 ) -> Result<(), CoreError> {
     st.stats.failures += 1;
     let spec = core.manifests.sagas.get(&key.saga).map(|s| (s.spec.retry, s.spec.on_poison));
-    let (retry, policy) = spec.unwrap_or((crate::manifest::RetrySpec { attempts: 1, ..Default::default() }, PoisonPolicy::Park));
+    let (retry, policy) =
+        spec.unwrap_or((crate::manifest::RetrySpec { attempts: 1, ..Default::default() }, PoisonPolicy::Park));
     if attempts < retry.attempts {
         let unit = (crate::routing::stable_hash(&key.tenant, key.route()) % 1000) as f64 / 1000.0;
         let retry_at = now + retry.backoff_jittered(attempts, unit).max(1);
@@ -130,7 +143,13 @@ fn new_instance(event: &Event, now: u64) -> Instance {
 
 /// Applies one event to its instance. `Ok(Err(message))` is a program failure (retried by
 /// policy); `Err` aborts the batch.
-fn apply_one(core: &mut ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending, now: u64) -> Result<Result<(), String>, CoreError> {
+fn apply_one(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: &SagaKey,
+    p: &Pending,
+    now: u64,
+) -> Result<Result<(), String>, CoreError> {
     let event = &p.event;
     let Some(saga) = core.manifests.sagas.get(&key.saga) else {
         // The saga was removed by a reload: nothing can apply this; quarantine at once.
@@ -326,7 +345,15 @@ fn settle(core: &mut ShardCore, st: &mut Staged, p: &Pending, term: Option<Strin
 }
 
 /// Writes `p` as a dead letter; returns its id.
-fn write_deadletter(core: &mut ShardCore, st: &mut Staged, p: &Pending, kind: DeadLetterKind, error: &str, attempts: u32, now: u64) -> String {
+fn write_deadletter(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    p: &Pending,
+    kind: DeadLetterKind,
+    error: &str,
+    attempts: u32,
+    now: u64,
+) -> String {
     let event = &p.event;
     let key = p.key();
     let id = ids::deadletter_id(&event.stream, event.seq, &event.id, &key.saga, &key.correlation_id);
@@ -334,7 +361,9 @@ fn write_deadletter(core: &mut ShardCore, st: &mut Staged, p: &Pending, kind: De
     let letter = DeadLetter {
         id: id.clone(),
         kind,
-        partition: core.router.partition(&key.tenant, RouteKey::Saga { saga: &key.saga, correlation_id: &key.correlation_id }),
+        partition: core
+            .router
+            .partition(&key.tenant, RouteKey::Saga { saga: &key.saga, correlation_id: &key.correlation_id }),
         tenant: key.tenant.clone(),
         at,
         error: error.to_owned(),
@@ -367,7 +396,11 @@ pub(super) fn quarantine_raw(core: &mut ShardCore, st: &mut Staged, letter: &Raw
     let raw = &letter.raw[..letter.raw.len().min(MAX_RAW)];
     let id = ids::deadletter_id(&letter.stream, letter.seq, "", "", "");
     let at = core.next_deadletter_at(now);
-    let tenant = if crate::keys::check_len("tenant", &letter.tenant, crate::keys::MAX_TENANT).is_ok() { letter.tenant.clone() } else { String::new() };
+    let tenant = if crate::keys::check_len("tenant", &letter.tenant, crate::keys::MAX_TENANT).is_ok() {
+        letter.tenant.clone()
+    } else {
+        String::new()
+    };
     let dl = DeadLetter {
         id: id.clone(),
         kind: DeadLetterKind::Undecodable,

@@ -30,7 +30,7 @@ pub(super) fn begin(
     };
     let decision = match record {
         Some(EffectRecord::Completed { subject, outcome, result, .. }) => {
-            GateDecision::Completed { subject, outcome, result: result.get().as_bytes().to_vec() }
+            GateDecision::Completed { subject, outcome, result: result.into_bytes() }
         }
         started => {
             let attempts = match started {
@@ -61,13 +61,14 @@ pub(super) fn finish(
     reply: ReplyCell<Result<(), String>>,
     now: u64,
 ) {
-    let result = match std::str::from_utf8(result).ok().and_then(|s| serde_json::value::RawValue::from_string(s.to_owned()).ok()) {
-        Some(r) => r,
-        None => {
-            st.after.push(After::Done(reply, Err(format!("result of command {} is not JSON", key.command_id))));
-            return;
-        }
-    };
+    let result =
+        match std::str::from_utf8(result).ok().filter(|s| serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok()) {
+            Some(r) => r.to_owned(),
+            None => {
+                st.after.push(After::Done(reply, Err(format!("result of command {} is not JSON", key.command_id))));
+                return;
+            }
+        };
     let record = EffectRecord::Completed { attempts, updated_at: now, subject, outcome, result };
     st.batch.put_effect(&key, &record);
     st.effects.insert(key.clone(), record);

@@ -53,7 +53,12 @@ pub struct CoreConfig {
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        Self { cache_capacity: 10_000, timer_batch: 1_000, retention_ms: Some(7 * 24 * 3_600_000), retention_sweep: 1_000 }
+        Self {
+            cache_capacity: 10_000,
+            timer_batch: 1_000,
+            retention_ms: Some(7 * 24 * 3_600_000),
+            retention_sweep: 1_000,
+        }
     }
 }
 
@@ -109,12 +114,31 @@ impl Pending {
 #[derive(Debug, Clone)]
 pub(crate) enum Work {
     Apply(Pending),
-    EffectBegin { key: EffectKey, msg_seq: u64, reply: ReplyCell<GateDecision> },
-    EffectFinish { key: EffectKey, attempts: u32, subject: String, outcome: String, result: Rc<Vec<u8>>, reply: ReplyCell<Result<(), String>> },
-    EffectRelease { key: EffectKey },
-    Quarantine { letter: Rc<RawLetter>, reply: ReplyCell<Result<(), String>> },
+    EffectBegin {
+        key: EffectKey,
+        msg_seq: u64,
+        reply: ReplyCell<GateDecision>,
+    },
+    EffectFinish {
+        key: EffectKey,
+        attempts: u32,
+        subject: String,
+        outcome: String,
+        result: Rc<Vec<u8>>,
+        reply: ReplyCell<Result<(), String>>,
+    },
+    EffectRelease {
+        key: EffectKey,
+    },
+    Quarantine {
+        letter: Rc<RawLetter>,
+        reply: ReplyCell<Result<(), String>>,
+    },
     Dispatched(DispatchResult),
-    Admin { op: AdminOp, reply: ReplyCell<Result<serde_json::Value, String>> },
+    Admin {
+        op: AdminOp,
+        reply: ReplyCell<Result<serde_json::Value, String>>,
+    },
 }
 
 /// A key whose head event failed and waits for its retry; later events of the key queue
@@ -134,13 +158,14 @@ pub(crate) type Instance = SagaRecord<Dynamic>;
 /// In-memory changes to undo when a commit fails (applied in reverse).
 #[derive(Debug)]
 enum Undo {
-    Blocked(SagaKey, Option<Blocked>),
+    Blocked(SagaKey, Option<Box<Blocked>>),
     InFlight(EffectKey, Option<u64>),
     HeldTimer(ScheduleKey, bool),
 }
 
 /// Intents that wait for the commit.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum After {
     Resolved { delivery: Rc<Delivery>, term: Option<String> },
     Gate(ReplyCell<GateDecision>, GateDecision),
@@ -332,7 +357,11 @@ impl ShardCore {
                     answer_delivery(&delivery, ApplyOutcome::Ack);
                 }
                 for target in targets {
-                    into.push(Work::Apply(Pending { event: event.clone(), target, origin: Origin::Delivery(delivery.clone()) }));
+                    into.push(Work::Apply(Pending {
+                        event: event.clone(),
+                        target,
+                        origin: Origin::Delivery(delivery.clone()),
+                    }));
                 }
                 None
             }
@@ -341,7 +370,14 @@ impl ShardCore {
                 None
             }
             Request::EffectFinish { key, attempts, subject, outcome, result, reply } => {
-                into.push(Work::EffectFinish { key, attempts, subject, outcome, result: Rc::new(result), reply: cell(reply) });
+                into.push(Work::EffectFinish {
+                    key,
+                    attempts,
+                    subject,
+                    outcome,
+                    result: Rc::new(result),
+                    reply: cell(reply),
+                });
                 None
             }
             Request::EffectRelease { key } => {
@@ -365,7 +401,8 @@ impl ShardCore {
     }
 
     /// Runs one batch: leftover work first, then `work`, due retries and due timers.
-    pub(crate) fn run_batch(&mut self, work: Vec<Work>, now: u64) -> Result<Staged, (CoreError, Staged)> {
+    /// On `Err` the staged batch must be passed to [`Self::rollback`], not committed.
+    pub(crate) fn run_batch(&mut self, work: Vec<Work>, now: u64) -> (Staged, Result<(), CoreError>) {
         let mut st = Staged::new();
         let mut all: Vec<Work> = self.redo.drain(..).collect();
         all.extend(work);
@@ -380,10 +417,7 @@ impl ShardCore {
             self.finish(&mut st);
             Ok(())
         })();
-        match result {
-            Ok(()) => Ok(st),
-            Err(e) => Err((e, st)),
-        }
+        (st, result)
     }
 
     fn process(&mut self, st: &mut Staged, work: Work, now: u64) -> Result<(), CoreError> {
@@ -473,7 +507,7 @@ impl ShardCore {
         for u in st.undo.into_iter().rev() {
             match u {
                 Undo::Blocked(k, Some(b)) => {
-                    self.blocked.insert(k, b);
+                    self.blocked.insert(k, *b);
                 }
                 Undo::Blocked(k, None) => {
                     self.blocked.remove(&k);
@@ -522,13 +556,13 @@ impl ShardCore {
             Some(b) => self.blocked.insert(key.clone(), b),
             None => self.blocked.remove(&key),
         };
-        st.undo.push(Undo::Blocked(key, old));
+        st.undo.push(Undo::Blocked(key, old.map(Box::new)));
     }
 
     fn take_blocked(&mut self, st: &mut Staged, key: &SagaKey) -> Option<Blocked> {
         let old = self.blocked.remove(key);
         if let Some(b) = &old {
-            st.undo.push(Undo::Blocked(key.clone(), Some(b.clone())));
+            st.undo.push(Undo::Blocked(key.clone(), Some(Box::new(b.clone()))));
         }
         old
     }

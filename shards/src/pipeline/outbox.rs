@@ -21,10 +21,21 @@ pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: DispatchResul
             item.attempts += 1;
             let cfg = core.relay.borrow().config().clone();
             if item.attempts >= cfg.max_attempts {
-                dead_letter(core, st, r.key, item, &format!("dispatch failed {} times, last: {error}", cfg.max_attempts), now);
+                dead_letter(
+                    core,
+                    st,
+                    r.key,
+                    item,
+                    &format!("dispatch failed {} times, last: {error}", cfg.max_attempts),
+                    now,
+                );
                 return;
             }
-            let unit = (crate::routing::stable_hash(&item.tenant, crate::routing::RouteKey::Effect { command_id: &item.work_id }) % 1000) as f64 / 1000.0;
+            let unit = (crate::routing::stable_hash(
+                &item.tenant,
+                crate::routing::RouteKey::Effect { command_id: &item.work_id },
+            ) % 1000) as f64
+                / 1000.0;
             item.next_attempt_at = now + cfg.retry.backoff_jittered(item.attempts, unit).max(1);
             tracing::warn!(shard = core.shard, tenant = %item.tenant, saga = %item.saga, correlation_id = %item.correlation_id, work_id = %item.work_id, attempts = item.attempts, error = %error, "dispatch failed; will retry");
             item.last_error = Some(error);
@@ -38,7 +49,14 @@ pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: DispatchResul
     }
 }
 
-fn dead_letter(core: &mut ShardCore, st: &mut Staged, key: crate::keys::OutboxKey, item: crate::record::OutboxItem, error: &str, now: u64) {
+fn dead_letter(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: crate::keys::OutboxKey,
+    item: crate::record::OutboxItem,
+    error: &str,
+    now: u64,
+) {
     tracing::error!(shard = core.shard, tenant = %item.tenant, saga = %item.saga, correlation_id = %item.correlation_id, work_id = %item.work_id, error = %error, "dispatch given up; item moved to dead letters");
     let at = core.next_deadletter_at(now);
     let id = ids::deadletter_id("outbox", key.seq, &item.work_id, &item.saga, &item.correlation_id);

@@ -1,1 +1,731 @@
+//! The core on a temp-dir store with a manual clock: apply events, assert the returned
+//! answers and the stored state. No NATS, no executor.
 
+use super::*;
+use crate::ids;
+use crate::keys::OutboxKey;
+use crate::manifest::ManifestSet;
+use crate::message::{ApplyOutcome, DispatchOutcome, GateDecision, Query, RawLetter, ResultInfo, reply_channel};
+use crate::record::{DeadLetterKind, InstanceStatus, WorkKind};
+use crate::relay::RelayConfig;
+use crate::store::{Durability, StoreConfig};
+use std::path::{Path, PathBuf};
+
+const SAGA: &str = "order_fulfillment";
+const T0: u64 = 1_700_000_000_000;
+
+pub(crate) fn example_manifests(extra_dir: &Path) -> Arc<ManifestSet> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/order");
+    let effects = extra_dir.join("effects.yaml");
+    std::fs::write(
+        &effects,
+        "effects:\n  - { name: charge_payment, provider: noop }\n  - { name: ship_order, provider: noop }\n  - { name: refund_payment, provider: noop }\n",
+    )
+    .unwrap();
+    Arc::new(ManifestSet::load(&[root.join("sagas.yaml"), effects], &crate::program::check_program).unwrap())
+}
+
+/// A manifest with one saga running `program` (triggers: `events.>` starting on `data.id`).
+pub(crate) fn custom_manifests(dir: &Path, program: &str, policy: &str, attempts: u32) -> Arc<ManifestSet> {
+    std::fs::write(dir.join("p.rhai"), program).unwrap();
+    let m = dir.join("m.yaml");
+    std::fs::write(
+        &m,
+        format!(
+            "sagas:\n  - name: s\n    program: p.rhai\n    gas: 20000\n    on_poison: {policy}\n    retry: {{ attempts: {attempts}, backoff_ms: 100, max_backoff_ms: 100, jitter: 0 }}\n    triggers:\n      - {{ subject: \"events.>\", correlation: data.id, may_start: true }}\neffects:\n  - {{ name: e, provider: noop }}\n"
+        ),
+    )
+    .unwrap();
+    Arc::new(ManifestSet::load(&[m], &crate::program::check_program).unwrap())
+}
+
+pub(crate) struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub core: Option<ShardCore>,
+    pub now: u64,
+    manifests: Arc<ManifestSet>,
+    seq: u64,
+}
+
+impl TestEnv {
+    pub fn new(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let manifests = manifests(dir.path());
+        let mut env = Self { dir, core: None, now: T0, manifests, seq: 0 };
+        env.open();
+        env
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir.path().join("shard-0")
+    }
+
+    fn open(&mut self) {
+        let store = Store::open(
+            &self.store_path(),
+            0,
+            64,
+            &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() },
+        )
+        .unwrap();
+        let relay = Rc::new(RefCell::new(RelayState::new(RelayConfig { max_attempts: 3, ..RelayConfig::default() })));
+        let cfg = CoreConfig { retention_ms: Some(60_000), ..CoreConfig::default() };
+        self.core = Some(ShardCore::new(0, Router::new(64, 1), cfg, store, self.manifests.clone(), relay).unwrap());
+    }
+
+    /// Drops the core (as a crash after the last commit would) and opens it again.
+    pub fn restart(&mut self) {
+        self.core = None;
+        self.open();
+    }
+
+    pub fn core(&mut self) -> &mut ShardCore {
+        self.core.as_mut().unwrap()
+    }
+
+    pub fn reload(&mut self, set: Arc<ManifestSet>) {
+        self.manifests = set.clone();
+        self.core().reload(set).unwrap();
+    }
+
+    /// Runs one batch of requests and commits it; returns whether the commit succeeded.
+    pub fn run(&mut self, reqs: Vec<Request>) -> bool {
+        let now = self.now;
+        let core = self.core.as_mut().unwrap();
+        let mut work = Vec::new();
+        for r in reqs {
+            assert!(core.intake(r, &mut work).is_none());
+        }
+        let (st, r) = core.run_batch(work, now);
+        r.unwrap();
+        match core.store.commit(&st.batch) {
+            Ok(_) => {
+                core.after_commit(st, now);
+                true
+            }
+            Err(_) => {
+                core.rollback(st);
+                false
+            }
+        }
+    }
+
+    pub fn tick(&mut self) {
+        self.run(vec![]);
+    }
+
+    pub fn event(&mut self, subject_kind: &str, ty: &str, data: serde_json::Value) -> Arc<Event> {
+        self.seq += 1;
+        Arc::new(Event {
+            id: format!("ev-{}", self.seq),
+            event_type: ty.into(),
+            stream: "AGGREGATE_EVENTS".into(),
+            seq: self.seq,
+            subject: format!("events.acme.{subject_kind}.{ty}"),
+            tenant: "acme".into(),
+            timestamp: self.now,
+            data,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            result: None,
+            headers: Default::default(),
+        })
+    }
+
+    pub fn result_event(
+        &mut self,
+        command_id: &str,
+        effect: &str,
+        outcome: &str,
+        data: serde_json::Value,
+    ) -> Arc<Event> {
+        self.seq += 1;
+        Arc::new(Event {
+            id: format!("result:{command_id}"),
+            event_type: format!("{effect}.{outcome}"),
+            stream: "WORKFLOW_EVENTS".into(),
+            seq: self.seq,
+            subject: format!("workflow.events.acme.{effect}.{outcome}"),
+            tenant: "acme".into(),
+            timestamp: self.now,
+            data,
+            traceparent: None,
+            result: Some(ResultInfo { command_id: command_id.into(), effect: effect.into(), outcome: outcome.into() }),
+            headers: Default::default(),
+        })
+    }
+
+    /// Applies one event to `(saga, cid)`; returns the answer if one came.
+    pub fn apply(&mut self, event: Arc<Event>, saga: &str, cid: &str, may_start: bool) -> Option<ApplyOutcome> {
+        let (tx, mut rx) = reply_channel();
+        let target = Target { saga: saga.into(), correlation_id: cid.into(), may_start };
+        self.run(vec![Request::Apply { event, targets: vec![target], reply: tx }]);
+        rx.try_recv().ok().flatten()
+    }
+
+    pub fn record(&mut self, saga: &str, cid: &str) -> Option<crate::record::SagaRecord> {
+        self.core().store.read().unwrap().saga(&SagaKey::new("acme", saga, cid)).unwrap()
+    }
+
+    pub fn state(&mut self, saga: &str, cid: &str) -> serde_json::Value {
+        serde_json::from_str(self.record(saga, cid).unwrap().state.get()).unwrap()
+    }
+
+    pub fn outbox(&mut self) -> Vec<(OutboxKey, crate::record::OutboxItem)> {
+        self.core().store.read().unwrap().outbox(None, 10_000).unwrap()
+    }
+
+    pub fn confirm_all(&mut self) {
+        let now = self.now;
+        let ready = self.core().relay.borrow_mut().take_ready(now);
+        let results: Vec<Request> = vec![];
+        let core = self.core.as_mut().unwrap();
+        let mut work: Vec<Work> = ready
+            .dispatch
+            .into_iter()
+            .map(|(key, _)| Work::Dispatched(DispatchResult { key, outcome: DispatchOutcome::Delivered }))
+            .collect();
+        for r in results {
+            core.intake(r, &mut work);
+        }
+        let (st, r) = core.run_batch(work, now);
+        r.unwrap();
+        core.store.commit(&st.batch).unwrap();
+        core.after_commit(st, now);
+    }
+
+    pub fn deadletters(&mut self) -> Vec<crate::record::DeadLetter> {
+        self.core().store.read().unwrap().deadletters("acme", None, 1000).unwrap().into_iter().map(|(_, l)| l).collect()
+    }
+}
+
+fn order_placed(env: &mut TestEnv, cid: &str) -> Arc<Event> {
+    env.event(
+        "order",
+        "OrderPlaced",
+        serde_json::json!({"order_id": cid, "sku": "sku-1", "qty": 2, "amount": 40, "customer": "c-1"}),
+    )
+}
+
+/// Drives an order to the charging step; returns the charge command id.
+fn to_charging(env: &mut TestEnv, cid: &str) -> String {
+    let e = order_placed(env, cid);
+    assert_eq!(env.apply(e, SAGA, cid, true), Some(ApplyOutcome::Ack));
+    env.confirm_all();
+    let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": cid}));
+    let reserved_id = e.id.clone();
+    assert_eq!(env.apply(e, SAGA, cid, false), Some(ApplyOutcome::Ack));
+    ids::work_id("acme", SAGA, cid, &reserved_id, 0)
+}
+
+#[test]
+fn happy_path_emits_exact_work_items_and_completes() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-1");
+    let placed_id = placed.id.clone();
+    assert_eq!(env.apply(placed, SAGA, "o-1", true), Some(ApplyOutcome::Ack));
+    let outbox = env.outbox();
+    assert_eq!(outbox.len(), 1);
+    let item = &outbox[0].1;
+    assert_eq!(item.work_id, ids::work_id("acme", SAGA, "o-1", &placed_id, 0));
+    assert_eq!(
+        item.kind,
+        WorkKind::Command { command: "Reserve".into(), aggregate: "inventory".into(), aggregate_id: "sku-1".into() }
+    );
+    assert_eq!(item.payload.get(), r#"{"order_id":"o-1","qty":2,"sku":"sku-1"}"#);
+    assert_eq!(item.traceparent.as_deref(), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+    assert_eq!(env.state(SAGA, "o-1")["step"], "reserving");
+    env.confirm_all();
+    assert!(env.outbox().is_empty(), "confirmed item was not deleted");
+
+    let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-1"}));
+    let reserved_id = e.id.clone();
+    let reserved_at = e.timestamp;
+    env.apply(e, SAGA, "o-1", false);
+    let outbox = env.outbox();
+    let charge_id = ids::work_id("acme", SAGA, "o-1", &reserved_id, 0);
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].1.work_id, charge_id);
+    assert_eq!(outbox[0].1.kind, WorkKind::Effect { effect: "charge_payment".into() });
+    assert_eq!(outbox[0].1.payload.get(), r#"{"amount":40,"customer":"c-1","order_id":"o-1"}"#);
+    let timers = env.core().store.read().unwrap().schedules_of(&SagaKey::new("acme", SAGA, "o-1")).unwrap();
+    assert_eq!(timers.len(), 1);
+    assert_eq!(timers[0].0.due_at, reserved_at + 30_000);
+    assert_eq!(timers[0].0.timer_id, ids::timer_id("acme", SAGA, "o-1", &reserved_id, 0));
+    assert!(env.record(SAGA, "o-1").unwrap().outstanding.contains(&charge_id));
+    env.confirm_all();
+
+    let r = env.result_event(&charge_id, "charge_payment", "succeeded", serde_json::json!({"payment_id": "p-9"}));
+    let r_id = r.id.clone();
+    assert_eq!(env.apply(r, SAGA, "o-1", false), Some(ApplyOutcome::Ack));
+    let ship_id = ids::work_id("acme", SAGA, "o-1", &r_id, 0);
+    let outbox = env.outbox();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].1.kind, WorkKind::Effect { effect: "ship_order".into() });
+    assert_eq!(outbox[0].1.work_id, ship_id);
+    env.confirm_all();
+    // The timeout fires later and is ignored (the step moved on).
+    let r = env.result_event(&ship_id, "ship_order", "succeeded", serde_json::json!({}));
+    env.apply(r, SAGA, "o-1", false);
+    let rec = env.record(SAGA, "o-1").unwrap();
+    assert_eq!(rec.status, InstanceStatus::Completed);
+    assert_eq!(rec.version, 4);
+    assert!(rec.outstanding.is_empty());
+    assert_eq!(rec.last_seq["AGGREGATE_EVENTS"], 2);
+    assert_eq!(rec.last_seq["WORKFLOW_EVENTS"], 4);
+    assert_eq!(env.state(SAGA, "o-1")["step"], "shipped");
+    assert!(env.outbox().is_empty());
+    // The payment timer of a completed saga is dropped, not applied.
+    env.now = reserved_at + 30_000;
+    env.tick();
+    assert!(env.core().store.read().unwrap().schedules_of(&SagaKey::new("acme", SAGA, "o-1")).unwrap().is_empty());
+    assert_eq!(env.record(SAGA, "o-1").unwrap().version, 4);
+}
+
+#[test]
+fn payment_failure_compensates_by_releasing_inventory() {
+    let mut env = TestEnv::new(example_manifests);
+    let charge = to_charging(&mut env, "o-2");
+    env.confirm_all();
+    let r = env.result_event(&charge, "charge_payment", "failed", serde_json::json!({"reason": "card declined"}));
+    let rid = r.id.clone();
+    env.apply(r, SAGA, "o-2", false);
+    let rec = env.record(SAGA, "o-2").unwrap();
+    assert_eq!(rec.status, InstanceStatus::Failed);
+    let state = env.state(SAGA, "o-2");
+    assert_eq!(state["step"], "payment_failed");
+    assert_eq!(state["payment_error"], "card declined");
+    let outbox = env.outbox();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].1.work_id, ids::work_id("acme", SAGA, "o-2", &rid, 0));
+    assert_eq!(
+        outbox[0].1.kind,
+        WorkKind::Command { command: "Release".into(), aggregate: "inventory".into(), aggregate_id: "sku-1".into() }
+    );
+}
+
+#[test]
+fn shipping_failure_releases_and_refunds() {
+    let mut env = TestEnv::new(example_manifests);
+    let charge = to_charging(&mut env, "o-3");
+    env.confirm_all();
+    let r = env.result_event(&charge, "charge_payment", "succeeded", serde_json::json!({"payment_id": "p"}));
+    let ship = ids::work_id("acme", SAGA, "o-3", &r.id, 0);
+    env.apply(r, SAGA, "o-3", false);
+    env.confirm_all();
+    let r = env.result_event(&ship, "ship_order", "failed", serde_json::json!({"reason": "no carrier"}));
+    let rid = r.id.clone();
+    env.apply(r, SAGA, "o-3", false);
+    assert_eq!(env.record(SAGA, "o-3").unwrap().status, InstanceStatus::Failed);
+    assert_eq!(env.state(SAGA, "o-3")["step"], "shipping_failed");
+    let kinds: Vec<_> = env.outbox().into_iter().map(|(_, i)| (i.kind, i.work_id)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (
+                WorkKind::Command {
+                    command: "Release".into(),
+                    aggregate: "inventory".into(),
+                    aggregate_id: "sku-1".into()
+                },
+                ids::work_id("acme", SAGA, "o-3", &rid, 0)
+            ),
+            (WorkKind::Effect { effect: "refund_payment".into() }, ids::work_id("acme", SAGA, "o-3", &rid, 1)),
+        ]
+    );
+}
+
+#[test]
+fn payment_timeout_compensates_and_a_late_result_changes_nothing() {
+    let mut env = TestEnv::new(example_manifests);
+    let charge = to_charging(&mut env, "o-4");
+    env.confirm_all();
+    let key = SagaKey::new("acme", SAGA, "o-4");
+    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.clone();
+    env.now = due.due_at - 1;
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-4")["step"], "charging", "fired early");
+    env.now = due.due_at;
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-4")["step"], "payment_timed_out");
+    assert_eq!(env.record(SAGA, "o-4").unwrap().status, InstanceStatus::Failed);
+    assert!(env.core().store.read().unwrap().schedules_of(&key).unwrap().is_empty(), "timer entry left behind");
+    let kinds: Vec<_> = env.outbox().into_iter().map(|(_, i)| (i.kind, i.work_id)).collect();
+    assert_eq!(kinds.len(), 2);
+    assert_eq!(kinds[0].1, ids::work_id("acme", SAGA, "o-4", &due.timer_id, 0));
+    assert_eq!(kinds[1].0, WorkKind::Effect { effect: "refund_payment".into() });
+    let version = env.record(SAGA, "o-4").unwrap().version;
+    let late = env.result_event(&charge, "charge_payment", "succeeded", serde_json::json!({}));
+    assert_eq!(env.apply(late, SAGA, "o-4", false), Some(ApplyOutcome::Ack));
+    assert_eq!(env.record(SAGA, "o-4").unwrap().version, version);
+}
+
+#[test]
+fn redelivered_and_replayed_events_change_nothing() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-5");
+    env.apply(placed.clone(), SAGA, "o-5", true);
+    let before = env.record(SAGA, "o-5").unwrap();
+    let outbox_before = env.outbox().len();
+    for _ in 0..3 {
+        assert_eq!(env.apply(placed.clone(), SAGA, "o-5", true), Some(ApplyOutcome::Ack));
+    }
+    // The same event twice within one batch, too.
+    let (tx1, mut rx1) = reply_channel();
+    let (tx2, mut rx2) = reply_channel();
+    let t = Target { saga: SAGA.into(), correlation_id: "o-5".into(), may_start: true };
+    env.run(vec![
+        Request::Apply { event: placed.clone(), targets: vec![t.clone()], reply: tx1 },
+        Request::Apply { event: placed, targets: vec![t], reply: tx2 },
+    ]);
+    assert_eq!(rx1.try_recv().unwrap(), Some(ApplyOutcome::Ack));
+    assert_eq!(rx2.try_recv().unwrap(), Some(ApplyOutcome::Ack));
+    let after = env.record(SAGA, "o-5").unwrap();
+    assert_eq!(after.version, before.version);
+    assert_eq!(after.state.get(), before.state.get());
+    assert_eq!(env.outbox().len(), outbox_before);
+    // A result for a command that is not outstanding is skipped.
+    let stray = env.result_event("not-a-command", "charge_payment", "succeeded", serde_json::json!({}));
+    assert_eq!(env.apply(stray, SAGA, "o-5", false), Some(ApplyOutcome::Ack));
+    assert_eq!(env.record(SAGA, "o-5").unwrap().version, before.version);
+    // An event that may not start an instance does not create one.
+    let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "nobody"}));
+    assert_eq!(env.apply(e, SAGA, "nobody", false), Some(ApplyOutcome::Ack));
+    assert!(env.record(SAGA, "nobody").is_none());
+}
+
+#[test]
+fn a_failed_commit_leaves_no_trace_answers_nothing_and_runs_again() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-6");
+    let (tx, mut rx) = reply_channel();
+    let t = Target { saga: SAGA.into(), correlation_id: "o-6".into(), may_start: true };
+    env.core().store.inject_commit_failure_after(1);
+    assert!(!env.run(vec![Request::Apply { event: placed, targets: vec![t], reply: tx }]));
+    assert_eq!(rx.try_recv().unwrap(), None, "answered although the commit failed");
+    assert!(env.record(SAGA, "o-6").is_none());
+    assert!(env.outbox().is_empty());
+    assert_eq!(env.core().relay.borrow().depth(), 0);
+    // The next batch (no new input) runs the same work again and answers.
+    assert!(env.run(vec![]));
+    assert_eq!(rx.try_recv().unwrap(), Some(ApplyOutcome::Ack));
+    assert_eq!(env.record(SAGA, "o-6").unwrap().version, 1);
+    assert_eq!(env.outbox().len(), 1);
+}
+
+const BOMB: &str = r#"
+fn on_event(state, event) {
+    if event.data.bomb == true { loop { } }
+    if event.data.poison == true { throw "poison event"; }
+    let s = if state == () { #{ seen: [] } } else { state };
+    s.seen.push(event.data.n);
+    #{ state: s }
+}
+"#;
+
+fn ev(env: &mut TestEnv, id: &str, extra: serde_json::Value) -> Arc<Event> {
+    let mut data = serde_json::json!({ "id": id });
+    if let (Some(m), serde_json::Value::Object(x)) = (data.as_object_mut(), extra) {
+        m.extend(x);
+    }
+    env.event("thing", "Happened", data)
+}
+
+#[test]
+fn a_gas_bomb_is_quarantined_after_its_retries_and_a_neighbour_commits() {
+    let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "park", 3));
+    let bomb = ev(&mut env, "k-bad", serde_json::json!({"bomb": true, "n": 1}));
+    let good = ev(&mut env, "k-good", serde_json::json!({"n": 1}));
+    let t = |c: &str| Target { saga: "s".into(), correlation_id: c.into(), may_start: true };
+    let (tx1, mut rx1) = reply_channel();
+    let (tx2, mut rx2) = reply_channel();
+    env.run(vec![
+        Request::Apply { event: bomb, targets: vec![t("k-bad")], reply: tx1 },
+        Request::Apply { event: good, targets: vec![t("k-good")], reply: tx2 },
+    ]);
+    assert_eq!(rx2.try_recv().unwrap(), Some(ApplyOutcome::Ack), "the neighbour waited for the bomb");
+    assert_eq!(env.state("s", "k-good")["seen"], serde_json::json!([1]));
+    assert_eq!(rx1.try_recv().unwrap(), None, "bomb answered before its retries");
+    // Retries in place: 3 attempts in all, 100 ms apart.
+    for _ in 0..2 {
+        env.now += 100;
+        env.tick();
+    }
+    match rx1.try_recv().unwrap() {
+        Some(ApplyOutcome::Term { reason }) => assert!(reason.contains("ran out of gas"), "{reason}"),
+        other => panic!("expected TERM, got {other:?}"),
+    }
+    let letters = env.deadletters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].kind, DeadLetterKind::Poison);
+    assert_eq!(letters[0].attempts, 3);
+    assert!(letters[0].error.contains("20000 operations"));
+    assert!(letters[0].event.as_ref().unwrap().get().contains("\"bomb\":true"));
+}
+
+#[test]
+fn a_poisoned_key_blocks_only_itself_parks_in_order_and_requeues_after_a_fix() {
+    let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "park", 2));
+    let t = |c: &str| Target { saga: "s".into(), correlation_id: c.into(), may_start: true };
+    let mut rxs = Vec::new();
+    let mut reqs = Vec::new();
+    // key A: 1 ok, 2 poison, 3 ok, 4 ok ; key B: 1..4 ok, interleaved
+    for n in 1..=4 {
+        let poison = n == 2;
+        let a = ev(&mut env, "A", serde_json::json!({"n": n, "poison": poison}));
+        let b = ev(&mut env, "B", serde_json::json!({"n": n}));
+        for (e, k) in [(a, "A"), (b, "B")] {
+            let (tx, rx) = reply_channel();
+            reqs.push(Request::Apply { event: e, targets: vec![t(k)], reply: tx });
+            rxs.push((k, n, rx));
+        }
+    }
+    env.run(reqs);
+    assert_eq!(env.state("s", "B")["seen"], serde_json::json!([1, 2, 3, 4]));
+    assert_eq!(env.state("s", "A")["seen"], serde_json::json!([1]), "A applied out of order");
+    env.now += 100;
+    env.tick(); // second attempt fails: quarantined, A parked, 3 and 4 parked behind it
+    let mut answers = Vec::new();
+    for (k, n, mut rx) in rxs {
+        answers.push((k, n, rx.try_recv().unwrap()));
+    }
+    assert!(answers.iter().all(|(_, _, a)| a.is_some()), "{answers:?}");
+    assert!(matches!(answers[2].2, Some(ApplyOutcome::Term { .. })), "{answers:?}");
+    let letters = env.deadletters();
+    let kinds: Vec<_> = letters.iter().map(|l| (l.kind, l.seq)).collect();
+    assert_eq!(kinds, [(DeadLetterKind::Poison, 3), (DeadLetterKind::Parked, 5), (DeadLetterKind::Parked, 7)]);
+    assert!(env.record("s", "A").unwrap().parked.is_some());
+    // A later event for A parks too, in order.
+    let a5 = ev(&mut env, "A", serde_json::json!({"n": 5}));
+    assert_eq!(env.apply(a5, "s", "A", true), Some(ApplyOutcome::Ack));
+    assert_eq!(env.deadletters().len(), 4);
+    assert_eq!(env.state("s", "A")["seen"], serde_json::json!([1]));
+
+    // Fix the program, reload, requeue: A's events apply in order, dead letters are gone.
+    let fixed = BOMB.replace("throw \"poison event\";", "");
+    let set = custom_manifests(env.dir.path(), &fixed, "park", 2);
+    env.reload(set);
+    let (tx, mut rx) = reply_channel();
+    env.run(vec![Request::Admin {
+        op: AdminOp::Requeue { key: SagaKey::new("acme", "s", "A"), skip_poison: false },
+        reply: tx,
+    }]);
+    let answer = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(answer["requeued"], 4);
+    assert_eq!(env.state("s", "A")["seen"], serde_json::json!([1, 2, 3, 4, 5]));
+    assert!(env.record("s", "A").unwrap().parked.is_none());
+    assert!(env.deadletters().is_empty());
+    // Requeued events passed the gate exactly once: requeue again finds nothing.
+    let (tx, mut rx) = reply_channel();
+    env.run(vec![Request::Admin {
+        op: AdminOp::Requeue { key: SagaKey::new("acme", "s", "A"), skip_poison: false },
+        reply: tx,
+    }]);
+    assert!(rx.try_recv().unwrap().unwrap().is_err());
+}
+
+#[test]
+fn skip_policy_moves_the_key_past_the_poison_event() {
+    let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "skip", 1));
+    let e1 = ev(&mut env, "A", serde_json::json!({"n": 1, "poison": true}));
+    let e2 = ev(&mut env, "A", serde_json::json!({"n": 2}));
+    assert!(matches!(env.apply(e1, "s", "A", true), Some(ApplyOutcome::Term { .. })));
+    assert_eq!(env.apply(e2, "s", "A", true), Some(ApplyOutcome::Ack));
+    assert_eq!(env.state("s", "A")["seen"], serde_json::json!([2]));
+}
+
+#[test]
+fn timers_survive_a_restart_and_fire_exactly_once() {
+    let mut env = TestEnv::new(example_manifests);
+    to_charging(&mut env, "o-7");
+    let key = SagaKey::new("acme", SAGA, "o-7");
+    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.due_at;
+    env.restart();
+    env.now = due - 10;
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-7")["step"], "charging");
+    env.restart();
+    // Due while "down": fires at the first batch after the restart.
+    env.now = due + 5_000;
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-7")["step"], "payment_timed_out");
+    let version = env.record(SAGA, "o-7").unwrap().version;
+    let outbox = env.outbox().len();
+    env.restart();
+    env.now += 60_000;
+    env.tick();
+    env.tick();
+    assert_eq!(env.record(SAGA, "o-7").unwrap().version, version, "timer fired twice");
+    assert_eq!(env.outbox().len(), outbox);
+}
+
+#[test]
+fn a_failing_timer_commit_keeps_the_timer() {
+    let mut env = TestEnv::new(example_manifests);
+    to_charging(&mut env, "o-8");
+    let key = SagaKey::new("acme", SAGA, "o-8");
+    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.due_at;
+    env.now = due;
+    env.core().store.inject_commit_failure_after(0);
+    assert!(!env.run(vec![]));
+    assert_eq!(env.core().store.read().unwrap().schedules_of(&key).unwrap().len(), 1);
+    env.restart();
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-8")["step"], "payment_timed_out");
+    assert!(env.core().store.read().unwrap().schedules_of(&key).unwrap().is_empty());
+}
+
+#[test]
+fn the_effect_gate_runs_once_and_replays_the_recorded_result() {
+    let mut env = TestEnv::new(example_manifests);
+    let key = EffectKey::new("acme", "cmd-1");
+    let gate = |env: &mut TestEnv, seq: u64| {
+        let (tx, mut rx) = reply_channel();
+        env.run(vec![Request::EffectBegin { key: key.clone(), msg_seq: seq, reply: tx }]);
+        rx.try_recv().unwrap().unwrap()
+    };
+    assert_eq!(gate(&mut env, 10), GateDecision::Run { attempt: 1 });
+    assert_eq!(gate(&mut env, 10), GateDecision::Busy { same_message: true });
+    assert_eq!(gate(&mut env, 11), GateDecision::Busy { same_message: false });
+    // A crash while running: the next delivery runs attempt 2 (at least once).
+    env.restart();
+    assert_eq!(gate(&mut env, 10), GateDecision::Run { attempt: 2 });
+    let (tx, mut rx) = reply_channel();
+    let result = br#"{"command_id":"cmd-1","outcome":"succeeded"}"#.to_vec();
+    env.run(vec![Request::EffectFinish {
+        key: key.clone(),
+        attempts: 2,
+        subject: "workflow.events.acme.charge.succeeded".into(),
+        outcome: "succeeded".into(),
+        result: result.clone(),
+        reply: tx,
+    }]);
+    assert_eq!(rx.try_recv().unwrap(), Some(Ok(())));
+    for seq in [10, 12] {
+        assert_eq!(
+            gate(&mut env, seq),
+            GateDecision::Completed {
+                subject: "workflow.events.acme.charge.succeeded".into(),
+                outcome: "succeeded".into(),
+                result: result.clone()
+            }
+        );
+    }
+    env.restart();
+    assert!(matches!(gate(&mut env, 13), GateDecision::Completed { .. }));
+    let long = EffectKey::new("acme", "x".repeat(500));
+    let (tx, mut rx) = reply_channel();
+    env.run(vec![Request::EffectBegin { key: long, msg_seq: 1, reply: tx }]);
+    assert!(matches!(rx.try_recv().unwrap(), Some(GateDecision::Invalid { .. })));
+}
+
+#[test]
+fn dispatch_failures_retry_then_dead_letter_and_are_never_dropped() {
+    let mut env = TestEnv::new(example_manifests);
+    let e = order_placed(&mut env, "o-9");
+    env.apply(e, SAGA, "o-9", true);
+    let (key, _) = env.outbox()[0].clone();
+    for attempt in 1..=3 {
+        let now = env.now;
+        let ready = env.core().relay.borrow_mut().take_ready(now);
+        assert_eq!(ready.dispatch.len(), 1, "attempt {attempt} not dispatched");
+        let core = env.core();
+        let mut work =
+            vec![Work::Dispatched(DispatchResult { key, outcome: DispatchOutcome::Retry { error: "503".into() } })];
+        let (st, r) = core.run_batch(std::mem::take(&mut work), now);
+        r.unwrap();
+        core.store.commit(&st.batch).unwrap();
+        core.after_commit(st, now);
+        if attempt < 3 {
+            let item = env.outbox()[0].1.clone();
+            assert_eq!(item.attempts, attempt);
+            assert!(item.next_attempt_at > now);
+            assert!(env.core().relay.borrow_mut().take_ready(now).dispatch.is_empty(), "retried before its backoff");
+            env.now = item.next_attempt_at;
+        }
+    }
+    assert!(env.outbox().is_empty());
+    let letters = env.deadletters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].kind, DeadLetterKind::Dispatch);
+    assert!(letters[0].error.contains("503"));
+    assert!(letters[0].work.is_some());
+}
+
+#[test]
+fn undecodable_messages_become_dead_letters() {
+    let mut env = TestEnv::new(example_manifests);
+    let (tx, mut rx) = reply_channel();
+    env.run(vec![Request::Quarantine {
+        letter: RawLetter {
+            tenant: "acme".into(),
+            stream: "AGGREGATE_EVENTS".into(),
+            seq: 77,
+            subject: "events.acme.x.y".into(),
+            headers: [("x-tenant-id".to_owned(), "acme".to_owned())].into(),
+            raw: b"\xff not json".to_vec(),
+            error: "not JSON: expected value at line 1 column 1".into(),
+        },
+        reply: tx,
+    }]);
+    assert_eq!(rx.try_recv().unwrap(), Some(Ok(())));
+    let l = &env.deadletters()[0];
+    assert_eq!((l.kind, l.seq), (DeadLetterKind::Undecodable, 77));
+    assert!(l.raw.as_deref().unwrap().contains("not json"));
+    assert!(l.error.contains("not JSON"));
+}
+
+#[test]
+fn final_records_stay_readable_until_the_retention_removes_them() {
+    let mut env = TestEnv::new(example_manifests);
+    let charge = to_charging(&mut env, "o-10");
+    let r = env.result_event(&charge, "charge_payment", "failed", serde_json::json!({"reason": "x"}));
+    env.apply(r, SAGA, "o-10", false);
+    assert_eq!(env.record(SAGA, "o-10").unwrap().status, InstanceStatus::Failed);
+    env.now += 30_000;
+    env.tick();
+    assert!(env.record(SAGA, "o-10").is_some(), "removed before the retention");
+    env.now += 31_000;
+    env.tick();
+    assert!(env.record(SAGA, "o-10").is_none(), "kept past the retention");
+}
+
+#[test]
+fn replay_reset_rebuilds_state_without_dispatching_again() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-11");
+    env.apply(placed.clone(), SAGA, "o-11", true);
+    env.confirm_all();
+    let before = env.record(SAGA, "o-11").unwrap();
+    let (tx, mut rx) = reply_channel();
+    env.run(vec![Request::Admin {
+        op: AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: None, from_seq: 1 },
+        reply: tx,
+    }]);
+    let answer = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(answer["reset"], serde_json::json!(["o-11"]));
+    // The source event applied again: same state, its work suppressed (deleted undispatched).
+    env.apply(placed, SAGA, "o-11", true);
+    let after = env.record(SAGA, "o-11").unwrap();
+    assert_eq!(after.state.get(), before.state.get());
+    let outbox = env.outbox();
+    assert_eq!(outbox.len(), 1);
+    assert!(outbox[0].1.suppressed);
+    let now = env.now;
+    let ready = env.core().relay.borrow_mut().take_ready(now);
+    assert!(ready.dispatch.is_empty());
+    assert_eq!(ready.suppressed.len(), 1);
+}
+
+#[test]
+fn queries_show_instance_timers_outbox_and_stats() {
+    let mut env = TestEnv::new(example_manifests);
+    to_charging(&mut env, "o-12");
+    let q = env.core().query(&Query::Saga(SagaKey::new("acme", SAGA, "o-12"))).unwrap();
+    assert_eq!(q["status"], "running");
+    assert_eq!(q["state"]["step"], "charging");
+    assert_eq!(q["pending_timers"].as_array().unwrap().len(), 1);
+    assert_eq!(q["pending_outbox"].as_array().unwrap().len(), 1);
+    let s = env.core().query(&Query::Stats).unwrap();
+    assert_eq!(s["store"]["sagas"], 1);
+    assert_eq!(env.core().query(&Query::Saga(SagaKey::new("acme", SAGA, "none"))).unwrap(), serde_json::Value::Null);
+}

@@ -8,7 +8,7 @@ use crate::record::InstanceStatus;
 use std::sync::Arc;
 
 pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
-    if !core.next_due.is_some_and(|t| t <= now) {
+    if core.next_due.is_none_or(|t| t > now) {
         return Ok(());
     }
     let due = core.store.read()?.due_schedules(now, core.cfg.timer_batch + core.held_timers.len())?;
@@ -34,7 +34,8 @@ pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Resul
             result: None,
             headers: Default::default(),
         };
-        let target = Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };
+        let target =
+            Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };
         st.stats.timers_fired += 1;
         st.schedules_changed = true;
         super::apply::route(core, st, Pending { event: Arc::new(event), target, origin: Origin::Timer(sk) }, now)?;
@@ -49,9 +50,11 @@ pub fn subject_token(tenant: &str) -> &str {
 
 /// The earliest timer not held behind a blocked key.
 pub(super) fn recompute_next_due(core: &mut ShardCore) {
-    let next = core.store.read().and_then(|v| v.due_schedules(u64::MAX, core.held_timers.len() + 1)).map(|due| {
-        due.into_iter().find(|(k, _)| !core.held_timers.contains(k)).map(|(k, _)| k.due_at)
-    });
+    let next = core
+        .store
+        .read()
+        .and_then(|v| v.due_schedules(u64::MAX, core.held_timers.len() + 1))
+        .map(|due| due.into_iter().find(|(k, _)| !core.held_timers.contains(k)).map(|(k, _)| k.due_at));
     match next {
         Ok(n) => core.next_due = n,
         Err(e) => {
@@ -77,9 +80,14 @@ pub(super) fn sweep_retention(core: &mut ShardCore, st: &mut Staged, now: u64) -
     }
     core.next_sweep = now + 10_000;
     let page = core.store.read()?.sagas_page::<Final>(core.retention_cursor.as_ref(), core.cfg.retention_sweep)?;
-    core.retention_cursor = if page.len() < core.cfg.retention_sweep { None } else { page.last().map(|(k, _)| k.clone()) };
+    core.retention_cursor =
+        if page.len() < core.cfg.retention_sweep { None } else { page.last().map(|(k, _)| k.clone()) };
     for (key, rec) in page {
-        if rec.status.is_final() && rec.parked.is_none() && rec.updated_at.saturating_add(retention) < now && !st.instances.contains_key(&key) {
+        if rec.status.is_final()
+            && rec.parked.is_none()
+            && rec.updated_at.saturating_add(retention) < now
+            && !st.instances.contains_key(&key)
+        {
             st.batch.delete_saga(&key);
             core.cache.remove(&key);
         }
