@@ -55,6 +55,11 @@ pub struct ShardHealth {
     /// Outbox items known to the relay (a lower bound of the outbox depth).
     pub outbox_window: AtomicU64,
     pub blocked_keys: AtomicU64,
+    /// Transitions applied and the time spent in programs for them (nanoseconds).
+    pub transitions: AtomicU64,
+    pub program_ns: AtomicU64,
+    /// Requests taken into batches (with `commits`: the average batch size).
+    pub requests: AtomicU64,
     /// The last commit error, for `/health` (touched only when commits fail).
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -296,6 +301,9 @@ pub async fn run_shard(
                             health.commits.fetch_add(1, Ordering::Relaxed);
                         }
                         metrics.batch_requests.record(requests as f64);
+                        health.requests.fetch_add(requests as u64, Ordering::Relaxed);
+                        health.transitions.fetch_add(staged.stats.applied, Ordering::Relaxed);
+                        health.program_ns.fetch_add(staged.stats.program_ns, Ordering::Relaxed);
                         metrics.record(&staged.stats);
                         let wake_relay = staged.stats.outbox_written > 0 || staged.stats.outbox_deleted > 0;
                         core.borrow_mut().after_commit(staged, clock.now_ms());

@@ -305,7 +305,7 @@ fn apply_one(
 }
 
 /// The program's view of an event (DESIGN "Saga programs").
-pub(super) fn event_dynamic(event: &Event, correlation_id: &str) -> Dynamic {
+pub fn event_dynamic(event: &Event, correlation_id: &str) -> Dynamic {
     let mut m = rhai::Map::new();
     m.insert("id".into(), event.id.clone().into());
     m.insert("type".into(), event.event_type.clone().into());

@@ -13,6 +13,8 @@
 
 mod admin;
 mod apply;
+
+pub use apply::event_dynamic;
 mod effects;
 mod outbox;
 mod timers;
