@@ -15,6 +15,7 @@ mod admin;
 mod apply;
 
 pub use apply::event_dynamic;
+pub use timers::subject_token;
 mod effects;
 mod outbox;
 mod timers;

@@ -1,0 +1,187 @@
+//! Wiring: start everything in order, stop it in the reverse order.
+//!
+//! Start: manifests → data directory (partition move if the shard count changed) →
+//! embedded nats-server (when no URL is configured) → shards → bridge (connect, streams,
+//! consumers). Stop: stop pulling → wait for in-flight messages to settle → wait for the
+//! outbox to flush → stop the shards (they commit what they accepted) → stop the bridge →
+//! stop the embedded server. A deadline bounds the waiting; what is cut off is simply
+//! redelivered or re-dispatched later, never lost.
+
+use crate::bridge::Bridge;
+use crate::config::Config;
+use crate::nats_server::NatsServer;
+use anyhow::Context;
+use shards::clock::SharedClock;
+use shards::layout::{DataDir, MoveProgress};
+use shards::manifest::{ManifestErrors, ManifestSet};
+use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Options a caller may set beyond the config (tests, the demo).
+#[derive(Clone)]
+pub struct AppOptions {
+    /// Use these manifests instead of loading the configured files.
+    pub manifests: Option<Arc<ManifestSet>>,
+    pub clock: SharedClock,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self { manifests: None, clock: shards::clock::system() }
+    }
+}
+
+/// Loads the manifests a mode needs, expanding `${VAR:-default}` from the environment.
+pub fn load_manifests(cfg: &Config) -> Result<ManifestSet, ManifestErrors> {
+    let mut files = Vec::new();
+    if cfg.mode.runs_sagas() {
+        files.extend(cfg.saga_manifests.iter().cloned());
+    }
+    // Saga-only runners still read effect manifests when given, to check effect names.
+    files.extend(cfg.effect_manifests.iter().cloned());
+    ManifestSet::load_with_vars(&files, &shards::program::check_program, &|name| std::env::var(name).ok())
+}
+
+/// What a drain achieved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrainReport {
+    pub drained: bool,
+    pub in_flight: i64,
+    pub outbox_window: u64,
+    pub millis: u64,
+}
+
+pub struct App {
+    cfg: Config,
+    runtime: Option<ShardRuntime>,
+    bridge: Option<Bridge>,
+    nats: Option<NatsServer>,
+    nats_url: String,
+    manifests: Arc<ManifestSet>,
+}
+
+impl App {
+    pub fn start(cfg: Config, opts: AppOptions) -> anyhow::Result<Self> {
+        let manifests = match opts.manifests {
+            Some(m) => m,
+            None => Arc::new(load_manifests(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?),
+        };
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
+        let store_cfg = cfg.store_config();
+        let data = DataDir::prepare(&cfg.data_dir.join("shards"), cfg.partitions, cfg.shards, &store_cfg, |p| match p {
+            MoveProgress::Started { from, to } => tracing::warn!(from, to, "shard count changed; moving partitions"),
+            MoveProgress::Copied { env, entries } => tracing::info!(env, entries, "partition move: copied"),
+            MoveProgress::Deleted { env, entries } => tracing::info!(env, entries, "partition move: cleaned"),
+            MoveProgress::Finished { moved } => tracing::warn!(moved, "partition move finished"),
+        })
+        .with_context(|| format!("cannot prepare the data directory {}", cfg.data_dir.display()))?;
+
+        let (nats, nats_url) = match &cfg.nats_url {
+            Some(url) => (None, url.clone()),
+            None => {
+                let server = NatsServer::start(cfg.nats_server_binary.as_deref(), &cfg.data_dir.join("nats"))
+                    .context("cannot start the embedded nats-server (set nats.url to use an existing server)")?;
+                let url = server.url();
+                tracing::info!(url = %url, store = %cfg.data_dir.join("nats").display(), "embedded nats-server started");
+                (Some(server), url)
+            }
+        };
+
+        let mut rcfg = RuntimeConfig {
+            pinning: if cfg.pin_cores { Pinning::Auto } else { Pinning::None },
+            inbox_capacity: cfg.inbox_capacity,
+            ..RuntimeConfig::default()
+        };
+        rcfg.shard.store = store_cfg;
+        rcfg.shard.relay = cfg.relay.clone();
+        rcfg.shard.core.retention_ms = cfg.retention_ms;
+        let (dispatch_tx, dispatch_rx) = flume::bounded(cfg.shards * 8 + 64);
+        let runtime = ShardRuntime::start(&rcfg, &data, manifests.clone(), opts.clock.clone(), dispatch_tx).map_err(|e| anyhow::anyhow!("cannot start the shards: {e}"))?;
+        let bridge = match Bridge::start(cfg.clone(), nats_url.clone(), runtime.handles().to_vec(), runtime.router(), manifests.clone(), dispatch_rx) {
+            Ok(b) => b,
+            Err(e) => {
+                runtime.shutdown();
+                return Err(e).context("cannot start the I/O bridge");
+            }
+        };
+        tracing::info!(mode = ?cfg.mode, shards = cfg.shards, nats = %nats_url, sagas = manifests.sagas.len(), effects = manifests.effects.len(), "runner started");
+        Ok(Self { cfg, runtime: Some(runtime), bridge: Some(bridge), nats, nats_url, manifests })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn nats_url(&self) -> &str {
+        &self.nats_url
+    }
+
+    pub fn manifests(&self) -> &Arc<ManifestSet> {
+        &self.manifests
+    }
+
+    pub fn runtime(&self) -> &ShardRuntime {
+        self.runtime.as_ref().unwrap_or_else(|| unreachable!("runtime taken only by shutdown"))
+    }
+
+    pub fn bridge(&self) -> &Bridge {
+        self.bridge.as_ref().unwrap_or_else(|| unreachable!("bridge taken only by shutdown"))
+    }
+
+    /// The embedded nats-server, if this app started one.
+    pub fn embedded_nats(&mut self) -> Option<&mut NatsServer> {
+        self.nats.as_mut()
+    }
+
+    /// Stops pulling, then waits (until `deadline`) for in-flight messages to settle and the
+    /// outbox to flush.
+    pub fn drain(&self, deadline: Duration) -> DrainReport {
+        let started = Instant::now();
+        let until = started + deadline;
+        let bridge = self.bridge();
+        bridge.stop_pulling();
+        let settled = bridge.wait_settled(until);
+        let mut window = u64::MAX;
+        while Instant::now() < until {
+            window = self.runtime().handles().iter().map(|h| h.health.outbox_window.load(Ordering::SeqCst)).sum();
+            if window == 0 && bridge.shared().dispatching.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let in_flight = bridge.shared().in_flight.load(Ordering::SeqCst);
+        let report = DrainReport { drained: settled && window == 0 && in_flight <= 0, in_flight, outbox_window: window, millis: started.elapsed().as_millis() as u64 };
+        tracing::info!(drained = report.drained, in_flight, outbox_window = window, millis = report.millis, "drain finished");
+        report
+    }
+
+    /// Drains (bounded by `shutdown.drain_deadline_ms`) and stops everything in order.
+    pub fn shutdown(mut self) -> DrainReport {
+        let report = self.drain(Duration::from_millis(self.cfg.drain_deadline_ms));
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown();
+        }
+        if let Some(b) = self.bridge.take() {
+            b.shutdown();
+        }
+        if let Some(mut n) = self.nats.take() {
+            n.stop();
+        }
+        report
+    }
+
+    /// Stops without draining (what a crash looks like to the outside, minus the OS).
+    pub fn abort(mut self) {
+        if let Some(b) = self.bridge.as_ref() {
+            b.stop_pulling();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown();
+        }
+        if let Some(b) = self.bridge.take() {
+            b.shutdown();
+        }
+    }
+}

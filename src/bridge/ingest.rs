@@ -1,0 +1,270 @@
+//! Consumers: pull messages, decode, route to the owning shard(s), and settle each message
+//! only after every shard that got it has committed (invariant 1). While a shard holds a
+//! message (its key is blocked and retrying) the message gets in-progress acks so JetStream
+//! does not redeliver it behind the shard's back.
+
+use super::Ctx;
+use crate::envelope::{self, DecodeError, Transport};
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{Consumer, pull};
+use futures::StreamExt;
+use shards::keys::SagaKey;
+use shards::message::{ApplyOutcome, Event, RawLetter, Request, Target, reply_channel};
+use shards::routing::RouteKey;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Aggregate events: matched against saga triggers.
+    Aggregate,
+    /// Effect results: routed to the instance named in the result.
+    Results,
+    /// Effect commands: the effect workers.
+    Effects,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Aggregate => "events",
+            Kind::Results => "results",
+            Kind::Effects => "effects",
+        }
+    }
+}
+
+/// Pulls from one durable consumer until told to stop; re-binds after errors (server
+/// restarts) without losing its position (the consumer is durable).
+pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, mut consumer: Consumer<pull::Config>) {
+    let mut stop = ctx.stop_pulling.clone();
+    let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
+    let redelivered = metrics::counter!("runner_redeliveries_total", "consumer" => kind.label());
+    let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(ctx.cfg.batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot pull; retrying");
+                if wait_or_stop(&mut stop, Duration::from_millis(500)).await {
+                    return;
+                }
+                if let Ok(c) = super::streams::pull_consumer(&ctx.js, &ctx.cfg, &stream, kind.label(), &filter).await {
+                    consumer = c;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                m = messages.next() => m,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    consumed.increment(1);
+                    if let Ok(info) = msg.info() {
+                        if info.delivered > 1 {
+                            redelivered.increment(1);
+                        }
+                        lag.set(info.pending as f64);
+                    }
+                    ctx.shared.consumed.fetch_add(1, Ordering::Relaxed);
+                    match kind {
+                        Kind::Effects => crate::effects::handle(&ctx, msg).await,
+                        _ => handle(&ctx, kind, msg).await,
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(stream = %stream, filter = %filter, error = %e, "pull error; re-subscribing");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if wait_or_stop(&mut stop, Duration::from_millis(200)).await {
+            return;
+        }
+    }
+}
+
+async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+/// Transport facts of a JetStream message.
+pub fn transport(msg: &async_nats::jetstream::Message) -> Transport {
+    let (stream, seq, published_ms) = match msg.info() {
+        Ok(i) => (i.stream.to_owned(), i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64),
+        Err(_) => (String::new(), 0, 0),
+    };
+    let mut headers = BTreeMap::new();
+    if let Some(h) = &msg.headers {
+        for (k, values) in h.iter() {
+            if let Some(v) = values.first() {
+                headers.insert(k.to_string(), v.as_str().to_owned());
+            }
+        }
+    }
+    Transport { stream, seq, subject: msg.subject.to_string(), headers, published_ms }
+}
+
+/// One message from an aggregate or results consumer.
+async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) {
+    let t = transport(&msg);
+    let routed = match kind {
+        Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),
+        _ => route_result(ctx, &msg.payload, &t),
+    };
+    let groups = match routed {
+        Ok(g) => g,
+        Err(e) => {
+            quarantine(ctx, msg, t, e.to_string()).await;
+            return;
+        }
+    };
+    if groups.is_empty() {
+        // No saga reacts to this event.
+        let _ = msg.ack().await;
+        return;
+    }
+    let mut replies = Vec::with_capacity(groups.len());
+    for (shard, event, targets) in groups {
+        let (tx, rx) = reply_channel();
+        if ctx.shard(shard).send(Request::Apply { event, targets, reply: tx }).await.is_err() {
+            // Shards are stopping: leave the message for redelivery.
+            return;
+        }
+        replies.push(rx);
+    }
+    settle(ctx, msg, replies);
+}
+
+type Groups = Vec<(usize, Arc<Event>, Vec<Target>)>;
+
+fn group(ctx: &Ctx, event: Arc<Event>, targets: Vec<Target>) -> Groups {
+    let mut by_shard: BTreeMap<usize, Vec<Target>> = BTreeMap::new();
+    for t in targets {
+        let shard = ctx.router.shard(&event.tenant, RouteKey::Saga { saga: &t.saga, correlation_id: &t.correlation_id });
+        by_shard.entry(shard).or_default().push(t);
+    }
+    by_shard.into_iter().map(|(s, ts)| (s, event.clone(), ts)).collect()
+}
+
+fn route_aggregate(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeError> {
+    let decoded = envelope::decode_aggregate(body, t, ctx.cfg.tenancy_required, ctx.cfg.max_event_bytes)?;
+    let manifests = ctx.manifests.borrow().clone();
+    let mut targets = Vec::new();
+    let mut missing = Vec::new();
+    for (saga, trigger) in manifests.triggers_for(&t.stream, &t.subject) {
+        match shards::manifest::lookup_path(&decoded.envelope, &trigger.correlation) {
+            Some(cid) => {
+                SagaKey::new(decoded.event.tenant.clone(), saga.spec.name.clone(), cid.clone())
+                    .validate()
+                    .map_err(|e| DecodeError::BadKey(e.to_string()))?;
+                if !targets.iter().any(|x: &Target| x.saga == saga.spec.name) {
+                    targets.push(Target { saga: saga.spec.name.clone(), correlation_id: cid, may_start: trigger.may_start });
+                }
+            }
+            None => missing.push(format!("saga {:?} expects a correlation id at `{}`", saga.spec.name, trigger.correlation)),
+        }
+    }
+    if targets.is_empty() && !missing.is_empty() {
+        return Err(DecodeError::BadKey(missing.join("; ")));
+    }
+    Ok(group(ctx, Arc::new(decoded.event), targets))
+}
+
+fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeError> {
+    let (r, event) = envelope::decode_result(body, t, ctx.cfg.max_event_bytes)?;
+    if !ctx.manifests.borrow().sagas.contains_key(&r.saga) {
+        // A result for a saga this instance does not run (another instance's): not ours.
+        return Ok(Vec::new());
+    }
+    let target = Target { saga: r.saga, correlation_id: r.correlation_id, may_start: false };
+    Ok(group(ctx, Arc::new(event), vec![target]))
+}
+
+/// Dead-letters a message that cannot be decoded, then `TERM`s it. Never silently dropped:
+/// if the dead letter cannot be written, the message is left for redelivery.
+pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: Transport, error: String) {
+    tracing::warn!(stream = %t.stream, seq = t.seq, subject = %t.subject, error = %error, "undecodable message quarantined");
+    let tenant = t.claimed_tenant();
+    let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
+    let (tx, rx) = reply_channel();
+    let letter = RawLetter { tenant, stream: t.stream, seq: t.seq, subject: t.subject, headers: t.headers, raw: msg.payload.to_vec(), error };
+    if ctx.shard(shard).send(Request::Quarantine { letter, reply: tx }).await.is_err() {
+        return;
+    }
+    ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let shared = ctx.shared.clone();
+    tokio::task::spawn_local(async move {
+        if let Ok(Ok(())) = rx.await {
+            let _ = msg.ack_with(AckKind::Term).await;
+            metrics::counter!("runner_messages_settled_total", "outcome" => "term").increment(1);
+        }
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+/// Waits for every shard's answer (sending in-progress meanwhile), then acks, terms or naks.
+fn settle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, replies: Vec<shards::message::ReplyRx<ApplyOutcome>>) {
+    let shared = ctx.shared.clone();
+    let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    tokio::task::spawn_local(async move {
+        let mut outcome = ApplyOutcome::Ack;
+        let mut complete = true;
+        for mut rx in replies {
+            let answer = loop {
+                tokio::select! {
+                    r = &mut rx => break r,
+                    _ = tokio::time::sleep(progress_every) => {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                }
+            };
+            match answer {
+                Ok(ApplyOutcome::Ack) => {}
+                Ok(ApplyOutcome::Term { reason }) => {
+                    if !matches!(outcome, ApplyOutcome::Nak { .. }) {
+                        outcome = ApplyOutcome::Term { reason };
+                    }
+                }
+                Ok(nak @ ApplyOutcome::Nak { .. }) => outcome = nak,
+                // The shard went away without answering (shutdown): redelivery will do it.
+                Err(_) => complete = false,
+            }
+        }
+        if complete {
+            let (r, label) = match outcome {
+                ApplyOutcome::Ack => (msg.ack().await, "ack"),
+                ApplyOutcome::Term { .. } => (msg.ack_with(AckKind::Term).await, "term"),
+                ApplyOutcome::Nak { delay_ms } => (msg.ack_with(AckKind::Nak(Some(Duration::from_millis(delay_ms)))).await, "nak"),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot settle a message; it will be redelivered and skipped by the sequence gate");
+            }
+            metrics::counter!("runner_messages_settled_total", "outcome" => label).increment(1);
+            shared.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
+}

@@ -1,0 +1,302 @@
+//! The I/O bridge: one thread running a single-threaded tokio runtime that owns the NATS
+//! connection and does all network work — pull consumers, publishes, Gateway calls, effect
+//! providers. Shards never touch the network; they get requests from here and hand back
+//! outbox items to dispatch.
+//!
+//! Files: [`streams`] stream and consumer setup; [`ingest`] consumers → shards → acks;
+//! [`dispatch`] outbox items → JetStream / Gateway → confirmations.
+
+pub mod dispatch;
+pub mod ingest;
+pub mod streams;
+
+use crate::config::Config;
+use crate::effects::EffectsRuntime;
+use shards::manifest::ManifestSet;
+use shards::message::DispatchRequest;
+use shards::routing::Router;
+use shards::runtime::ShardHandle;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What other threads can see of and do to the bridge.
+#[derive(Debug, Default)]
+pub struct BridgeShared {
+    /// The NATS connection is up.
+    pub connected: AtomicBool,
+    /// Consumers are pulling (false once a drain began).
+    pub pulling: AtomicBool,
+    /// Messages taken from JetStream and not yet settled (acked, termed or naked).
+    pub in_flight: AtomicI64,
+    /// Dispatches handed to JetStream or the Gateway and not yet confirmed.
+    pub dispatching: AtomicI64,
+    pub consumed: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+/// Everything the bridge's tasks share (bridge thread only).
+pub struct Ctx {
+    pub cfg: Config,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub shards: Vec<ShardHandle>,
+    pub router: Router,
+    pub manifests: RefCell<Arc<ManifestSet>>,
+    pub shared: Arc<BridgeShared>,
+    pub stop_pulling: watch::Receiver<bool>,
+    pub effects: Option<EffectsRuntime>,
+}
+
+impl Ctx {
+    pub fn shard(&self, i: usize) -> &ShardHandle {
+        &self.shards[i % self.shards.len()]
+    }
+}
+
+/// The running bridge, as seen from the main thread.
+pub struct Bridge {
+    thread: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<BridgeShared>,
+    stop_pulling: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+    manifests_tx: flume::Sender<Arc<ManifestSet>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("cannot connect to NATS at {url} within {ms} ms: {why}")]
+    Connect { url: String, ms: u64, why: String },
+    #[error("cannot set up JetStream streams or consumers: {0}")]
+    Setup(String),
+    #[error("the bridge thread ended during start")]
+    Lost,
+}
+
+impl Bridge {
+    /// Starts the bridge thread, connects, creates streams and consumers. Returns once
+    /// everything is bound (or why not).
+    pub fn start(
+        cfg: Config,
+        url: String,
+        shards: Vec<ShardHandle>,
+        router: Router,
+        manifests: Arc<ManifestSet>,
+        dispatch_rx: flume::Receiver<DispatchRequest>,
+    ) -> Result<Self, BridgeError> {
+        let shared = Arc::new(BridgeShared::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), BridgeError>>();
+        let (manifests_tx, manifests_rx) = flume::unbounded::<Arc<ManifestSet>>();
+        let shared2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("bridge".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(BridgeError::Setup(format!("tokio runtime: {e}"))));
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let ctx = match setup(cfg, url, shards, router, manifests, shared2, stop_rx).await {
+                        Ok(ctx) => Rc::new(ctx),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    run(ctx, dispatch_rx, manifests_rx, shutdown_rx, ready_tx).await;
+                });
+            })
+            .map_err(|e| BridgeError::Setup(format!("cannot spawn the bridge thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self { thread: Some(thread), shared, stop_pulling: stop_tx, shutdown: shutdown_tx, manifests_tx }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(BridgeError::Lost)
+            }
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<BridgeShared> {
+        &self.shared
+    }
+
+    /// Stops taking new messages from JetStream (drain, shutdown).
+    pub fn stop_pulling(&self) {
+        self.shared.pulling.store(false, Ordering::SeqCst);
+        let _ = self.stop_pulling.send(true);
+    }
+
+    /// Swaps the manifests used for routing (after the shards accepted them).
+    pub fn set_manifests(&self, set: Arc<ManifestSet>) {
+        let _ = self.manifests_tx.send(set);
+    }
+
+    /// Waits until no message is in flight or the deadline passes; returns whether it drained.
+    pub fn wait_settled(&self, deadline: std::time::Instant) -> bool {
+        while std::time::Instant::now() < deadline {
+            if self.shared.in_flight.load(Ordering::SeqCst) <= 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.shared.in_flight.load(Ordering::SeqCst) <= 0
+    }
+
+    /// Ends the bridge: stops pulling, flushes the connection, joins the thread. Call after
+    /// the shards stopped (their relays hold the dispatch channel open until then).
+    pub fn shutdown(mut self) {
+        self.stop_pulling();
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn setup(
+    cfg: Config,
+    url: String,
+    shards: Vec<ShardHandle>,
+    router: Router,
+    manifests: Arc<ManifestSet>,
+    shared: Arc<BridgeShared>,
+    stop_pulling: watch::Receiver<bool>,
+) -> Result<Ctx, BridgeError> {
+    let connect_ms = cfg.connect_timeout_ms;
+    let shared_events = shared.clone();
+    let options = async_nats::ConnectOptions::new()
+        .name("runner")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let shared = shared_events.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        shared.connected.store(true, Ordering::SeqCst);
+                        tracing::info!("nats connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        shared.connected.store(false, Ordering::SeqCst);
+                        tracing::warn!("nats disconnected; reconnecting");
+                    }
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            }
+        });
+    let client = tokio::time::timeout(Duration::from_millis(connect_ms), async {
+        let client = options.connect(url.as_str()).await?;
+        // retry_on_initial_connect returns at once; wait until it is really up.
+        while client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, async_nats::ConnectError>(client)
+    })
+    .await
+    .map_err(|_| BridgeError::Connect { url: url.clone(), ms: connect_ms, why: "timed out".into() })?
+    .map_err(|e| BridgeError::Connect { url: url.clone(), ms: connect_ms, why: e.to_string() })?;
+    shared.connected.store(true, Ordering::SeqCst);
+    let js = async_nats::jetstream::context::ContextBuilder::new()
+        .timeout(Duration::from_millis(cfg.publish_timeout_ms))
+        .max_ack_inflight(cfg.relay.max_in_flight * shards.len() + cfg.effect_concurrency * 2 + 1_024)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    if cfg.create_streams {
+        streams::ensure_streams(&js, &cfg).await.map_err(|e| BridgeError::Setup(e.to_string()))?;
+    }
+    let effects = if cfg.mode.runs_effects() {
+        Some(EffectsRuntime::new(&cfg, &manifests).map_err(BridgeError::Setup)?)
+    } else {
+        None
+    };
+    tracing::info!(url = %url, "bridge connected");
+    Ok(Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling, effects })
+}
+
+async fn run(
+    ctx: Rc<Ctx>,
+    dispatch_rx: flume::Receiver<DispatchRequest>,
+    manifests_rx: flume::Receiver<Arc<ManifestSet>>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<(), BridgeError>>,
+) {
+    // Bind consumers before reporting ready, so a bad setup fails the start.
+    let mut bound = Vec::new();
+    let cfg = &ctx.cfg;
+    let mut roles: Vec<(String, &'static str, String)> = Vec::new();
+    if cfg.mode.runs_sagas() {
+        for f in &cfg.aggregate_filters {
+            roles.push((cfg.aggregate_stream.clone(), "events", f.clone()));
+        }
+        for f in &cfg.result_filters {
+            roles.push((cfg.events_stream.clone(), "results", f.clone()));
+        }
+    }
+    if cfg.mode.runs_effects() {
+        for f in &cfg.command_filters {
+            roles.push((cfg.commands_stream.clone(), "effects", f.clone()));
+        }
+    }
+    for (stream, role, filter) in roles {
+        match streams::pull_consumer(&ctx.js, cfg, &stream, role, &filter).await {
+            Ok(c) => bound.push((stream, role, filter, c)),
+            Err(e) => {
+                let _ = ready.send(Err(BridgeError::Setup(format!("consumer for {filter} on {stream}: {e}"))));
+                return;
+            }
+        }
+    }
+    ctx.shared.pulling.store(true, Ordering::SeqCst);
+    let dispatcher = tokio::task::spawn_local(dispatch::run(ctx.clone(), dispatch_rx));
+    let mut consumers = Vec::new();
+    for (stream, role, filter, consumer) in bound {
+        let kind = match role {
+            "events" => ingest::Kind::Aggregate,
+            "results" => ingest::Kind::Results,
+            _ => ingest::Kind::Effects,
+        };
+        consumers.push(tokio::task::spawn_local(ingest::consume(ctx.clone(), kind, stream, filter, consumer)));
+    }
+    let reload_ctx = ctx.clone();
+    let reloader = tokio::task::spawn_local(async move {
+        while let Ok(set) = manifests_rx.recv_async().await {
+            if let Some(e) = &reload_ctx.effects {
+                e.reload(&set);
+            }
+            *reload_ctx.manifests.borrow_mut() = set;
+        }
+    });
+    let _ = ready.send(Ok(()));
+    let _ = shutdown.wait_for(|s| *s).await;
+    for c in consumers {
+        c.abort();
+    }
+    reloader.abort();
+    // The dispatcher ends when every shard relay dropped its sender (the shards stopped);
+    // give it a moment to forward the last confirmations, then close.
+    let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), ctx.client.flush()).await;
+    tracing::info!("bridge stopped");
+}

@@ -1,0 +1,63 @@
+//! Streams and durable consumers.
+
+use crate::config::Config;
+use async_nats::jetstream::{self, consumer, stream};
+use std::time::Duration;
+
+/// Creates the workflow streams (and the aggregate stream) when missing.
+pub async fn ensure_streams(js: &jetstream::Context, cfg: &Config) -> Result<(), async_nats::Error> {
+    let window = Duration::from_millis(cfg.duplicate_window_ms);
+    let specs = [
+        (cfg.aggregate_stream.clone(), cfg.aggregate_subjects.clone()),
+        (cfg.commands_stream.clone(), vec!["workflow.commands.>".to_owned()]),
+        (cfg.events_stream.clone(), vec!["workflow.events.>".to_owned(), "workflow.timers.>".to_owned()]),
+    ];
+    for (name, subjects) in specs {
+        let config = stream::Config {
+            name: name.clone(),
+            subjects,
+            storage: stream::StorageType::File,
+            duplicate_window: window,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        };
+        match js.get_stream(&name).await {
+            Ok(_) => {}
+            Err(_) => {
+                js.get_or_create_stream(config).await?;
+                tracing::info!(stream = %name, "created stream");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The durable name of the consumer for `filter` on `stream`: stable across restarts and
+/// distinct per filter, so each tenant range keeps its own position.
+pub fn durable_name(prefix: &str, role: &str, filter: &str) -> String {
+    let h = xxhash_rust::xxh3::xxh3_64(filter.as_bytes());
+    format!("{prefix}-{role}-{h:016x}")
+}
+
+/// Binds (creating when missing) a durable pull consumer.
+pub async fn pull_consumer(
+    js: &jetstream::Context,
+    cfg: &Config,
+    stream_name: &str,
+    role: &str,
+    filter: &str,
+) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
+    let stream = js.get_stream(stream_name).await?;
+    let name = durable_name(&cfg.durable_prefix, role, filter);
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subject: filter.to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_millis(cfg.ack_wait_ms),
+        max_deliver: cfg.max_deliver,
+        max_ack_pending: cfg.max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    Ok(stream.get_or_create_consumer(&name, config).await?)
+}

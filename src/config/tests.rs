@@ -1,0 +1,79 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn defaults_are_valid_and_sensible() {
+    let c = load(None, &[]).unwrap();
+    assert_eq!(c.mode, Mode::Combined);
+    assert_eq!(c.partitions, 256);
+    assert!(c.nats_url.is_none(), "default must be the embedded server");
+    assert_eq!(c.durability, Durability::Fsync);
+    assert_eq!(c.aggregate_stream, "AGGREGATE_EVENTS");
+    assert_eq!(c.max_deliver, -1);
+}
+
+#[test]
+fn file_then_environment_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("c.toml", "mode = \"saga\"\nshards = 2\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n[consumers]\nack_wait_ms = 5000\n"),
+        ("c.yaml", "mode: saga\nshards: 2\nnats:\n  url: nats://127.0.0.1:4222\nconsumers:\n  ack_wait_ms: 5000\n"),
+        ("c.json", r#"{"mode":"saga","shards":2,"nats":{"url":"nats://127.0.0.1:4222"},"consumers":{"ack_wait_ms":5000}}"#),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let c = load(Some(&p), &env(&[("RUNNER_SHARDS", "3"), ("RUNNER_CONSUMERS__BATCH", "64"), ("RUNNER_LOG__FORMAT", "json"), ("OTHER", "x")])).unwrap();
+        assert_eq!(c.mode, Mode::Saga, "{name}");
+        assert_eq!(c.shards, 3, "{name}: env must override the file");
+        assert_eq!(c.batch, 64);
+        assert_eq!(c.ack_wait_ms, 5_000);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.nats_url.as_deref(), Some("nats://127.0.0.1:4222"));
+    }
+}
+
+#[test]
+fn every_problem_names_field_value_and_rule_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(
+        &p,
+        "shards = 0\npartitions = 0\n[consumers]\nbatch = 0\nack_wait_ms = 10\nmax_deliver = 0\naggregate_filters = [\"events..x\"]\n[http]\naddr = \"nowhere\"\nadmin_token = \"short\"\n[gateway]\nurl = \"ftp://x\"\n[storage]\ninitial_map_size = 10\n[log]\nlevel = \"[[[\"\n",
+    )
+    .unwrap();
+    let err = load(Some(&p), &[]).unwrap_err();
+    let text = err.to_string();
+    for needle in [
+        "field `shards` = 0: must be between 1 and 1024",
+        "field `partitions` = 0",
+        "field `consumers.batch` = 0",
+        "field `consumers.ack_wait_ms` = 10",
+        "field `consumers.max_deliver` = 0",
+        "field `consumers.aggregate_filters` = \"events..x\"",
+        "field `http.addr` = \"nowhere\"",
+        "field `http.admin_token`: must be at least 16 characters (value not shown)",
+        "field `gateway.url` = \"ftp://x\"",
+        "field `storage.initial_map_size` = 10",
+        "field `log.level`",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(!text.contains("\"short\""), "the token leaked into the error");
+    assert!(err.0.len() >= 11);
+}
+
+#[test]
+fn unknown_fields_and_wrong_types_are_rejected_with_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.yaml");
+    std::fs::write(&p, "nats:\n  urll: x\n").unwrap();
+    let text = load(Some(&p), &[]).unwrap_err().to_string();
+    assert!(text.contains("urll"), "{text}");
+    let text = load(None, &env(&[("RUNNER_SHARDS", "many")])).unwrap_err().to_string();
+    assert!(text.contains("shards"), "{text}");
+    let text = load(Some(Path::new("/nope/runner.toml")), &[]).unwrap_err().to_string();
+    assert!(text.contains("does not exist"), "{text}");
+}

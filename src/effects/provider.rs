@@ -1,0 +1,331 @@
+//! Effect providers behind one trait, built from an effect's manifest entry.
+//!
+//! - `http`: templated method, URL, headers and body; `Idempotency-Key: command_id` always;
+//!   `secret:NAME` values read from the secrets directory (never logged).
+//! - `nats_request`: request-reply on a subject with a timeout.
+//! - `log` / `noop`: for development.
+//!
+//! Templates: in strings, `{{payload.a.b}}`, `{{command_id}}`, `{{tenant}}`,
+//! `{{correlation_id}}` are replaced; a body string that is exactly one placeholder becomes
+//! the JSON value itself (numbers stay numbers).
+
+use crate::bridge::dispatch::HttpClient;
+use crate::envelope::{CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use shards::manifest::{EffectSpec, ProviderKind};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+/// What a provider call came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded(Value),
+    /// Permanent: retrying will not help (4xx other than 408/429, a declared failure).
+    Failed(String),
+    /// May succeed if tried again (5xx, 408, 429, timeouts, transport errors).
+    Retryable(String),
+}
+
+pub type Call<'a> = Pin<Box<dyn Future<Output = Outcome> + 'a>>;
+
+pub trait Provider {
+    /// Calls the upstream once for `cmd`.
+    fn call<'a>(&'a self, cmd: &'a CommandEnvelope) -> Call<'a>;
+    /// The upstream this provider talks to (one circuit breaker each).
+    fn upstream(&self) -> String;
+}
+
+/// Reads `secret:NAME` values from a directory (Swarm mounts secrets at `/run/secrets`).
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    dir: PathBuf,
+}
+
+impl Secrets {
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_owned() }
+    }
+
+    /// Resolves a value: `secret:NAME` becomes the file's content (trailing newline trimmed).
+    pub fn resolve(&self, value: &str) -> Result<String, String> {
+        match value.strip_prefix("secret:") {
+            None => Ok(value.to_owned()),
+            Some(name) => {
+                if name.is_empty() || name.contains('/') || name.contains("..") {
+                    return Err(format!("secret name {name:?} is not a plain file name"));
+                }
+                let path = self.dir.join(name);
+                std::fs::read_to_string(&path)
+                    .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                    .map_err(|e| format!("secret {name:?} cannot be read from {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+fn lookup<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
+    let mut cur = root;
+    for part in path.split('.') {
+        cur = match cur {
+            Value::Object(m) => m.get(part)?,
+            Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn context_of(cmd: &CommandEnvelope) -> Value {
+    serde_json::json!({
+        "payload": cmd.payload,
+        "command_id": cmd.command_id,
+        "tenant": cmd.tenant_id,
+        "correlation_id": cmd.correlation_id,
+        "saga": cmd.saga,
+        "effect": cmd.effect,
+    })
+}
+
+/// Replaces `{{path}}` placeholders in text.
+pub fn render_str(template: &str, ctx: &Value) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find("}}") {
+            Some(end) => {
+                let path = after[..end].trim();
+                match lookup(ctx, path) {
+                    Some(Value::String(s)) => out.push_str(s),
+                    Some(Value::Null) | None => {}
+                    Some(v) => out.push_str(&v.to_string()),
+                }
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Renders a JSON template: strings are rendered; a string that is exactly one placeholder
+/// becomes the referenced value.
+pub fn render_json(template: &Value, ctx: &Value) -> Value {
+    match template {
+        Value::String(s) => {
+            let t = s.trim();
+            if t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1 {
+                lookup(ctx, t[2..t.len() - 2].trim()).cloned().unwrap_or(Value::Null)
+            } else {
+                Value::String(render_str(s, ctx))
+            }
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|v| render_json(v, ctx)).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), render_json(v, ctx))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Builds the provider of an effect.
+pub fn build(spec: &EffectSpec, http: HttpClient, nats: async_nats::Client, secrets: Secrets) -> Box<dyn Provider> {
+    let s = &spec.settings;
+    let str_setting = |k: &str| s.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    match spec.provider {
+        ProviderKind::Http => Box::new(HttpProvider {
+            effect: spec.name.clone(),
+            method: str_setting("method").unwrap_or_else(|| "POST".into()).to_ascii_uppercase(),
+            url: str_setting("url").unwrap_or_default(),
+            headers: s
+                .get("headers")
+                .and_then(|h| h.as_object())
+                .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect())
+                .unwrap_or_default(),
+            body: s.get("body").cloned(),
+            http,
+            secrets,
+        }),
+        ProviderKind::NatsRequest => Box::new(NatsRequestProvider {
+            subject: str_setting("subject").unwrap_or_default(),
+            body: s.get("body").cloned(),
+            timeout: Duration::from_millis(spec.timeout_ms),
+            nats,
+        }),
+        ProviderKind::Log => Box::new(LocalProvider { effect: spec.name.clone(), log: true, result: s.get("result").cloned() }),
+        ProviderKind::Noop => Box::new(LocalProvider { effect: spec.name.clone(), log: false, result: s.get("result").cloned() }),
+    }
+}
+
+struct HttpProvider {
+    effect: String,
+    method: String,
+    url: String,
+    headers: BTreeMap<String, String>,
+    body: Option<Value>,
+    http: HttpClient,
+    secrets: Secrets,
+}
+
+impl Provider for HttpProvider {
+    fn upstream(&self) -> String {
+        // One breaker per host:port (scheme and path do not change who is down).
+        let rest = self.url.split("://").nth(1).unwrap_or(&self.url);
+        rest.split('/').next().unwrap_or(rest).to_owned()
+    }
+
+    fn call<'a>(&'a self, cmd: &'a CommandEnvelope) -> Call<'a> {
+        Box::pin(async move {
+            let ctx = context_of(cmd);
+            let url = match self.secrets.resolve(&self.url) {
+                Ok(u) => render_str(&u, &ctx),
+                Err(e) => return Outcome::Retryable(e),
+            };
+            let method = match hyper::Method::from_bytes(self.method.as_bytes()) {
+                Ok(m) => m,
+                Err(_) => return Outcome::Failed(format!("effect {}: bad method {}", self.effect, self.method)),
+            };
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(&url)
+                .header("content-type", "application/json")
+                .header("idempotency-key", cmd.command_id.as_str())
+                .header(HDR_COMMAND_ID, cmd.command_id.as_str())
+                .header(HDR_TENANT, cmd.tenant_id.as_str())
+                .header(HDR_CORRELATION, cmd.correlation_id.as_str());
+            if let Some(tp) = &cmd.traceparent {
+                req = req.header(HDR_TRACEPARENT, tp.as_str());
+            }
+            for (k, v) in &self.headers {
+                // Secret values go straight into the header, never into a log line.
+                match self.secrets.resolve(v) {
+                    Ok(v) => req = req.header(k.as_str(), render_str(&v, &ctx)),
+                    Err(e) => return Outcome::Retryable(e),
+                }
+            }
+            let body = match &self.body {
+                Some(t) => serde_json::to_vec(&render_json(t, &ctx)).unwrap_or_default(),
+                None => serde_json::to_vec(&cmd.payload).unwrap_or_default(),
+            };
+            let req = match req.body(Full::new(Bytes::from(body))) {
+                Ok(r) => r,
+                Err(e) => return Outcome::Failed(format!("effect {}: cannot build the request: {e}", self.effect)),
+            };
+            let resp = match self.http.request(req).await {
+                Ok(r) => r,
+                Err(e) => return Outcome::Retryable(format!("upstream {} unreachable: {e}", self.upstream())),
+            };
+            let status = resp.status().as_u16();
+            let bytes = match resp.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Outcome::Retryable(format!("upstream {} broke off the answer: {e}", self.upstream())),
+            };
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).chars().take(500).collect()));
+            match status {
+                200..=299 => Outcome::Succeeded(if body.is_object() { body } else { serde_json::json!({ "status": status, "body": body }) }),
+                408 | 429 | 500..=599 => Outcome::Retryable(format!("upstream answered {status}")),
+                _ => {
+                    let reason = body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned);
+                    Outcome::Failed(reason.unwrap_or_else(|| format!("upstream answered {status}")))
+                }
+            }
+        })
+    }
+}
+
+struct NatsRequestProvider {
+    subject: String,
+    body: Option<Value>,
+    timeout: Duration,
+    nats: async_nats::Client,
+}
+
+impl Provider for NatsRequestProvider {
+    fn upstream(&self) -> String {
+        format!("nats:{}", self.subject)
+    }
+
+    fn call<'a>(&'a self, cmd: &'a CommandEnvelope) -> Call<'a> {
+        Box::pin(async move {
+            let ctx = context_of(cmd);
+            let body = match &self.body {
+                Some(t) => render_json(t, &ctx),
+                None => cmd.payload.clone(),
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("idempotency-key", cmd.command_id.as_str());
+            headers.insert(HDR_TENANT, cmd.tenant_id.as_str());
+            headers.insert(HDR_CORRELATION, cmd.correlation_id.as_str());
+            if let Some(tp) = &cmd.traceparent {
+                headers.insert(HDR_TRACEPARENT, tp.as_str());
+            }
+            let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            let req = self.nats.request_with_headers(self.subject.clone(), headers, payload);
+            match tokio::time::timeout(self.timeout, req).await {
+                Err(_) => Outcome::Retryable(format!("no reply on {} within {} ms", self.subject, self.timeout.as_millis())),
+                Ok(Err(e)) => Outcome::Retryable(format!("request on {} failed: {e}", self.subject)),
+                Ok(Ok(msg)) => {
+                    let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+                    match v.get("error").and_then(|e| e.as_str()) {
+                        Some(err) => Outcome::Failed(err.to_owned()),
+                        None => Outcome::Succeeded(if v.is_object() { v } else { serde_json::json!({ "reply": v }) }),
+                    }
+                }
+            }
+        })
+    }
+}
+
+struct LocalProvider {
+    effect: String,
+    log: bool,
+    result: Option<Value>,
+}
+
+impl Provider for LocalProvider {
+    fn upstream(&self) -> String {
+        format!("local:{}", self.effect)
+    }
+
+    fn call<'a>(&'a self, cmd: &'a CommandEnvelope) -> Call<'a> {
+        Box::pin(async move {
+            if self.log {
+                tracing::info!(effect = %self.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, "effect (log provider)");
+            }
+            Outcome::Succeeded(self.result.clone().unwrap_or_else(|| serde_json::json!({})))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_values_and_text() {
+        let ctx = serde_json::json!({"payload": {"amount": 40, "who": {"name": "ann"}}, "command_id": "c-1"});
+        assert_eq!(render_str("/pay/{{payload.who.name}}?c={{command_id}}&x={{missing}}", &ctx), "/pay/ann?c=c-1&x=");
+        let body = serde_json::json!({"amount": "{{payload.amount}}", "note": "for {{payload.who.name}}", "list": ["{{command_id}}"]});
+        assert_eq!(render_json(&body, &ctx), serde_json::json!({"amount": 40, "note": "for ann", "list": ["c-1"]}));
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "s3cr3t\n").unwrap();
+        let s = Secrets::new(dir.path());
+        assert_eq!(s.resolve("secret:token").unwrap(), "s3cr3t");
+        assert_eq!(s.resolve("plain").unwrap(), "plain");
+        assert!(s.resolve("secret:../etc/passwd").is_err());
+        let e = s.resolve("secret:missing").unwrap_err();
+        assert!(e.contains("missing") && !e.contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,386 @@
+//! Wire formats: the aggregate event envelope consumed from `AGGREGATE_EVENTS`, the effect
+//! command on `WORKFLOW_COMMANDS`, the effect result on `WORKFLOW_EVENTS`, the Gateway
+//! command submission; and the decoding of a JetStream message into a shard [`Event`].
+//! Decoding ignores unknown fields (forward compatibility) and reports what is wrong with a
+//! message in words that end up in its dead letter.
+
+use serde::{Deserialize, Serialize};
+use shards::message::{Event, ResultInfo};
+use std::collections::BTreeMap;
+
+pub const HDR_MSG_ID: &str = "Nats-Msg-Id";
+pub const HDR_TENANT: &str = "x-tenant-id";
+pub const HDR_CORRELATION: &str = "x-correlation-id";
+pub const HDR_TRACEPARENT: &str = "traceparent";
+pub const HDR_COMMAND_ID: &str = "x-command-id";
+
+/// An event as aggregate nodes publish it. Every field is optional on the wire; decoding
+/// fills gaps from headers, the subject and the message metadata.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct AggregateEnvelope {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default, rename = "type")]
+    pub event_type: Option<String>,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default)]
+    pub aggregate_type: Option<String>,
+    #[serde(default)]
+    pub aggregate_id: Option<String>,
+    /// RFC 3339 text or milliseconds since the epoch.
+    #[serde(default)]
+    pub timestamp: Option<serde_json::Value>,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// An effect command (published by the outbox relay, consumed by effect workers).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct CommandEnvelope {
+    pub command_id: String,
+    #[serde(default)]
+    pub tenant_id: String,
+    pub effect: String,
+    pub saga: String,
+    pub correlation_id: String,
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default)]
+    pub source_event_id: String,
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+/// An effect result (published by effect workers, consumed by sagas).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ResultEnvelope {
+    pub command_id: String,
+    #[serde(default)]
+    pub tenant_id: String,
+    pub effect: String,
+    pub saga: String,
+    pub correlation_id: String,
+    /// `succeeded` or `failed`.
+    pub outcome: String,
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub timestamp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// What the relay POSTs to `{gateway}/commands`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct GatewayCommand {
+    pub command_id: String,
+    pub tenant_id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub command: String,
+    pub payload: serde_json::Value,
+    pub correlation_id: String,
+    pub saga: String,
+}
+
+/// The subject token for a tenant (`_` for the empty tenant).
+pub fn tenant_token(tenant: &str) -> &str {
+    shards::pipeline::subject_token(tenant)
+}
+
+pub fn command_subject(tenant: &str, effect: &str) -> String {
+    format!("workflow.commands.{}.{effect}", tenant_token(tenant))
+}
+
+pub fn result_subject(tenant: &str, effect: &str, outcome: &str) -> String {
+    format!("workflow.events.{}.{effect}.{outcome}", tenant_token(tenant))
+}
+
+/// Transport facts of one message, independent of the NATS client types.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    pub stream: String,
+    pub seq: u64,
+    pub subject: String,
+    pub headers: BTreeMap<String, String>,
+    /// Publish time, milliseconds since the epoch.
+    pub published_ms: u64,
+}
+
+impl Transport {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    }
+
+    /// The tenant a message claims, for routing its dead letter (may be empty).
+    pub fn claimed_tenant(&self) -> String {
+        self.header(HDR_TENANT).map(str::to_owned).unwrap_or_default()
+    }
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event of {size} bytes exceeds the limit of {limit} bytes (limits.max_event_bytes)")]
+    TooLarge { size: usize, limit: usize },
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("body is JSON but not an object")]
+    NotObject,
+    #[error("field `{field}` has the wrong type: {why}")]
+    WrongType { field: &'static str, why: String },
+    #[error("no tenant (header x-tenant-id, field tenant_id or subject token) and tenancy.required is set")]
+    NoTenant,
+    #[error("{0}")]
+    BadKey(String),
+    #[error("timestamp {0:?} is neither RFC 3339 nor milliseconds since the epoch")]
+    BadTimestamp(String),
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+}
+
+fn parse_timestamp(v: &serde_json::Value) -> Result<u64, DecodeError> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| DecodeError::BadTimestamp(n.to_string())),
+        serde_json::Value::String(s) => parse_rfc3339_ms(s).ok_or_else(|| DecodeError::BadTimestamp(s.clone())),
+        other => Err(DecodeError::BadTimestamp(other.to_string())),
+    }
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into milliseconds since the epoch.
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let frac = s.get(start..i)?;
+        let first3: String = frac.chars().chain("000".chars()).take(3).collect();
+        millis = first3.parse().ok()?;
+    }
+    let offset_min = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+            let oh = num(i + 1..i + 3)?;
+            let om = num(i + 4..i + 6)?;
+            let m = oh * 60 + om;
+            if *sign == b'+' { m } else { -m }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3_600 + mi * 60 + se - offset_min * 60;
+    let ms = secs.checked_mul(1_000)? + millis;
+    u64::try_from(ms).ok()
+}
+
+/// A decoded aggregate event: the shard event and the JSON the trigger paths look into.
+#[derive(Debug, Clone)]
+pub struct DecodedEvent {
+    pub event: Event,
+    /// The whole envelope, for correlation-id paths like `data.order_id`.
+    pub envelope: serde_json::Value,
+}
+
+/// Decodes a message from an aggregate stream.
+pub fn decode_aggregate(body: &[u8], t: &Transport, tenancy_required: bool, max_bytes: usize) -> Result<DecodedEvent, DecodeError> {
+    if body.len() > max_bytes {
+        return Err(DecodeError::TooLarge { size: body.len(), limit: max_bytes });
+    }
+    let envelope: serde_json::Value = serde_json::from_slice(body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    if !envelope.is_object() {
+        return Err(DecodeError::NotObject);
+    }
+    let env: AggregateEnvelope = serde_json::from_value(envelope.clone()).map_err(|e| {
+        let why = e.to_string();
+        let field = ["id", "type", "tenant_id", "aggregate_type", "aggregate_id", "correlation_id"]
+            .into_iter()
+            .find(|f| why.contains(&format!("`{f}`")) || envelope.get(*f).is_some_and(|v| !v.is_string() && !v.is_null()))
+            .unwrap_or("body");
+        DecodeError::WrongType { field, why }
+    })?;
+    let tokens: Vec<&str> = t.subject.split('.').collect();
+    let tenant = t
+        .header(HDR_TENANT)
+        .map(str::to_owned)
+        .or(env.tenant_id.clone())
+        .or_else(|| if tokens.len() >= 4 { tokens.get(1).map(|s| (*s).to_owned()) } else { None })
+        .map(|t| if t == "_" { String::new() } else { t })
+        .unwrap_or_default();
+    if tenant.is_empty() && tenancy_required {
+        return Err(DecodeError::NoTenant);
+    }
+    shards::keys::check_len("tenant", &tenant, shards::keys::MAX_TENANT).map_err(|e| DecodeError::BadKey(e.to_string()))?;
+    let id = t.header(HDR_MSG_ID).map(str::to_owned).or(env.id.clone()).unwrap_or_else(|| format!("{}:{}", t.stream, t.seq));
+    let event_type = env
+        .event_type
+        .clone()
+        .or_else(|| tokens.last().map(|s| (*s).to_owned()))
+        .ok_or(DecodeError::Missing("type"))?;
+    let timestamp = match &env.timestamp {
+        Some(v) if !v.is_null() => parse_timestamp(v)?,
+        _ => t.published_ms,
+    };
+    let traceparent = t.header(HDR_TRACEPARENT).map(str::to_owned).or_else(|| {
+        env.metadata.as_ref().and_then(|m| m.get("traceparent")).and_then(|v| v.as_str()).map(str::to_owned)
+    });
+    let data = env.data.clone().unwrap_or_else(|| envelope.clone());
+    Ok(DecodedEvent {
+        event: Event {
+            id,
+            event_type,
+            stream: t.stream.clone(),
+            seq: t.seq,
+            subject: t.subject.clone(),
+            tenant,
+            timestamp,
+            data,
+            traceparent,
+            result: None,
+            headers: t.headers.clone(),
+        },
+        envelope,
+    })
+}
+
+/// Decodes an effect result from `WORKFLOW_EVENTS` into the event its saga instance sees.
+pub fn decode_result(body: &[u8], t: &Transport, max_bytes: usize) -> Result<(ResultEnvelope, Event), DecodeError> {
+    if body.len() > max_bytes {
+        return Err(DecodeError::TooLarge { size: body.len(), limit: max_bytes });
+    }
+    let r: ResultEnvelope = serde_json::from_slice(body).map_err(|e| {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+            DecodeError::NotJson(e.to_string())
+        } else {
+            DecodeError::WrongType { field: "result", why: e.to_string() }
+        }
+    })?;
+    if r.outcome != "succeeded" && r.outcome != "failed" {
+        return Err(DecodeError::WrongType { field: "outcome", why: format!("{:?} is not succeeded or failed", r.outcome) });
+    }
+    let key = shards::keys::SagaKey::new(r.tenant_id.clone(), r.saga.clone(), r.correlation_id.clone());
+    key.validate().map_err(|e| DecodeError::BadKey(e.to_string()))?;
+    let mut data = r.payload.clone();
+    if let (Some(err), serde_json::Value::Object(m)) = (&r.error, &mut data) {
+        m.entry("reason").or_insert_with(|| serde_json::Value::String(err.clone()));
+    } else if let Some(err) = &r.error {
+        data = serde_json::json!({ "reason": err, "payload": data });
+    }
+    let event = Event {
+        id: format!("result:{}", r.command_id),
+        event_type: format!("{}.{}", r.effect, r.outcome),
+        stream: t.stream.clone(),
+        seq: t.seq,
+        subject: t.subject.clone(),
+        tenant: r.tenant_id.clone(),
+        timestamp: if r.timestamp > 0 { r.timestamp } else { t.published_ms },
+        data,
+        traceparent: t.header(HDR_TRACEPARENT).map(str::to_owned).or(r.traceparent.clone()),
+        result: Some(ResultInfo { command_id: r.command_id.clone(), effect: r.effect.clone(), outcome: r.outcome.clone() }),
+        headers: t.headers.clone(),
+    };
+    Ok((r, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(subject: &str) -> Transport {
+        Transport { stream: "AGGREGATE_EVENTS".into(), seq: 9, subject: subject.into(), headers: BTreeMap::new(), published_ms: 1_000 }
+    }
+
+    #[test]
+    fn decodes_with_fallbacks_and_ignores_unknown_fields() {
+        let body = br#"{"type":"OrderPlaced","data":{"order_id":"o-1"},"unknown":{"x":1},"timestamp":"2026-11-28T10:00:00.250Z"}"#;
+        let d = decode_aggregate(body, &t("events.acme.order.OrderPlaced"), true, 1 << 20).unwrap();
+        assert_eq!(d.event.tenant, "acme");
+        assert_eq!(d.event.id, "AGGREGATE_EVENTS:9");
+        assert_eq!(d.event.timestamp, 1_795_860_000_250);
+        assert_eq!(d.event.data["order_id"], "o-1");
+        let mut tr = t("events.order.OrderPlaced");
+        tr.headers.insert("x-tenant-id".into(), "h".into());
+        tr.headers.insert("Nats-Msg-Id".into(), "evt-1".into());
+        tr.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        let d = decode_aggregate(br#"{"tenant_id":"body","type":"X"}"#, &tr, false, 1 << 20).unwrap();
+        assert_eq!((d.event.tenant.as_str(), d.event.id.as_str()), ("h", "evt-1"));
+        assert_eq!(d.event.traceparent.as_deref(), Some("00-abc-def-01"));
+        assert_eq!(d.event.timestamp, 1_000, "publish time when the body has none");
+    }
+
+    #[test]
+    fn bad_messages_say_what_is_wrong() {
+        let tr = t("events.x.Y");
+        assert!(matches!(decode_aggregate(b"not json", &tr, false, 1 << 20), Err(DecodeError::NotJson(_))));
+        assert_eq!(decode_aggregate(b"[1]", &tr, false, 1 << 20).unwrap_err(), DecodeError::NotObject);
+        assert_eq!(decode_aggregate(b"{}", &tr, true, 1 << 20).unwrap_err(), DecodeError::NoTenant);
+        let e = decode_aggregate(br#"{"type": 5}"#, &tr, false, 1 << 20).unwrap_err();
+        assert!(matches!(e, DecodeError::WrongType { field: "type", .. }), "{e}");
+        let e = decode_aggregate(&vec![b' '; 2048], &tr, false, 1024).unwrap_err();
+        assert_eq!(e.to_string(), "event of 2048 bytes exceeds the limit of 1024 bytes (limits.max_event_bytes)");
+        let e = decode_aggregate(br#"{"timestamp":"yesterday"}"#, &tr, false, 1 << 20).unwrap_err();
+        assert!(matches!(e, DecodeError::BadTimestamp(_)));
+    }
+
+    #[test]
+    fn rfc3339_with_offsets() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T01:00:00+01:00"), Some(0));
+        assert_eq!(parse_rfc3339_ms("2000-02-29T12:34:56.789Z"), Some(951_827_696_789));
+        assert_eq!(parse_rfc3339_ms("2000-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339_ms("2000-01-01T00:00:00"), None);
+    }
+
+    #[test]
+    fn results_decode_into_the_instance_event() {
+        let body = serde_json::to_vec(&ResultEnvelope {
+            command_id: "c1".into(),
+            tenant_id: "acme".into(),
+            effect: "charge_payment".into(),
+            saga: "order".into(),
+            correlation_id: "o-1".into(),
+            outcome: "failed".into(),
+            payload: serde_json::json!({}),
+            error: Some("declined".into()),
+            attempts: 1,
+            timestamp: 5,
+            traceparent: None,
+        })
+        .unwrap();
+        let (_, e) = decode_result(&body, &t("workflow.events.acme.charge_payment.failed"), 1 << 20).unwrap();
+        assert_eq!(e.event_type, "charge_payment.failed");
+        assert_eq!(e.id, "result:c1");
+        assert_eq!(e.data["reason"], "declined");
+        assert_eq!(e.result.unwrap().command_id, "c1");
+    }
+}

@@ -1,0 +1,19 @@
+//! The `runner` service: config, CLI, the I/O bridge, effects, HTTP and wiring around the
+//! `shards` core.
+//!
+//! - [`config`]: settings from file and `RUNNER_*` environment, validated.
+//! - [`envelope`]: wire formats and decoding.
+//! - [`bridge`]: the tokio I/O thread — consumers, dispatch, NATS.
+//! - [`effects`]: effect workers, providers, circuit breakers.
+//! - [`nats_server`]: the embedded / test `nats-server` child process.
+//! - [`fixture`]: a recording HTTP server (tests, demo upstream and dev Gateway).
+//! - [`app`]: starts and stops everything in order.
+
+pub mod app;
+pub mod bridge;
+pub mod cli;
+pub mod config;
+pub mod effects;
+pub mod envelope;
+pub mod fixture;
+pub mod nats_server;

@@ -1,0 +1,204 @@
+//! Shared harness of the integration tests: a real `nats-server` per test (free port, own
+//! store, killed on drop), the recording HTTP fixture, an in-process runner, and helpers to
+//! publish events, read streams and wait on conditions with deadlines (never sleeps).
+
+#![allow(dead_code)]
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use runner::app::{App, AppOptions};
+use runner::config::{Config, Mode};
+use runner::nats_server::NatsServer;
+use shards::keys::SagaKey;
+use shards::message::{Query, Request, reply_channel};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/order")
+}
+
+pub const SAGA: &str = "order_fulfillment";
+
+/// A stored stream message.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: u64,
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+impl Stored {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub rt: tokio::runtime::Runtime,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    pub fn with_args(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsServer::start_with(None, &dir.path().join("nats"), args).expect("nats-server (apt-get install -y nats-server)");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let client = rt.block_on(async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url())).unwrap();
+        let js = rt.block_on(async { jetstream::new(client.clone()) });
+        Self { dir, nats, rt, client, js }
+    }
+
+    /// A config for an in-process runner on this harness's server.
+    pub fn config(&self, mode: Mode) -> Config {
+        let mut c = Config::defaults();
+        c.mode = mode;
+        c.nats_url = Some(self.nats.url());
+        c.data_dir = self.dir.path().join("runner");
+        c.shards = 2;
+        c.pin_cores = false;
+        c.saga_manifests = vec![examples().join("sagas.yaml")];
+        c.effect_manifests = vec![examples().join("effects.yaml")];
+        c.ack_wait_ms = 5_000;
+        c.http_addr = "127.0.0.1:0".parse().unwrap();
+        c
+    }
+
+    pub fn start(&self, cfg: Config) -> App {
+        App::start(cfg, AppOptions::default()).expect("runner starts")
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Publishes with headers and waits for the PubAck.
+    pub fn publish(&self, subject: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> u64 {
+        self.publish_raw(subject, headers, Bytes::from(serde_json::to_vec(body).unwrap()))
+    }
+
+    pub fn publish_raw(&self, subject: &str, headers: &[(&str, &str)], body: Bytes) -> u64 {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, *v);
+        }
+        self.block_on(async {
+            let ack = self.js.publish_with_headers(subject.to_owned(), h, body).await.unwrap();
+            ack.await.unwrap().sequence
+        })
+    }
+
+    /// Publishes many messages pipelined (all sent, then all acks awaited).
+    pub fn publish_many(&self, msgs: Vec<(String, Vec<(String, String)>, Bytes)>) {
+        self.block_on(async {
+            let mut acks = Vec::with_capacity(msgs.len());
+            for (subject, headers, body) in msgs {
+                let mut h = async_nats::HeaderMap::new();
+                for (k, v) in &headers {
+                    h.insert(k.as_str(), v.as_str());
+                }
+                acks.push(self.js.publish_with_headers(subject, h, body).await.unwrap());
+                if acks.len() >= 2_000 {
+                    for a in acks.drain(..) {
+                        a.await.unwrap();
+                    }
+                }
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        })
+    }
+
+    /// Publishes one aggregate event in the envelope the runner expects.
+    pub fn event(&self, tenant: &str, aggregate: &str, ty: &str, id: &str, data: serde_json::Value) -> u64 {
+        let body = serde_json::json!({ "id": id, "type": ty, "tenant_id": tenant, "aggregate_type": aggregate, "data": data });
+        self.publish(&format!("events.{tenant}.{aggregate}.{ty}"), &[("Nats-Msg-Id", id), ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")], &body)
+    }
+
+    /// Every message of a stream, in order.
+    pub fn read_stream(&self, name: &str) -> Vec<Stored> {
+        self.block_on(async {
+            let Ok(mut stream) = self.js.get_stream(name).await else { return Vec::new() };
+            let Ok(info) = stream.info().await else { return Vec::new() };
+            let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+            let mut out = Vec::new();
+            for seq in first.max(1)..=last {
+                if let Ok(m) = stream.get_raw_message(seq).await {
+                    let headers = m
+                        .headers
+                        .iter()
+                        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+                        .collect();
+                    out.push(Stored { seq, subject: m.subject.to_string(), headers, payload: m.payload });
+                }
+            }
+            out
+        })
+    }
+
+    pub fn saga(&self, app: &App, tenant: &str, cid: &str) -> serde_json::Value {
+        saga_state(app, tenant, SAGA, cid)
+    }
+}
+
+/// One instance as the shard reports it (`null` when absent).
+pub fn saga_state(app: &App, tenant: &str, saga: &str, cid: &str) -> serde_json::Value {
+    let key = SagaKey::new(tenant, saga, cid);
+    let shard = app.runtime().router().shard(tenant, key.route());
+    let (tx, rx) = reply_channel();
+    app.runtime().handle(shard).send_blocking(Request::Query { query: Query::Saga(key), reply: tx }).unwrap();
+    futures::executor::block_on(rx).unwrap().unwrap()
+}
+
+/// Dead letters of a tenant across all shards.
+pub fn deadletters(app: &App, tenant: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for h in app.runtime().handles() {
+        let (tx, rx) = reply_channel();
+        h.send_blocking(Request::Query { query: Query::DeadLetters { tenant: tenant.into(), after: None, limit: 100_000 }, reply: tx }).unwrap();
+        if let serde_json::Value::Array(a) = futures::executor::block_on(rx).unwrap().unwrap() {
+            out.extend(a);
+        }
+    }
+    out
+}
+
+/// Waits until `cond` holds, or panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A saga `s` running `program`, triggered by `events.>` (correlation `data.k`), with one
+/// `noop` effect `e` and any extra effects YAML; returns the manifest path.
+pub fn custom_saga(dir: &Path, program: &str, saga_extra: &str, effects_yaml: &str) -> PathBuf {
+    write(dir, "p.rhai", program);
+    let effects = if effects_yaml.is_empty() { "  - { name: e, provider: noop }\n".to_owned() } else { effects_yaml.to_owned() };
+    write(
+        dir,
+        "m.yaml",
+        &format!("sagas:\n  - name: s\n    program: p.rhai\n{saga_extra}    triggers:\n      - {{ subject: \"events.>\", correlation: data.k, may_start: true }}\neffects:\n{effects}"),
+    )
+}
+
+/// Writes a manifest file (and optional program) into `dir`; returns its path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
