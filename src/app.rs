@@ -68,15 +68,19 @@ impl App {
             Some(m) => m,
             None => Arc::new(load_manifests(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?),
         };
-        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
         let store_cfg = cfg.store_config();
-        let data = DataDir::prepare(&cfg.data_dir.join("shards"), cfg.partitions, cfg.shards, &store_cfg, |p| match p {
-            MoveProgress::Started { from, to } => tracing::warn!(from, to, "shard count changed; moving partitions"),
-            MoveProgress::Copied { env, entries } => tracing::info!(env, entries, "partition move: copied"),
-            MoveProgress::Deleted { env, entries } => tracing::info!(env, entries, "partition move: cleaned"),
-            MoveProgress::Finished { moved } => tracing::warn!(moved, "partition move finished"),
-        })
-        .with_context(|| format!("cannot prepare the data directory {}", cfg.data_dir.display()))?;
+        let data =
+            DataDir::prepare(&cfg.data_dir.join("shards"), cfg.partitions, cfg.shards, &store_cfg, |p| match p {
+                MoveProgress::Started { from, to } => {
+                    tracing::warn!(from, to, "shard count changed; moving partitions")
+                }
+                MoveProgress::Copied { env, entries } => tracing::info!(env, entries, "partition move: copied"),
+                MoveProgress::Deleted { env, entries } => tracing::info!(env, entries, "partition move: cleaned"),
+                MoveProgress::Finished { moved } => tracing::warn!(moved, "partition move finished"),
+            })
+            .with_context(|| format!("cannot prepare the data directory {}", cfg.data_dir.display()))?;
 
         let (nats, nats_url) = match &cfg.nats_url {
             Some(url) => (None, url.clone()),
@@ -98,8 +102,16 @@ impl App {
         rcfg.shard.relay = cfg.relay.clone();
         rcfg.shard.core.retention_ms = cfg.retention_ms;
         let (dispatch_tx, dispatch_rx) = flume::bounded(cfg.shards * 8 + 64);
-        let runtime = ShardRuntime::start(&rcfg, &data, manifests.clone(), opts.clock.clone(), dispatch_tx).map_err(|e| anyhow::anyhow!("cannot start the shards: {e}"))?;
-        let bridge = match Bridge::start(cfg.clone(), nats_url.clone(), runtime.handles().to_vec(), runtime.router(), manifests.clone(), dispatch_rx) {
+        let runtime = ShardRuntime::start(&rcfg, &data, manifests.clone(), opts.clock.clone(), dispatch_tx)
+            .map_err(|e| anyhow::anyhow!("cannot start the shards: {e}"))?;
+        let bridge = match Bridge::start(
+            cfg.clone(),
+            nats_url.clone(),
+            runtime.handles().to_vec(),
+            runtime.router(),
+            manifests.clone(),
+            dispatch_rx,
+        ) {
             Ok(b) => b,
             Err(e) => {
                 runtime.shutdown();
@@ -152,8 +164,19 @@ impl App {
             std::thread::sleep(Duration::from_millis(10));
         }
         let in_flight = bridge.shared().in_flight.load(Ordering::SeqCst);
-        let report = DrainReport { drained: settled && window == 0 && in_flight <= 0, in_flight, outbox_window: window, millis: started.elapsed().as_millis() as u64 };
-        tracing::info!(drained = report.drained, in_flight, outbox_window = window, millis = report.millis, "drain finished");
+        let report = DrainReport {
+            drained: settled && window == 0 && in_flight <= 0,
+            in_flight,
+            outbox_window: window,
+            millis: started.elapsed().as_millis() as u64,
+        };
+        tracing::info!(
+            drained = report.drained,
+            in_flight,
+            outbox_window = window,
+            millis = report.millis,
+            "drain finished"
+        );
         report
     }
 

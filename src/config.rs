@@ -335,7 +335,11 @@ pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
                 .map(|e| {
                     let field = e.path.join(".");
                     let origin = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
-                    if field.is_empty() { format!("{e} ({origin})") } else { format!("field `{field}`: {} ({origin})", e.kind) }
+                    if field.is_empty() {
+                        format!("{e} ({origin})")
+                    } else {
+                        format!("field `{field}`: {} ({origin})", e.kind)
+                    }
                 })
                 .collect(),
         )
@@ -361,7 +365,9 @@ fn toml_value(doc: &str) -> Result<figment::value::Value, ()> {
 /// Turns raw settings into [`Config`], collecting every problem.
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut errs = Vec::new();
-    let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| errs.push(format!("field `{field}` = {value:?}: {rule}"));
+    let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| {
+        errs.push(format!("field `{field}` = {value:?}: {rule}"))
+    };
 
     let shards = raw.shards.unwrap_or_else(shards::runtime::default_shards);
     if shards == 0 || shards > 1024 {
@@ -380,7 +386,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     let names = [
         ("streams.aggregate_events", raw.streams.aggregate_events.clone().unwrap_or_else(|| "AGGREGATE_EVENTS".into())),
-        ("streams.workflow_commands", raw.streams.workflow_commands.clone().unwrap_or_else(|| "WORKFLOW_COMMANDS".into())),
+        (
+            "streams.workflow_commands",
+            raw.streams.workflow_commands.clone().unwrap_or_else(|| "WORKFLOW_COMMANDS".into()),
+        ),
         ("streams.workflow_events", raw.streams.workflow_events.clone().unwrap_or_else(|| "WORKFLOW_EVENTS".into())),
     ];
     for (field, name) in &names {
@@ -410,7 +419,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     check_filters("consumers.aggregate_filters", &aggregate_filters, &mut errs);
     check_filters("consumers.result_filters", &result_filters, &mut errs);
     check_filters("consumers.command_filters", &command_filters, &mut errs);
-    let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| errs.push(format!("field `{field}` = {value:?}: {rule}"));
+    let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| {
+        errs.push(format!("field `{field}` = {value:?}: {rule}"))
+    };
     let batch = raw.consumers.batch.unwrap_or(256);
     if batch == 0 || batch > 10_000 {
         bad("consumers.batch", &batch, "must be between 1 and 10000");
@@ -421,7 +432,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     let ack_wait_ms = raw.consumers.ack_wait_ms.unwrap_or(30_000);
     if ack_wait_ms < 1_000 {
-        bad("consumers.ack_wait_ms", &ack_wait_ms, "must be at least 1000 (in-progress acks are sent every third of it)");
+        bad(
+            "consumers.ack_wait_ms",
+            &ack_wait_ms,
+            "must be at least 1000 (in-progress acks are sent every third of it)",
+        );
     }
     let max_deliver = raw.consumers.max_deliver.unwrap_or(-1);
     if max_deliver == 0 || max_deliver < -1 {
@@ -470,7 +485,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         bad("gateway.url", url, "must be an http(s) URL");
     }
     if raw.gateway.url.as_deref().is_some_and(|u| u.starts_with("https://")) {
-        bad("gateway.url", &raw.gateway.url, "https is not supported by the built-in client; put a TLS-terminating proxy on loopback");
+        bad(
+            "gateway.url",
+            &raw.gateway.url,
+            "https is not supported by the built-in client; put a TLS-terminating proxy on loopback",
+        );
     }
     let initial_map_size = raw.storage.initial_map_size.unwrap_or(64 << 20);
     let max_map_size = raw.storage.max_map_size.unwrap_or(64 << 30);
@@ -494,7 +513,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         // Never echo the token itself.
         errs.push("field `http.admin_token`: must be at least 16 characters (value not shown)".into());
     }
-    let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| errs.push(format!("field `{field}` = {value:?}: {rule}"));
+    let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| {
+        errs.push(format!("field `{field}` = {value:?}: {rule}"))
+    };
     let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         bad("log.level", &log_level, "is not a tracing filter (e.g. info, runner=debug)");
@@ -593,7 +614,11 @@ impl Config {
     }
 
     pub fn store_config(&self) -> shards::store::StoreConfig {
-        shards::store::StoreConfig { durability: self.durability, initial_map_size: self.initial_map_size, max_map_size: self.max_map_size }
+        shards::store::StoreConfig {
+            durability: self.durability,
+            initial_map_size: self.initial_map_size,
+            max_map_size: self.max_map_size,
+        }
     }
 }
 

@@ -120,7 +120,11 @@ pub struct Transport {
 
 impl Transport {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
     }
 
     /// The tenant a message claims, for routing its dead letter (may be empty).
@@ -161,7 +165,13 @@ fn parse_timestamp(v: &serde_json::Value) -> Result<u64, DecodeError> {
 /// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into milliseconds since the epoch.
 pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
@@ -213,7 +223,12 @@ pub struct DecodedEvent {
 }
 
 /// Decodes a message from an aggregate stream.
-pub fn decode_aggregate(body: &[u8], t: &Transport, tenancy_required: bool, max_bytes: usize) -> Result<DecodedEvent, DecodeError> {
+pub fn decode_aggregate(
+    body: &[u8],
+    t: &Transport,
+    tenancy_required: bool,
+    max_bytes: usize,
+) -> Result<DecodedEvent, DecodeError> {
     if body.len() > max_bytes {
         return Err(DecodeError::TooLarge { size: body.len(), limit: max_bytes });
     }
@@ -225,7 +240,9 @@ pub fn decode_aggregate(body: &[u8], t: &Transport, tenancy_required: bool, max_
         let why = e.to_string();
         let field = ["id", "type", "tenant_id", "aggregate_type", "aggregate_id", "correlation_id"]
             .into_iter()
-            .find(|f| why.contains(&format!("`{f}`")) || envelope.get(*f).is_some_and(|v| !v.is_string() && !v.is_null()))
+            .find(|f| {
+                why.contains(&format!("`{f}`")) || envelope.get(*f).is_some_and(|v| !v.is_string() && !v.is_null())
+            })
             .unwrap_or("body");
         DecodeError::WrongType { field, why }
     })?;
@@ -240,8 +257,10 @@ pub fn decode_aggregate(body: &[u8], t: &Transport, tenancy_required: bool, max_
     if tenant.is_empty() && tenancy_required {
         return Err(DecodeError::NoTenant);
     }
-    shards::keys::check_len("tenant", &tenant, shards::keys::MAX_TENANT).map_err(|e| DecodeError::BadKey(e.to_string()))?;
-    let id = t.header(HDR_MSG_ID).map(str::to_owned).or(env.id.clone()).unwrap_or_else(|| format!("{}:{}", t.stream, t.seq));
+    shards::keys::check_len("tenant", &tenant, shards::keys::MAX_TENANT)
+        .map_err(|e| DecodeError::BadKey(e.to_string()))?;
+    let id =
+        t.header(HDR_MSG_ID).map(str::to_owned).or(env.id.clone()).unwrap_or_else(|| format!("{}:{}", t.stream, t.seq));
     let event_type = env
         .event_type
         .clone()
@@ -286,7 +305,10 @@ pub fn decode_result(body: &[u8], t: &Transport, max_bytes: usize) -> Result<(Re
         }
     })?;
     if r.outcome != "succeeded" && r.outcome != "failed" {
-        return Err(DecodeError::WrongType { field: "outcome", why: format!("{:?} is not succeeded or failed", r.outcome) });
+        return Err(DecodeError::WrongType {
+            field: "outcome",
+            why: format!("{:?} is not succeeded or failed", r.outcome),
+        });
     }
     let key = shards::keys::SagaKey::new(r.tenant_id.clone(), r.saga.clone(), r.correlation_id.clone());
     key.validate().map_err(|e| DecodeError::BadKey(e.to_string()))?;
@@ -306,7 +328,11 @@ pub fn decode_result(body: &[u8], t: &Transport, max_bytes: usize) -> Result<(Re
         timestamp: if r.timestamp > 0 { r.timestamp } else { t.published_ms },
         data,
         traceparent: t.header(HDR_TRACEPARENT).map(str::to_owned).or(r.traceparent.clone()),
-        result: Some(ResultInfo { command_id: r.command_id.clone(), effect: r.effect.clone(), outcome: r.outcome.clone() }),
+        result: Some(ResultInfo {
+            command_id: r.command_id.clone(),
+            effect: r.effect.clone(),
+            outcome: r.outcome.clone(),
+        }),
         headers: t.headers.clone(),
     };
     Ok((r, event))
@@ -317,7 +343,13 @@ mod tests {
     use super::*;
 
     fn t(subject: &str) -> Transport {
-        Transport { stream: "AGGREGATE_EVENTS".into(), seq: 9, subject: subject.into(), headers: BTreeMap::new(), published_ms: 1_000 }
+        Transport {
+            stream: "AGGREGATE_EVENTS".into(),
+            seq: 9,
+            subject: subject.into(),
+            headers: BTreeMap::new(),
+            published_ms: 1_000,
+        }
     }
 
     #[test]

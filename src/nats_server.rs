@@ -61,7 +61,13 @@ impl NatsServer {
     /// [`Self::start`] with extra command-line arguments.
     pub fn start_with(binary: Option<&Path>, store: &Path, extra: &[&str]) -> Result<Self, NatsServerError> {
         let binary = find_binary(binary)?;
-        let mut s = Self { binary, store: store.to_owned(), port: 0, extra: extra.iter().map(|s| s.to_string()).collect(), child: None };
+        let mut s = Self {
+            binary,
+            store: store.to_owned(),
+            port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
         s.spawn()?;
         Ok(s)
     }
@@ -121,7 +127,10 @@ impl NatsServer {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        return Err(NatsServerError::NotReady { secs: 0, log: format!("exited with {status}: {}", log.join(" | ")) });
+                        return Err(NatsServerError::NotReady {
+                            secs: 0,
+                            log: format!("exited with {status}: {}", log.join(" | ")),
+                        });
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {

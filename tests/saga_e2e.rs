@@ -13,11 +13,21 @@ use support::*;
 const TENANT: &str = "acme";
 
 fn placed(h: &Harness, cid: &str) {
-    h.event(TENANT, "order", "OrderPlaced", &format!("placed-{cid}"), serde_json::json!({"order_id": cid, "sku": "sku-1", "qty": 1, "amount": 42, "customer": "c"}));
+    h.event(
+        TENANT,
+        "order",
+        "OrderPlaced",
+        &format!("placed-{cid}"),
+        serde_json::json!({"order_id": cid, "sku": "sku-1", "qty": 1, "amount": 42, "customer": "c"}),
+    );
 }
 
 /// Answers every effect command on the stream that has not been answered yet.
-fn answer_commands(h: &Harness, answered: &mut BTreeMap<String, ()>, outcome: impl Fn(&serde_json::Value) -> &'static str) -> usize {
+fn answer_commands(
+    h: &Harness,
+    answered: &mut BTreeMap<String, ()>,
+    outcome: impl Fn(&serde_json::Value) -> &'static str,
+) -> usize {
     let mut n = 0;
     for m in h.read_stream("WORKFLOW_COMMANDS") {
         let cmd = m.json();
@@ -32,7 +42,11 @@ fn answer_commands(h: &Harness, answered: &mut BTreeMap<String, ()>, outcome: im
             "correlation_id": cmd["correlation_id"], "outcome": oc, "payload": {"ref": "x"},
             "error": if oc == "failed" { serde_json::json!("declined") } else { serde_json::Value::Null },
         });
-        h.publish(&format!("workflow.events.{TENANT}.{effect}.{oc}"), &[("Nats-Msg-Id", &format!("result:{id}"))], &result);
+        h.publish(
+            &format!("workflow.events.{TENANT}.{effect}.{oc}"),
+            &[("Nats-Msg-Id", &format!("result:{id}"))],
+            &result,
+        );
         answered.insert(id, ());
         n += 1;
     }
@@ -64,7 +78,13 @@ fn order_saga_runs_end_to_end_exactly_once_and_survives_a_full_replay() {
         assert_eq!(r.header("traceparent"), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert_eq!(r.header("idempotency-key"), body["command_id"].as_str());
         // The aggregate answers.
-        h.event(TENANT, "inventory", "InventoryReserved", &format!("reserved-{cid}"), serde_json::json!({"order_id": cid}));
+        h.event(
+            TENANT,
+            "inventory",
+            "InventoryReserved",
+            &format!("reserved-{cid}"),
+            serde_json::json!({"order_id": cid}),
+        );
     }
     // Payment commands land on WORKFLOW_COMMANDS once each, with Nats-Msg-Id = command id.
     wait_until(Duration::from_secs(20), "charge commands", || h.read_stream("WORKFLOW_COMMANDS").len() >= 3);

@@ -14,7 +14,9 @@ use shards::ids;
 use shards::keys::SagaKey;
 use shards::layout::DataDir;
 use shards::manifest::ManifestSet;
-use shards::message::{ApplyOutcome, Control, DispatchOutcome, DispatchResult, Event, Request, ResultInfo, Target, reply_channel};
+use shards::message::{
+    ApplyOutcome, Control, DispatchOutcome, DispatchResult, Event, Request, ResultInfo, Target, reply_channel,
+};
 use shards::pipeline::event_dynamic;
 use shards::program::{Entry, Programs};
 use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
@@ -56,7 +58,14 @@ pub fn manifests(dir: &Path) -> Result<Arc<ManifestSet>, String> {
         .map_err(|e| e.to_string())
 }
 
-fn event(id: String, ty: &str, stream: &str, seq: u64, data: serde_json::Value, result: Option<ResultInfo>) -> Arc<Event> {
+fn event(
+    id: String,
+    ty: &str,
+    stream: &str,
+    seq: u64,
+    data: serde_json::Value,
+    result: Option<ResultInfo>,
+) -> Arc<Event> {
     Arc::new(Event {
         id,
         event_type: ty.into(),
@@ -87,7 +96,14 @@ pub fn order_events(i: usize, seq: &mut u64) -> Vec<Arc<Event>> {
         serde_json::json!({"order_id": cid, "sku": format!("sku-{}", i % 100), "qty": 1 + i % 3, "amount": 10 + i % 90, "customer": format!("cust-{}", i % 1000), "note": "x".repeat(96)}),
         None,
     );
-    let reserved = event(format!("reserved-{i}"), "InventoryReserved", "AGGREGATE_EVENTS", next(), serde_json::json!({"order_id": cid, "sku": "s"}), None);
+    let reserved = event(
+        format!("reserved-{i}"),
+        "InventoryReserved",
+        "AGGREGATE_EVENTS",
+        next(),
+        serde_json::json!({"order_id": cid, "sku": "s"}),
+        None,
+    );
     let charge = ids::work_id("bench", SAGA, &cid, &reserved.id, 0);
     let paid = event(
         format!("result:{charge}"),
@@ -151,7 +167,12 @@ pub struct Throughput {
     pub secs: f64,
 }
 
-pub fn throughput(set: Arc<ManifestSet>, shards: usize, orders: usize, durability: Durability) -> Result<Throughput, String> {
+pub fn throughput(
+    set: Arc<ManifestSet>,
+    shards: usize,
+    orders: usize,
+    durability: Durability,
+) -> Result<Throughput, String> {
     let dir = tempfile::tempdir_in(crate::store::bench_dir()).map_err(|e| e.to_string())?;
     let mut cfg = RuntimeConfig { pinning: Pinning::Auto, ..RuntimeConfig::default() };
     cfg.shard.store.durability = durability;
@@ -162,7 +183,11 @@ pub fn throughput(set: Arc<ManifestSet>, shards: usize, orders: usize, durabilit
     let handles = rt.handles().to_vec();
     let bridge = std::thread::spawn(move || {
         while let Ok(req) = dispatch_rx.recv() {
-            let results = req.items.into_iter().map(|(key, _)| DispatchResult { key, outcome: DispatchOutcome::Delivered }).collect();
+            let results = req
+                .items
+                .into_iter()
+                .map(|(key, _)| DispatchResult { key, outcome: DispatchOutcome::Delivered })
+                .collect();
             let _ = handles[req.shard].control(Control::Dispatched(results));
         }
     });
@@ -187,7 +212,9 @@ pub fn throughput(set: Arc<ManifestSet>, shards: usize, orders: usize, durabilit
         for (n, e) in evs.into_iter().enumerate() {
             let (tx, rx) = reply_channel();
             let target = Target { saga: SAGA.into(), correlation_id: cid.clone(), may_start: n == 0 };
-            rt.handle(shard).send_blocking(Request::Apply { event: e, targets: vec![target], reply: tx }).map_err(|e| e.to_string())?;
+            rt.handle(shard)
+                .send_blocking(Request::Apply { event: e, targets: vec![target], reply: tx })
+                .map_err(|e| e.to_string())?;
             rx_tx.send(rx).map_err(|e| e.to_string())?;
         }
     }
@@ -231,13 +258,25 @@ pub fn run(args: Args, quick: bool) -> Result<Report, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let set = manifests(dir.path())?;
     let durability = parse_durability(&args.durability)?;
-    let mut report = Report::new("Pipeline", &["case", "shards", "transitions/s", "per shard", "avg batch", "engine share", "p50 µs", "p99 µs"]);
+    let mut report = Report::new(
+        "Pipeline",
+        &["case", "shards", "transitions/s", "per shard", "avg batch", "engine share", "p50 µs", "p99 µs"],
+    );
     let mut data = serde_json::Map::new();
     let costs = transition_cost(&set, quick)?;
     let mut cost_json = Vec::new();
     for (name, h) in &costs {
         let (p50, p99) = (h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0);
-        report.row(vec![format!("one transition: {name}"), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), format!("{p50:.1}"), format!("{p99:.1}")]);
+        report.row(vec![
+            format!("one transition: {name}"),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            format!("{p50:.1}"),
+            format!("{p99:.1}"),
+        ]);
         cost_json.push(serde_json::json!({"event": name, "p50_us": p50, "p99_us": p99}));
     }
     data.insert("transition_cost".into(), serde_json::Value::Array(cost_json));

@@ -136,7 +136,7 @@ pub fn run(args: Args, quick: bool) -> Result<Report, String> {
 
 /// Where benchmark envs live: a real disk (not tmpfs), so fsync costs what it costs.
 pub fn bench_dir() -> std::path::PathBuf {
-    let dir = std::env::var_os("RUNNER_BENCH_DIR").map(Into::into).unwrap_or_else(|| std::env::temp_dir());
+    let dir = std::env::var_os("RUNNER_BENCH_DIR").map(Into::into).unwrap_or_else(std::env::temp_dir);
     let _ = std::fs::create_dir_all(&dir);
     dir
 }

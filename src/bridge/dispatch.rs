@@ -4,7 +4,9 @@
 //! deletes the item only for a durable confirmation (invariant 2).
 
 use super::Ctx;
-use crate::envelope::{self, CommandEnvelope, GatewayCommand, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
+use crate::envelope::{
+    self, CommandEnvelope, GatewayCommand, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT,
+};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -25,7 +27,10 @@ pub fn http_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(64).build(connector)
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(connector)
 }
 
 pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
@@ -43,7 +48,14 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
             let p = match &item.kind {
                 WorkKind::Effect { effect } => publish_command(&ctx, &item, effect).await,
                 WorkKind::Command { command, aggregate, aggregate_id } => {
-                    Pending::Http(tokio::task::spawn_local(post_gateway(ctx.clone(), http.clone(), item.clone(), command.clone(), aggregate.clone(), aggregate_id.clone())))
+                    Pending::Http(tokio::task::spawn_local(post_gateway(
+                        ctx.clone(),
+                        http.clone(),
+                        item.clone(),
+                        command.clone(),
+                        aggregate.clone(),
+                        aggregate_id.clone(),
+                    )))
                 }
             };
             waits.push((key, p));
@@ -59,7 +71,9 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
                         Ok(_) => DispatchOutcome::Delivered,
                         Err(e) => DispatchOutcome::Retry { error: format!("publish not acknowledged: {e}") },
                     },
-                    Pending::Http(h) => h.await.unwrap_or_else(|e| DispatchOutcome::Retry { error: format!("gateway call aborted: {e}") }),
+                    Pending::Http(h) => h
+                        .await
+                        .unwrap_or_else(|e| DispatchOutcome::Retry { error: format!("gateway call aborted: {e}") }),
                 };
                 results.push(DispatchResult { key, outcome });
             }
@@ -112,7 +126,14 @@ async fn publish_command(ctx: &Ctx, item: &OutboxItem, effect: &str) -> Pending 
 
 /// Submits one aggregate command to the Gateway. 2xx and 409 (duplicate) are delivered; 408,
 /// 429, 5xx and transport errors are retried; other 4xx are permanent.
-async fn post_gateway(ctx: Rc<Ctx>, http: HttpClient, item: OutboxItem, command: String, aggregate: String, aggregate_id: String) -> DispatchOutcome {
+async fn post_gateway(
+    ctx: Rc<Ctx>,
+    http: HttpClient,
+    item: OutboxItem,
+    command: String,
+    aggregate: String,
+    aggregate_id: String,
+) -> DispatchOutcome {
     let Some(base) = ctx.cfg.gateway_url.clone() else {
         return DispatchOutcome::Retry { error: "gateway.url is not configured".into() };
     };

@@ -112,7 +112,9 @@ async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration
 /// Transport facts of a JetStream message.
 pub fn transport(msg: &async_nats::jetstream::Message) -> Transport {
     let (stream, seq, published_ms) = match msg.info() {
-        Ok(i) => (i.stream.to_owned(), i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64),
+        Ok(i) => {
+            (i.stream.to_owned(), i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+        }
         Err(_) => (String::new(), 0, 0),
     };
     let mut headers = BTreeMap::new();
@@ -162,7 +164,8 @@ type Groups = Vec<(usize, Arc<Event>, Vec<Target>)>;
 fn group(ctx: &Ctx, event: Arc<Event>, targets: Vec<Target>) -> Groups {
     let mut by_shard: BTreeMap<usize, Vec<Target>> = BTreeMap::new();
     for t in targets {
-        let shard = ctx.router.shard(&event.tenant, RouteKey::Saga { saga: &t.saga, correlation_id: &t.correlation_id });
+        let shard =
+            ctx.router.shard(&event.tenant, RouteKey::Saga { saga: &t.saga, correlation_id: &t.correlation_id });
         by_shard.entry(shard).or_default().push(t);
     }
     by_shard.into_iter().map(|(s, ts)| (s, event.clone(), ts)).collect()
@@ -180,10 +183,16 @@ fn route_aggregate(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, Deco
                     .validate()
                     .map_err(|e| DecodeError::BadKey(e.to_string()))?;
                 if !targets.iter().any(|x: &Target| x.saga == saga.spec.name) {
-                    targets.push(Target { saga: saga.spec.name.clone(), correlation_id: cid, may_start: trigger.may_start });
+                    targets.push(Target {
+                        saga: saga.spec.name.clone(),
+                        correlation_id: cid,
+                        may_start: trigger.may_start,
+                    });
                 }
             }
-            None => missing.push(format!("saga {:?} expects a correlation id at `{}`", saga.spec.name, trigger.correlation)),
+            None => {
+                missing.push(format!("saga {:?} expects a correlation id at `{}`", saga.spec.name, trigger.correlation))
+            }
         }
     }
     if targets.is_empty() && !missing.is_empty() {
@@ -209,7 +218,15 @@ pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: T
     let tenant = t.claimed_tenant();
     let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
     let (tx, rx) = reply_channel();
-    let letter = RawLetter { tenant, stream: t.stream, seq: t.seq, subject: t.subject, headers: t.headers, raw: msg.payload.to_vec(), error };
+    let letter = RawLetter {
+        tenant,
+        stream: t.stream,
+        seq: t.seq,
+        subject: t.subject,
+        headers: t.headers,
+        raw: msg.payload.to_vec(),
+        error,
+    };
     if ctx.shard(shard).send(Request::Quarantine { letter, reply: tx }).await.is_err() {
         return;
     }
@@ -257,7 +274,9 @@ fn settle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, replies: Vec<shard
             let (r, label) = match outcome {
                 ApplyOutcome::Ack => (msg.ack().await, "ack"),
                 ApplyOutcome::Term { .. } => (msg.ack_with(AckKind::Term).await, "term"),
-                ApplyOutcome::Nak { delay_ms } => (msg.ack_with(AckKind::Nak(Some(Duration::from_millis(delay_ms)))).await, "nak"),
+                ApplyOutcome::Nak { delay_ms } => {
+                    (msg.ack_with(AckKind::Nak(Some(Duration::from_millis(delay_ms)))).await, "nak")
+                }
             };
             if let Err(e) = r {
                 tracing::warn!(error = %e, "cannot settle a message; it will be redelivered and skipped by the sequence gate");

@@ -117,7 +117,9 @@ impl Bridge {
             })
             .map_err(|e| BridgeError::Setup(format!("cannot spawn the bridge thread: {e}")))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { thread: Some(thread), shared, stop_pulling: stop_tx, shutdown: shutdown_tx, manifests_tx }),
+            Ok(Ok(())) => {
+                Ok(Self { thread: Some(thread), shared, stop_pulling: stop_tx, shutdown: shutdown_tx, manifests_tx })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -226,11 +228,8 @@ async fn setup(
     if cfg.create_streams {
         streams::ensure_streams(&js, &cfg).await.map_err(|e| BridgeError::Setup(e.to_string()))?;
     }
-    let effects = if cfg.mode.runs_effects() {
-        Some(EffectsRuntime::new(&cfg, &manifests).map_err(BridgeError::Setup)?)
-    } else {
-        None
-    };
+    let effects =
+        if cfg.mode.runs_effects() { Some(EffectsRuntime::new(&cfg, &manifests, client.clone())) } else { None };
     tracing::info!(url = %url, "bridge connected");
     Ok(Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling, effects })
 }

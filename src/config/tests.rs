@@ -19,13 +19,28 @@ fn defaults_are_valid_and_sensible() {
 fn file_then_environment_overrides() {
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in [
-        ("c.toml", "mode = \"saga\"\nshards = 2\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n[consumers]\nack_wait_ms = 5000\n"),
+        (
+            "c.toml",
+            "mode = \"saga\"\nshards = 2\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n[consumers]\nack_wait_ms = 5000\n",
+        ),
         ("c.yaml", "mode: saga\nshards: 2\nnats:\n  url: nats://127.0.0.1:4222\nconsumers:\n  ack_wait_ms: 5000\n"),
-        ("c.json", r#"{"mode":"saga","shards":2,"nats":{"url":"nats://127.0.0.1:4222"},"consumers":{"ack_wait_ms":5000}}"#),
+        (
+            "c.json",
+            r#"{"mode":"saga","shards":2,"nats":{"url":"nats://127.0.0.1:4222"},"consumers":{"ack_wait_ms":5000}}"#,
+        ),
     ] {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
-        let c = load(Some(&p), &env(&[("RUNNER_SHARDS", "3"), ("RUNNER_CONSUMERS__BATCH", "64"), ("RUNNER_LOG__FORMAT", "json"), ("OTHER", "x")])).unwrap();
+        let c = load(
+            Some(&p),
+            &env(&[
+                ("RUNNER_SHARDS", "3"),
+                ("RUNNER_CONSUMERS__BATCH", "64"),
+                ("RUNNER_LOG__FORMAT", "json"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(c.mode, Mode::Saga, "{name}");
         assert_eq!(c.shards, 3, "{name}: env must override the file");
         assert_eq!(c.batch, 64);

@@ -24,7 +24,9 @@ pub struct Breaker {
 pub enum Permit {
     Go,
     /// Open (or a probe is already out): wait this long before asking again.
-    Wait { ms: u64 },
+    Wait {
+        ms: u64,
+    },
 }
 
 impl Breaker {

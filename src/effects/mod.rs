@@ -19,7 +19,9 @@ pub mod provider;
 use crate::bridge::Ctx;
 use crate::bridge::ingest::{quarantine, transport};
 use crate::config::Config;
-use crate::envelope::{self, CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT, ResultEnvelope};
+use crate::envelope::{
+    self, CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT, ResultEnvelope,
+};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use breaker::{Breaker, Permit};
@@ -35,15 +37,17 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// An effect's manifest entry and its provider.
+pub type Effect = Rc<(EffectSpec, Box<dyn Provider>)>;
+
 /// Effect specs, providers and breakers (bridge thread only).
 pub struct EffectsRuntime {
-    specs: RefCell<BTreeMap<String, Rc<(EffectSpec, Box<dyn Provider>)>>>,
+    effects: RefCell<BTreeMap<String, Effect>>,
     breakers: RefCell<BTreeMap<String, Breaker>>,
     secrets: Secrets,
     http: crate::bridge::dispatch::HttpClient,
+    nats: async_nats::Client,
     concurrency: std::sync::Arc<tokio::sync::Semaphore>,
-    nats: RefCell<Option<async_nats::Client>>,
-    pending_specs: RefCell<Vec<EffectSpec>>,
 }
 
 fn now_ms() -> u64 {
@@ -53,48 +57,34 @@ fn now_ms() -> u64 {
 use shards::clock::Clock;
 
 impl EffectsRuntime {
-    pub fn new(cfg: &Config, set: &ManifestSet) -> Result<Self, String> {
+    pub fn new(cfg: &Config, set: &ManifestSet, nats: async_nats::Client) -> Self {
         let rt = Self {
-            specs: RefCell::new(BTreeMap::new()),
+            effects: RefCell::new(BTreeMap::new()),
             breakers: RefCell::new(BTreeMap::new()),
             secrets: Secrets::new(&cfg.secrets_dir),
             http: crate::bridge::dispatch::http_client(),
+            nats,
             concurrency: std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.effect_concurrency)),
-            nats: RefCell::new(None),
-            pending_specs: RefCell::new(set.effects.values().cloned().collect()),
         };
-        Ok(rt)
+        rt.reload(set);
+        rt
     }
 
-    fn providers(&self, nats: &async_nats::Client) {
-        let pending: Vec<EffectSpec> = self.pending_specs.borrow_mut().drain(..).collect();
-        if pending.is_empty() && self.nats.borrow().is_some() {
-            return;
-        }
-        *self.nats.borrow_mut() = Some(nats.clone());
-        if pending.is_empty() {
-            return;
-        }
-        let mut specs = BTreeMap::new();
-        for spec in pending {
-            let p = provider::build(&spec, self.http.clone(), nats.clone(), self.secrets.clone());
-            specs.insert(spec.name.clone(), Rc::new((spec, p)));
-        }
-        *self.specs.borrow_mut() = specs;
-    }
-
-    /// Takes a new manifest set (reload): providers are rebuilt on next use; breakers stay.
+    /// Takes a new manifest set (reload): providers are rebuilt; breakers stay.
     pub fn reload(&self, set: &ManifestSet) {
-        *self.pending_specs.borrow_mut() = set.effects.values().cloned().collect();
-        if let Some(n) = self.nats.borrow_mut().take() {
-            *self.nats.borrow_mut() = None;
-            self.providers(&n);
-        }
+        let effects = set
+            .effects
+            .values()
+            .map(|spec| {
+                let p = provider::build(spec, self.http.clone(), self.nats.clone(), self.secrets.clone());
+                (spec.name.clone(), Rc::new((spec.clone(), p)))
+            })
+            .collect();
+        *self.effects.borrow_mut() = effects;
     }
 
-    fn spec(&self, nats: &async_nats::Client, name: &str) -> Option<Rc<(EffectSpec, Box<dyn Provider>)>> {
-        self.providers(nats);
-        self.specs.borrow().get(name).cloned()
+    fn effect(&self, name: &str) -> Option<Effect> {
+        self.effects.borrow().get(name).cloned()
     }
 
     fn permit(&self, upstream: &str, spec: &EffectSpec, now: u64) -> Permit {
@@ -144,7 +134,7 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
             return;
         }
     };
-    let Some(entry) = effects.spec(&ctx.client, &cmd.effect) else {
+    let Some(entry) = effects.effect(&cmd.effect) else {
         quarantine(ctx, msg, t, format!("unknown effect {:?} (not in the loaded effect manifests)", cmd.effect)).await;
         return;
     };
@@ -211,7 +201,7 @@ fn effects_of(ctx: &Ctx) -> &EffectsRuntime {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     ctx: &Rc<Ctx>,
-    entry: &Rc<(EffectSpec, Box<dyn Provider>)>,
+    entry: &Effect,
     upstream: &str,
     cmd: CommandEnvelope,
     key: EffectKey,
@@ -276,7 +266,8 @@ async fn run(
         Outcome::Failed(reason) => ("failed", serde_json::json!({}), Some(reason)),
         Outcome::Retryable(reason) => ("failed", serde_json::json!({}), Some(reason)),
     };
-    metrics::counter!("runner_effect_outcomes_total", "effect" => cmd.effect.clone(), "outcome" => outcome).increment(1);
+    metrics::counter!("runner_effect_outcomes_total", "effect" => cmd.effect.clone(), "outcome" => outcome)
+        .increment(1);
     let result = ResultEnvelope {
         command_id: cmd.command_id.clone(),
         tenant_id: cmd.tenant_id.clone(),
@@ -315,7 +306,14 @@ async fn run(
     }
     // Completed only after the PubAck; ack last.
     let (tx, rx) = reply_channel();
-    let finish = Request::EffectFinish { key: key.clone(), attempts: attempt, subject, outcome: outcome.into(), result: body.to_vec(), reply: tx };
+    let finish = Request::EffectFinish {
+        key: key.clone(),
+        attempts: attempt,
+        subject,
+        outcome: outcome.into(),
+        result: body.to_vec(),
+        reply: tx,
+    };
     if ctx.shard(shard).send(finish).await.is_err() {
         return;
     }

@@ -160,8 +160,12 @@ pub fn build(spec: &EffectSpec, http: HttpClient, nats: async_nats::Client, secr
             timeout: Duration::from_millis(spec.timeout_ms),
             nats,
         }),
-        ProviderKind::Log => Box::new(LocalProvider { effect: spec.name.clone(), log: true, result: s.get("result").cloned() }),
-        ProviderKind::Noop => Box::new(LocalProvider { effect: spec.name.clone(), log: false, result: s.get("result").cloned() }),
+        ProviderKind::Log => {
+            Box::new(LocalProvider { effect: spec.name.clone(), log: true, result: s.get("result").cloned() })
+        }
+        ProviderKind::Noop => {
+            Box::new(LocalProvider { effect: spec.name.clone(), log: false, result: s.get("result").cloned() })
+        }
     }
 }
 
@@ -228,12 +232,18 @@ impl Provider for HttpProvider {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Outcome::Retryable(format!("upstream {} broke off the answer: {e}", self.upstream())),
             };
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).chars().take(500).collect()));
+            let body: Value = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).chars().take(500).collect()));
             match status {
-                200..=299 => Outcome::Succeeded(if body.is_object() { body } else { serde_json::json!({ "status": status, "body": body }) }),
+                200..=299 => Outcome::Succeeded(if body.is_object() {
+                    body
+                } else {
+                    serde_json::json!({ "status": status, "body": body })
+                }),
                 408 | 429 | 500..=599 => Outcome::Retryable(format!("upstream answered {status}")),
                 _ => {
-                    let reason = body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned);
+                    let reason =
+                        body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned);
                     Outcome::Failed(reason.unwrap_or_else(|| format!("upstream answered {status}")))
                 }
             }
@@ -270,7 +280,9 @@ impl Provider for NatsRequestProvider {
             let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
             let req = self.nats.request_with_headers(self.subject.clone(), headers, payload);
             match tokio::time::timeout(self.timeout, req).await {
-                Err(_) => Outcome::Retryable(format!("no reply on {} within {} ms", self.subject, self.timeout.as_millis())),
+                Err(_) => {
+                    Outcome::Retryable(format!("no reply on {} within {} ms", self.subject, self.timeout.as_millis()))
+                }
                 Ok(Err(e)) => Outcome::Retryable(format!("request on {} failed: {e}", self.subject)),
                 Ok(Ok(msg)) => {
                     let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);

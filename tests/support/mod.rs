@@ -38,6 +38,9 @@ impl Stored {
     }
 }
 
+/// A message to publish: subject, headers, body.
+pub type Outgoing = (String, Vec<(String, String)>, Bytes);
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub nats: NatsServer,
@@ -53,9 +56,11 @@ impl Harness {
 
     pub fn with_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let nats = NatsServer::start_with(None, &dir.path().join("nats"), args).expect("nats-server (apt-get install -y nats-server)");
+        let nats = NatsServer::start_with(None, &dir.path().join("nats"), args)
+            .expect("nats-server (apt-get install -y nats-server)");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let client = rt.block_on(async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url())).unwrap();
+        let client =
+            rt.block_on(async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url())).unwrap();
         let js = rt.block_on(async { jetstream::new(client.clone()) });
         Self { dir, nats, rt, client, js }
     }
@@ -100,7 +105,7 @@ impl Harness {
     }
 
     /// Publishes many messages pipelined (all sent, then all acks awaited).
-    pub fn publish_many(&self, msgs: Vec<(String, Vec<(String, String)>, Bytes)>) {
+    pub fn publish_many(&self, msgs: Vec<Outgoing>) {
         self.block_on(async {
             let mut acks = Vec::with_capacity(msgs.len());
             for (subject, headers, body) in msgs {
@@ -123,8 +128,13 @@ impl Harness {
 
     /// Publishes one aggregate event in the envelope the runner expects.
     pub fn event(&self, tenant: &str, aggregate: &str, ty: &str, id: &str, data: serde_json::Value) -> u64 {
-        let body = serde_json::json!({ "id": id, "type": ty, "tenant_id": tenant, "aggregate_type": aggregate, "data": data });
-        self.publish(&format!("events.{tenant}.{aggregate}.{ty}"), &[("Nats-Msg-Id", id), ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")], &body)
+        let body =
+            serde_json::json!({ "id": id, "type": ty, "tenant_id": tenant, "aggregate_type": aggregate, "data": data });
+        self.publish(
+            &format!("events.{tenant}.{aggregate}.{ty}"),
+            &[("Nats-Msg-Id", id), ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+            &body,
+        )
     }
 
     /// Every message of a stream, in order.
@@ -167,7 +177,11 @@ pub fn deadletters(app: &App, tenant: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for h in app.runtime().handles() {
         let (tx, rx) = reply_channel();
-        h.send_blocking(Request::Query { query: Query::DeadLetters { tenant: tenant.into(), after: None, limit: 100_000 }, reply: tx }).unwrap();
+        h.send_blocking(Request::Query {
+            query: Query::DeadLetters { tenant: tenant.into(), after: None, limit: 100_000 },
+            reply: tx,
+        })
+        .unwrap();
         if let serde_json::Value::Array(a) = futures::executor::block_on(rx).unwrap().unwrap() {
             out.extend(a);
         }
@@ -188,11 +202,14 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 /// `noop` effect `e` and any extra effects YAML; returns the manifest path.
 pub fn custom_saga(dir: &Path, program: &str, saga_extra: &str, effects_yaml: &str) -> PathBuf {
     write(dir, "p.rhai", program);
-    let effects = if effects_yaml.is_empty() { "  - { name: e, provider: noop }\n".to_owned() } else { effects_yaml.to_owned() };
+    let effects =
+        if effects_yaml.is_empty() { "  - { name: e, provider: noop }\n".to_owned() } else { effects_yaml.to_owned() };
     write(
         dir,
         "m.yaml",
-        &format!("sagas:\n  - name: s\n    program: p.rhai\n{saga_extra}    triggers:\n      - {{ subject: \"events.>\", correlation: data.k, may_start: true }}\neffects:\n{effects}"),
+        &format!(
+            "sagas:\n  - name: s\n    program: p.rhai\n{saga_extra}    triggers:\n      - {{ subject: \"events.>\", correlation: data.k, may_start: true }}\neffects:\n{effects}"
+        ),
     )
 }
 

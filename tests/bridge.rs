@@ -1,0 +1,248 @@
+//! The bridge against a real nats-server: no ack without a commit, dispatch across a NATS
+//! outage, Gateway retries and duplicates, per-key order under interleaving with a poisoned
+//! key, and undecodable messages quarantined while the consumer keeps going.
+
+mod support;
+
+use bytes::Bytes;
+use runner::config::Mode;
+use runner::fixture::HttpFixture;
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn ev(k: &str, n: u64, extra: serde_json::Value) -> serde_json::Value {
+    let mut data = serde_json::json!({"k": k, "n": n});
+    if let (Some(m), serde_json::Value::Object(x)) = (data.as_object_mut(), extra) {
+        m.extend(x);
+    }
+    serde_json::json!({"type": "Happened", "tenant_id": "t", "data": data})
+}
+
+#[test]
+fn a_failed_commit_is_never_acked() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The state keeps the whole event, so one big event overflows a 1 MiB map.
+    let program = "fn on_event(s, e) { #{ state: e.data } }";
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![custom_saga(&dir, program, "", "")];
+    cfg.effect_manifests = vec![];
+    cfg.initial_map_size = 1 << 20;
+    cfg.max_map_size = 1 << 20;
+    cfg.shards = 1;
+    let app = h.start(cfg);
+    h.publish("events.t.x.Small", &[], &ev("small", 1, serde_json::json!({})));
+    wait_until(T, "small event applied", || saga_state(&app, "t", "s", "small")["version"] == 1);
+    // 200 KiB states (under the sandbox's string limit) until the 1 MiB map is full.
+    let unhealthy =
+        || app.runtime().handles().iter().any(|s| !s.health.writable.load(std::sync::atomic::Ordering::SeqCst));
+    let mut sent = 0;
+    while sent < 40 && !unhealthy() {
+        let body = serde_json::json!({"type": "Big", "tenant_id": "t", "data": {"k": format!("big{sent}"), "blob": "x".repeat(200_000)}});
+        h.publish("events.t.x.Big", &[], &body);
+        sent += 1;
+        let key = format!("big{}", sent - 1);
+        wait_until(T, "applied or failed", || unhealthy() || saga_state(&app, "t", "s", &key)["version"] == 1);
+    }
+    assert!(unhealthy(), "40 big states fit into a 1 MiB map?");
+    let applied: Vec<bool> =
+        (0..sent).map(|i| saga_state(&app, "t", "s", &format!("big{i}"))["version"] == 1).collect();
+    let missing = applied.iter().filter(|a| !**a).count();
+    assert!(missing > 0, "every big event was applied: {applied:?}");
+    // Whatever did not commit was not acked: exactly those are pending at the consumer.
+    let (pending, floor) = h.block_on(async {
+        use futures::StreamExt;
+        let s = h.js.get_stream("AGGREGATE_EVENTS").await.unwrap();
+        let names: Vec<String> = s.consumer_names().map(Result::unwrap).collect().await;
+        let mut c: async_nats::jetstream::consumer::PullConsumer = s.get_consumer(&names[0]).await.unwrap();
+        let info = c.info().await.unwrap();
+        (info.num_ack_pending as usize, info.ack_floor.stream_sequence)
+    });
+    assert_eq!(pending, missing, "acked {} events that were never committed", missing - pending.min(missing));
+    let first_missing = applied.iter().position(|a| !*a).unwrap() as u64;
+    assert!(floor < first_missing + 2, "ack floor {floor} passed an uncommitted event");
+    app.abort();
+}
+
+const TIMER_PROGRAM: &str = r#"
+fn on_event(state, event) {
+    if event.type == "timer" {
+        #{ state: #{ fired: true }, work: [ #{ effect: "e", payload: #{ k: event.correlation_id } } ] }
+    } else {
+        #{ state: #{ fired: false }, schedules: [ #{ name: "go", after_ms: 1500, payload: #{} } ] }
+    }
+}
+"#;
+
+#[test]
+fn a_publish_failure_keeps_the_outbox_item_until_the_server_is_back_then_delivers_once() {
+    let mut h = Harness::new();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![custom_saga(&dir, TIMER_PROGRAM, "", "")];
+    cfg.effect_manifests = vec![];
+    cfg.relay.retry.backoff_ms = 100;
+    cfg.relay.retry.max_backoff_ms = 500;
+    let app = h.start(cfg);
+    // The event time decides the timer: now + 1.5 s.
+    let now = shards::clock::SystemClock.now_ms();
+    let body = serde_json::json!({"type": "Start", "tenant_id": "t", "timestamp": now, "data": {"k": "k1"}});
+    h.publish("events.t.x.Start", &[], &body);
+    wait_until(T, "instance started", || saga_state(&app, "t", "s", "k1")["version"] == 1);
+    // The server goes away before the timer fires; the timer's command cannot be published.
+    h.nats.kill();
+    wait_until(T, "timer fired while NATS is down", || saga_state(&app, "t", "s", "k1")["state"]["fired"] == true);
+    wait_until(T, "a failed dispatch is recorded", || {
+        saga_state(&app, "t", "s", "k1")["pending_outbox"]
+            .as_array()
+            .is_some_and(|a| a.first().is_some_and(|i| i["attempts"].as_u64().unwrap_or(0) >= 1))
+    });
+    h.nats.restart().unwrap();
+    wait_until(T, "the outbox drains", || {
+        saga_state(&app, "t", "s", "k1")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let commands = h.read_stream("WORKFLOW_COMMANDS");
+    assert_eq!(commands.len(), 1, "delivered {} times", commands.len());
+    assert_eq!(commands[0].json()["payload"]["k"], "k1");
+    app.shutdown();
+}
+
+use shards::clock::Clock;
+
+#[test]
+fn gateway_failures_are_retried_and_a_409_counts_as_delivered() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    gateway.script(|s| s.fail_next = 2);
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    cfg.relay.retry.backoff_ms = 50;
+    cfg.relay.retry.max_backoff_ms = 200;
+    let app = h.start(cfg);
+    h.event(
+        "acme",
+        "order",
+        "OrderPlaced",
+        "p-1",
+        serde_json::json!({"order_id": "o-1", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+    );
+    wait_until(T, "the outbox drains", || {
+        saga_state(&app, "acme", SAGA, "o-1")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let calls = gateway.records();
+    assert_eq!(calls.len(), 3, "two 500s then one success");
+    let keys: Vec<_> = calls.iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
+    assert!(keys.iter().all(|k| *k == keys[0]), "retries changed the idempotency key");
+
+    gateway.script(|s| s.conflict_next = 1);
+    h.event(
+        "acme",
+        "order",
+        "OrderPlaced",
+        "p-2",
+        serde_json::json!({"order_id": "o-2", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+    );
+    wait_until(T, "the outbox drains", || {
+        saga_state(&app, "acme", SAGA, "o-2")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(gateway.records().len(), 4, "a 409 was retried");
+    app.shutdown();
+}
+
+const ORDER_PROGRAM: &str = r#"
+fn on_event(state, event) {
+    if event.data.poison == true { throw "poisoned event " + event.data.n; }
+    let s = if state == () { #{ seen: [] } } else { state };
+    s.seen.push(event.data.n);
+    #{ state: s }
+}
+"#;
+
+#[test]
+fn per_key_order_holds_under_interleaving_and_a_poisoned_key_blocks_only_itself() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests =
+        vec![custom_saga(&dir, ORDER_PROGRAM, "    retry: { attempts: 3, backoff_ms: 50, max_backoff_ms: 100 }\n", "")];
+    cfg.effect_manifests = vec![];
+    cfg.durability = shards::store::Durability::NoSync;
+    let app = h.start(cfg);
+    const KEYS: u64 = 1_000;
+    const PER: u64 = 20;
+    let mut msgs = Vec::new();
+    for n in 0..PER {
+        for k in 0..KEYS {
+            let poison = k == 7 && n == 5;
+            let body = ev(&format!("k{k}"), n, serde_json::json!({"poison": poison}));
+            msgs.push((format!("events.t.x.E{}", k % 10), vec![], Bytes::from(serde_json::to_vec(&body).unwrap())));
+        }
+    }
+    h.publish_many(msgs);
+    wait_until(Duration::from_secs(120), "all healthy keys finished", || {
+        (0..KEYS).filter(|k| *k != 7).all(|k| saga_state(&app, "t", "s", &format!("k{k}"))["version"] == PER)
+    });
+    let expected: Vec<u64> = (0..PER).collect();
+    for k in (0..KEYS).filter(|k| *k != 7) {
+        assert_eq!(
+            saga_state(&app, "t", "s", &format!("k{k}"))["state"]["seen"],
+            serde_json::json!(expected),
+            "k{k} out of order"
+        );
+    }
+    // k7: events 0..4 applied; 5 quarantined after 3 attempts; 6..19 parked behind it, in order.
+    wait_until(T, "k7 quarantined and parked", || deadletters(&app, "t").len() == 15);
+    let k7 = saga_state(&app, "t", "s", "k7");
+    assert_eq!(k7["state"]["seen"], serde_json::json!([0, 1, 2, 3, 4]));
+    assert!(k7["parked"].is_object());
+    let letters = deadletters(&app, "t");
+    let poison: Vec<_> = letters.iter().filter(|l| l["kind"] == "poison").collect();
+    assert_eq!(poison.len(), 1);
+    assert_eq!(poison[0]["attempts"], 3);
+    assert!(poison[0]["error"].as_str().unwrap().contains("poisoned event 5"));
+    let parked: Vec<u64> =
+        letters.iter().filter(|l| l["kind"] == "parked").map(|l| l["event"]["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(parked, (6..PER).collect::<Vec<_>>(), "parked events out of order");
+    app.shutdown();
+}
+
+#[test]
+fn undecodable_messages_become_dead_letters_and_the_consumer_keeps_going() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![custom_saga(&dir, ORDER_PROGRAM, "", "")];
+    cfg.effect_manifests = vec![];
+    cfg.tenancy_required = true;
+    cfg.max_event_bytes = 64 << 10;
+    let app = h.start(cfg);
+    h.publish_raw("events.t.x.Bad", &[("x-tenant-id", "t")], Bytes::from_static(b"{not json"));
+    h.publish("events.x.Bad", &[], &serde_json::json!({"type": "Happened", "data": {"k": "nt", "n": 1}}));
+    h.publish(
+        "events.t.x.Huge",
+        &[("x-tenant-id", "t")],
+        &ev("huge", 1, serde_json::json!({"blob": "y".repeat(512 << 10)})),
+    );
+    h.publish("events.t.x.Fine", &[], &ev("fine", 0, serde_json::json!({})));
+    wait_until(T, "the good event after the bad ones", || saga_state(&app, "t", "s", "fine")["version"] == 1);
+    wait_until(T, "three dead letters", || deadletters(&app, "t").len() + deadletters(&app, "").len() == 3);
+    let mut errors: Vec<String> = deadletters(&app, "t")
+        .into_iter()
+        .chain(deadletters(&app, ""))
+        .map(|l| {
+            assert_eq!(l["kind"], "undecodable");
+            l["error"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    errors.sort();
+    assert!(errors.iter().any(|e| e.starts_with("not JSON")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("no tenant")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("exceeds the limit of 65536 bytes")), "{errors:?}");
+    app.shutdown();
+}
