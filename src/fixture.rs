@@ -47,8 +47,23 @@ pub struct Script {
     pub delay_ms: u64,
 }
 
-/// Computes an answer `(status, body)`; `None` falls back to the script.
-pub type Handler = Arc<dyn Fn(&Recorded) -> Option<(u16, serde_json::Value)> + Send + Sync>;
+/// A computed answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+    /// Wait this long before answering.
+    pub delay_ms: u64,
+}
+
+impl Reply {
+    pub fn new(status: u16, body: serde_json::Value) -> Self {
+        Self { status, body, delay_ms: 0 }
+    }
+}
+
+/// Computes an answer; `None` falls back to the script's default (200).
+pub type Handler = Arc<dyn Fn(&Recorded) -> Option<Reply> + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -192,7 +207,7 @@ async fn answer(
         } else {
             drop(s);
             match handler.as_ref().and_then(|h| h(&rec)) {
-                Some((code, body)) => (code, body, delay),
+                Some(r) => (r.status, r.body, delay.max(r.delay_ms)),
                 None => (200, serde_json::json!({"ok": true}), delay),
             }
         }

@@ -99,6 +99,8 @@ pub struct RawLetter {
 #[derive(Debug, Clone)]
 pub enum Query {
     Saga(SagaKey),
+    /// The effect gate record of one command.
+    Effect(EffectKey),
     DeadLetters { tenant: String, after: Option<DeadLetterKey>, limit: usize },
     Stats,
 }

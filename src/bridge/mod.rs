@@ -36,6 +36,9 @@ pub struct BridgeShared {
     pub dispatching: AtomicI64,
     pub consumed: AtomicU64,
     pub acked: AtomicU64,
+    /// Circuit breaker states by upstream (0 closed, 1 half-open, 2 open); written only
+    /// when a state changes.
+    pub breakers: std::sync::Mutex<std::collections::BTreeMap<String, u8>>,
 }
 
 /// Everything the bridge's tasks share (bridge thread only).

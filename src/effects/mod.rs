@@ -44,6 +44,8 @@ pub type Effect = Rc<(EffectSpec, Box<dyn Provider>)>;
 pub struct EffectsRuntime {
     effects: RefCell<BTreeMap<String, Effect>>,
     breakers: RefCell<BTreeMap<String, Breaker>>,
+    /// Upstreams whose breaker state was published at least once.
+    announced: RefCell<std::collections::BTreeSet<String>>,
     secrets: Secrets,
     http: crate::bridge::dispatch::HttpClient,
     nats: async_nats::Client,
@@ -61,6 +63,7 @@ impl EffectsRuntime {
         let rt = Self {
             effects: RefCell::new(BTreeMap::new()),
             breakers: RefCell::new(BTreeMap::new()),
+            announced: RefCell::new(Default::default()),
             secrets: Secrets::new(&cfg.secrets_dir),
             http: crate::bridge::dispatch::http_client(),
             nats,
@@ -87,29 +90,40 @@ impl EffectsRuntime {
         self.effects.borrow().get(name).cloned()
     }
 
-    fn permit(&self, upstream: &str, spec: &EffectSpec, now: u64) -> Permit {
-        let mut b = self.breakers.borrow_mut();
-        let br = b.entry(upstream.to_owned()).or_insert_with(|| Breaker::new(spec.circuit_breaker));
-        let p = br.permit(now);
-        metrics::gauge!("runner_breaker_state", "upstream" => upstream.to_owned()).set(br.gauge());
-        p
-    }
-
-    fn record(&self, upstream: &str, ok: bool, now: u64) {
-        if let Some(br) = self.breakers.borrow_mut().get_mut(upstream) {
-            if ok {
-                br.success();
-            } else {
-                br.failure(now);
+    /// Runs `f` on the upstream's breaker and publishes a state change (metrics, shared).
+    fn with_breaker<R>(&self, shared: &crate::bridge::BridgeShared, upstream: &str, spec: Option<&EffectSpec>, f: impl FnOnce(&mut Breaker) -> R) -> Option<R> {
+        let mut all = self.breakers.borrow_mut();
+        let br = match (all.get_mut(upstream), spec) {
+            (Some(_), _) => all.get_mut(upstream)?,
+            (None, Some(spec)) => all.entry(upstream.to_owned()).or_insert_with(|| Breaker::new(spec.circuit_breaker)),
+            (None, None) => return None,
+        };
+        let before = br.gauge();
+        let r = f(br);
+        let after = br.gauge();
+        let first = self.announced.borrow_mut().insert(upstream.to_owned());
+        if before != after || first {
+            metrics::gauge!("runner_breaker_state", "upstream" => upstream.to_owned()).set(after);
+            if let Ok(mut m) = shared.breakers.lock() {
+                m.insert(upstream.to_owned(), after as u8);
             }
-            metrics::gauge!("runner_breaker_state", "upstream" => upstream.to_owned()).set(br.gauge());
+            if before != after {
+                tracing::warn!(upstream, from = before, to = after, "circuit breaker changed state (0 closed, 1 half-open, 2 open)");
+            }
         }
+        Some(r)
     }
 
-    fn cancel(&self, upstream: &str) {
-        if let Some(br) = self.breakers.borrow_mut().get_mut(upstream) {
-            br.cancel();
-        }
+    fn permit(&self, shared: &crate::bridge::BridgeShared, upstream: &str, spec: &EffectSpec, now: u64) -> Permit {
+        self.with_breaker(shared, upstream, Some(spec), |b| b.permit(now)).unwrap_or(Permit::Go)
+    }
+
+    fn record(&self, shared: &crate::bridge::BridgeShared, upstream: &str, ok: bool, now: u64) {
+        self.with_breaker(shared, upstream, None, |b| if ok { b.success() } else { b.failure(now) });
+    }
+
+    fn cancel(&self, shared: &crate::bridge::BridgeShared, upstream: &str) {
+        self.with_breaker(shared, upstream, None, |b| b.cancel());
     }
 
     /// The breaker states, for `/metrics` and tests: upstream → 0 closed, 1 half-open, 2 open.
@@ -139,7 +153,7 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
         return;
     };
     let upstream = entry.1.upstream();
-    if let Permit::Wait { ms } = effects.permit(&upstream, &entry.0, now_ms()) {
+    if let Permit::Wait { ms } = effects.permit(&ctx.shared, &upstream, &entry.0, now_ms()) {
         tracing::debug!(effect = %cmd.effect, upstream = %upstream, wait_ms = ms, "breaker open; command waits");
         metrics::counter!("runner_effect_deferred_total", "effect" => cmd.effect.clone()).increment(1);
         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(ms)))).await;
@@ -151,7 +165,7 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
     let shard = ctx.router.shard(&key.tenant, RouteKey::Effect { command_id: &key.command_id });
     let (tx, rx) = reply_channel();
     if ctx.shard(shard).send(Request::EffectBegin { key: key.clone(), msg_seq: t.seq, reply: tx }).await.is_err() {
-        effects.cancel(&upstream);
+        effects.cancel(&ctx.shared, &upstream);
         return;
     }
     ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -160,21 +174,21 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
         let _permit = permit;
         let decision = rx.await;
         match decision {
-            Err(_) => effects_of(&ctx).cancel(&upstream),
+            Err(_) => effects_of(&ctx).cancel(&ctx.shared, &upstream),
             Ok(GateDecision::Invalid { reason }) => {
-                effects_of(&ctx).cancel(&upstream);
+                effects_of(&ctx).cancel(&ctx.shared, &upstream);
                 ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 quarantine(&ctx, msg, t, reason).await;
                 return;
             }
             Ok(GateDecision::Busy { same_message }) => {
-                effects_of(&ctx).cancel(&upstream);
+                effects_of(&ctx).cancel(&ctx.shared, &upstream);
                 if !same_message {
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
             Ok(GateDecision::Completed { subject, outcome, result }) => {
-                effects_of(&ctx).cancel(&upstream);
+                effects_of(&ctx).cancel(&ctx.shared, &upstream);
                 metrics::counter!("runner_effect_replayed_total", "effect" => cmd.effect.clone()).increment(1);
                 match publish_result(&ctx, &cmd, &subject, Bytes::from(result)).await {
                     Ok(()) => {
@@ -220,7 +234,7 @@ async fn run(
     let final_outcome = loop {
         tries += 1;
         if tries > 1
-            && let Permit::Wait { ms } = effects.permit(upstream, spec, now_ms())
+            && let Permit::Wait { ms } = effects.permit(&ctx.shared, upstream, spec, now_ms())
         {
             // Opened while we were retrying: wait for it instead of burning attempts.
             release(ctx, &key, shard).await;
@@ -228,15 +242,25 @@ async fn run(
             return;
         }
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(Duration::from_millis(spec.timeout_ms), provider.call(&cmd)).await {
-            Ok(o) => o,
-            Err(_) => Outcome::Retryable(format!("timed out after {} ms", spec.timeout_ms)),
+        let call = tokio::time::timeout(Duration::from_millis(spec.timeout_ms), provider.call(&cmd));
+        tokio::pin!(call);
+        // A slow upstream must not let the message's ack_wait run out under it.
+        let outcome = loop {
+            tokio::select! {
+                r = &mut call => break match r {
+                    Ok(o) => o,
+                    Err(_) => Outcome::Retryable(format!("timed out after {} ms", spec.timeout_ms)),
+                },
+                _ = tokio::time::sleep(progress_every) => {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            }
         };
         duration.record(started.elapsed().as_secs_f64());
         let now = now_ms();
         match &outcome {
-            Outcome::Succeeded(_) | Outcome::Failed(_) => effects.record(upstream, true, now),
-            Outcome::Retryable(_) => effects.record(upstream, false, now),
+            Outcome::Succeeded(_) | Outcome::Failed(_) => effects.record(&ctx.shared, upstream, true, now),
+            Outcome::Retryable(_) => effects.record(&ctx.shared, upstream, false, now),
         }
         match outcome {
             Outcome::Retryable(reason) if tries < spec.retry.attempts => {
