@@ -139,7 +139,9 @@ fn each_attempt_has_its_own_timeout_and_a_permanent_failure_publishes_a_failed_r
     let h = Harness::new();
     let upstream = HttpFixture::start().unwrap();
     upstream.script(|s| s.delay_ms = 3_000);
-    let yaml = format!("{PAY}    timeout_ms: 200\n    retry: {{ attempts: 2, backoff_ms: 50, max_backoff_ms: 50, jitter: 0 }}\n");
+    let yaml = format!(
+        "{PAY}    timeout_ms: 200\n    retry: {{ attempts: 2, backoff_ms: 50, max_backoff_ms: 50, jitter: 0 }}\n"
+    );
     let app = h.start(effect_config(&h, &upstream, &yaml));
     let started = Instant::now();
     command(&h, "c4", "c4");
@@ -154,7 +156,9 @@ fn each_attempt_has_its_own_timeout_and_a_permanent_failure_publishes_a_failed_r
     assert!(calls[1].at - calls[0].at >= Duration::from_millis(240), "second attempt before the first timed out");
     // A 4xx is permanent: one call, a failed result naming the reason.
     upstream.script(|s| s.delay_ms = 0);
-    upstream.set_handler(std::sync::Arc::new(|_| Some(runner::fixture::Reply::new(402, serde_json::json!({"reason": "card declined"})))));
+    upstream.set_handler(std::sync::Arc::new(|_| {
+        Some(runner::fixture::Reply::new(402, serde_json::json!({"reason": "card declined"})))
+    }));
     command(&h, "c5", "c5");
     wait_until(T, "a second result", || results(&h).len() == 2);
     let r = &results(&h)[1];

@@ -101,7 +101,11 @@ pub enum Query {
     Saga(SagaKey),
     /// The effect gate record of one command.
     Effect(EffectKey),
-    DeadLetters { tenant: String, after: Option<DeadLetterKey>, limit: usize },
+    DeadLetters {
+        tenant: String,
+        after: Option<DeadLetterKey>,
+        limit: usize,
+    },
     Stats,
 }
 

@@ -91,7 +91,13 @@ impl EffectsRuntime {
     }
 
     /// Runs `f` on the upstream's breaker and publishes a state change (metrics, shared).
-    fn with_breaker<R>(&self, shared: &crate::bridge::BridgeShared, upstream: &str, spec: Option<&EffectSpec>, f: impl FnOnce(&mut Breaker) -> R) -> Option<R> {
+    fn with_breaker<R>(
+        &self,
+        shared: &crate::bridge::BridgeShared,
+        upstream: &str,
+        spec: Option<&EffectSpec>,
+        f: impl FnOnce(&mut Breaker) -> R,
+    ) -> Option<R> {
         let mut all = self.breakers.borrow_mut();
         let br = match (all.get_mut(upstream), spec) {
             (Some(_), _) => all.get_mut(upstream)?,
@@ -108,7 +114,12 @@ impl EffectsRuntime {
                 m.insert(upstream.to_owned(), after as u8);
             }
             if before != after {
-                tracing::warn!(upstream, from = before, to = after, "circuit breaker changed state (0 closed, 1 half-open, 2 open)");
+                tracing::warn!(
+                    upstream,
+                    from = before,
+                    to = after,
+                    "circuit breaker changed state (0 closed, 1 half-open, 2 open)"
+                );
             }
         }
         Some(r)

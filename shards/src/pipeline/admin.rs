@@ -58,7 +58,9 @@ pub(super) fn query(core: &ShardCore, q: &Query) -> QueryAnswer {
             }
             Ok(v)
         }
-        Query::Effect(key) => Ok(view.effect(key).map_err(|e| e.to_string())?.map(|r| to_value(&r)).unwrap_or(Value::Null)),
+        Query::Effect(key) => {
+            Ok(view.effect(key).map_err(|e| e.to_string())?.map(|r| to_value(&r)).unwrap_or(Value::Null))
+        }
         Query::DeadLetters { tenant, after, limit } => {
             let letters = view.deadletters(tenant, after.as_ref(), *limit).map_err(|e| e.to_string())?;
             Ok(Value::Array(
