@@ -1,7 +1,171 @@
-//! The command line (placeholder until the service issue lands the full CLI).
+//! The command line: `runner serve | demo | check | saga get | deadletter list | outbox stats
+//! | swarm render`. `main` only parses and calls one `run`.
 
+use crate::config::{self, Config};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[derive(Parser)]
+#[command(
+    name = "runner",
+    version,
+    about = "Thread-per-core workflow engine on NATS JetStream: sagas, effects, outbox relay, durable timers",
+    long_about = "Runner turns domain events into durable sagas. Settings come from --config (TOML, YAML or JSON) \
+                  and RUNNER_* environment variables (RUNNER_NATS__URL sets nats.url). With no nats.url, an \
+                  embedded nats-server is started under the data directory."
+)]
+pub struct Cli {
+    /// Settings file (TOML, YAML or JSON, by extension).
+    #[arg(long, short, global = true, env = "RUNNER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the service until SIGTERM or Ctrl-C (then drain and exit).
+    Serve,
+    /// Run the order workflow demo on an embedded NATS with a built-in upstream and Gateway,
+    /// then print a summary and an exactly-once check (exit 1 if it fails).
+    Demo(DemoArgs),
+    /// Validate the settings and manifests; print every problem and exit non-zero if any.
+    Check,
+    /// Saga instances.
+    #[command(subcommand)]
+    Saga(SagaCmd),
+    /// Dead letters.
+    #[command(subcommand)]
+    Deadletter(DeadletterCmd),
+    /// The outbox.
+    #[command(subcommand)]
+    Outbox(OutboxCmd),
+    /// Docker Swarm deployment.
+    #[command(subcommand)]
+    Swarm(SwarmCmd),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Orders to run.
+    #[arg(long, default_value_t = 10_000)]
+    pub orders: usize,
+    /// Percent of orders whose payment is declined (compensation).
+    #[arg(long, default_value_t = 5.0)]
+    pub payment_failures: f64,
+    /// Percent of orders whose payment is too slow (payment timeout, compensation).
+    #[arg(long, default_value_t = 1.0)]
+    pub timeouts: f64,
+    /// Orders published per second (0: as fast as the runner takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Keep the demo's data directory here (default: a temporary directory).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// No progress bar (plain log lines instead).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Where inspection reads from.
+#[derive(Args, Clone, Debug)]
+pub struct Source {
+    /// A stopped (or running) runner's data directory: read directly, read-only.
+    #[arg(long, conflicts_with = "url")]
+    pub data: Option<PathBuf>,
+    /// A running runner's HTTP address, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Bearer token for the admin endpoints (when reading over HTTP).
+    #[arg(long, env = "RUNNER_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum SagaCmd {
+    /// Show one instance: state, status, last sequences, pending timers and outbox items.
+    Get {
+        tenant: String,
+        saga: String,
+        correlation_id: String,
+        #[command(flatten)]
+        source: Source,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeadletterCmd {
+    /// List dead letters of a tenant, oldest first.
+    List {
+        /// Tenant (empty for single-tenant deployments).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        source: Source,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OutboxCmd {
+    /// Outbox depth and store statistics per shard.
+    Stats {
+        #[command(flatten)]
+        source: Source,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SwarmCmd {
+    /// Render the Swarm stack (one service per tenant range) from the ranges file.
+    Render {
+        /// The tenant-range file.
+        #[arg(long, default_value = "swarm/ranges.yaml")]
+        ranges: PathBuf,
+        /// Write the stack here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_")).collect()
+}
+
+/// Loads the settings (file + environment).
+pub fn load_config(file: Option<&std::path::Path>) -> Result<Config, config::ConfigErrors> {
+    config::load(file, &env_vars())
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => {
+            let cfg = load_config(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::serve::run(cfg)
+        }
+        Command::Demo(args) => crate::demo::run(cli.config.as_deref(), args),
+        Command::Check => crate::inspect::check(cli.config.as_deref()),
+        Command::Saga(SagaCmd::Get { tenant, saga, correlation_id, source }) => {
+            crate::inspect::saga_get(cli.config.as_deref(), &source, &tenant, &saga, &correlation_id)
+        }
+        Command::Deadletter(DeadletterCmd::List { tenant, limit, source }) => {
+            crate::inspect::deadletters(cli.config.as_deref(), &source, &tenant, limit)
+        }
+        Command::Outbox(OutboxCmd::Stats { source }) => crate::inspect::outbox_stats(cli.config.as_deref(), &source),
+        Command::Swarm(SwarmCmd::Render { ranges, out }) => crate::swarm::render_command(&ranges, out.as_deref()),
+    }
 }
