@@ -142,8 +142,11 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Variables the command line itself reads (not settings).
+const CLI_ONLY: &[&str] = &["RUNNER_CONFIG", "RUNNER_ADMIN_TOKEN"];
+
 fn env_vars() -> Vec<(String, String)> {
-    std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_")).collect()
+    std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_") && !CLI_ONLY.contains(&k.as_str())).collect()
 }
 
 /// Loads the settings (file + environment).
