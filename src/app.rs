@@ -7,17 +7,17 @@
 //! stop the embedded server. A deadline bounds the waiting; what is cut off is simply
 //! redelivered or re-dispatched later, never lost.
 
-use crate::bridge::Bridge;
+use crate::bridge::{Bridge, BridgeInputs, BridgeShared};
 use crate::config::Config;
 use crate::nats_server::NatsServer;
+use crate::ops::{DrainReport, Ops};
 use anyhow::Context;
 use shards::clock::SharedClock;
 use shards::layout::{DataDir, MoveProgress};
 use shards::manifest::{ManifestErrors, ManifestSet};
 use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Options a caller may set beyond the config (tests, the demo).
 #[derive(Clone)]
@@ -25,11 +25,13 @@ pub struct AppOptions {
     /// Use these manifests instead of loading the configured files.
     pub manifests: Option<Arc<ManifestSet>>,
     pub clock: SharedClock,
+    /// Serve the operations endpoints on `http.addr`. Default true.
+    pub serve_http: bool,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        Self { manifests: None, clock: shards::clock::system() }
+        Self { manifests: None, clock: shards::clock::system(), serve_http: true }
     }
 }
 
@@ -44,17 +46,10 @@ pub fn load_manifests(cfg: &Config) -> Result<ManifestSet, ManifestErrors> {
     ManifestSet::load_with_vars(&files, &shards::program::check_program, &|name| std::env::var(name).ok())
 }
 
-/// What a drain achieved.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DrainReport {
-    pub drained: bool,
-    pub in_flight: i64,
-    pub outbox_window: u64,
-    pub millis: u64,
-}
-
 pub struct App {
     cfg: Config,
+    ops: Arc<Ops>,
+    http_addr: Option<std::net::SocketAddr>,
     runtime: Option<ShardRuntime>,
     bridge: Option<Bridge>,
     nats: Option<NatsServer>,
@@ -104,14 +99,32 @@ impl App {
         let (dispatch_tx, dispatch_rx) = flume::bounded(cfg.shards * 8 + 64);
         let runtime = ShardRuntime::start(&rcfg, &data, manifests.clone(), opts.clock.clone(), dispatch_tx)
             .map_err(|e| anyhow::anyhow!("cannot start the shards: {e}"))?;
-        let bridge = match Bridge::start(
+        let http = if opts.serve_http {
+            match std::net::TcpListener::bind(cfg.http_addr) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    runtime.shutdown();
+                    return Err(anyhow::anyhow!("cannot listen on http.addr {}: {e}", cfg.http_addr));
+                }
+            }
+        } else {
+            None
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (manifests_tx, manifests_rx) = flume::unbounded();
+        let ops = Arc::new(Ops::new(
             cfg.clone(),
-            nats_url.clone(),
             runtime.handles().to_vec(),
             runtime.router(),
+            Arc::new(BridgeShared::default()),
+            stop_tx,
+            manifests_tx,
             manifests.clone(),
-            dispatch_rx,
-        ) {
+            nats_url.clone(),
+        ));
+        let inputs = BridgeInputs { dispatch: dispatch_rx, stop_pulling: stop_rx, manifests: manifests_rx, http };
+        let bridge = match Bridge::start(ops.clone(), nats_url.clone(), manifests.clone(), inputs) {
             Ok(b) => b,
             Err(e) => {
                 runtime.shutdown();
@@ -119,7 +132,7 @@ impl App {
             }
         };
         tracing::info!(mode = ?cfg.mode, shards = cfg.shards, nats = %nats_url, sagas = manifests.sagas.len(), effects = manifests.effects.len(), "runner started");
-        Ok(Self { cfg, runtime: Some(runtime), bridge: Some(bridge), nats, nats_url, manifests })
+        Ok(Self { cfg, ops, http_addr, runtime: Some(runtime), bridge: Some(bridge), nats, nats_url, manifests })
     }
 
     pub fn config(&self) -> &Config {
@@ -147,36 +160,20 @@ impl App {
         self.nats.as_mut()
     }
 
+    pub fn ops(&self) -> &Arc<Ops> {
+        &self.ops
+    }
+
+    /// Where the operations endpoints listen (when served).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
+    }
+
     /// Stops pulling, then waits (until `deadline`) for in-flight messages to settle and the
     /// outbox to flush.
     pub fn drain(&self, deadline: Duration) -> DrainReport {
-        let started = Instant::now();
-        let until = started + deadline;
-        let bridge = self.bridge();
-        bridge.stop_pulling();
-        let settled = bridge.wait_settled(until);
-        let mut window = u64::MAX;
-        while Instant::now() < until {
-            window = self.runtime().handles().iter().map(|h| h.health.outbox_window.load(Ordering::SeqCst)).sum();
-            if window == 0 && bridge.shared().dispatching.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let in_flight = bridge.shared().in_flight.load(Ordering::SeqCst);
-        let report = DrainReport {
-            drained: settled && window == 0 && in_flight <= 0,
-            in_flight,
-            outbox_window: window,
-            millis: started.elapsed().as_millis() as u64,
-        };
-        tracing::info!(
-            drained = report.drained,
-            in_flight,
-            outbox_window = window,
-            millis = report.millis,
-            "drain finished"
-        );
+        let report = self.ops.drain_blocking(deadline);
+        tracing::info!(drained = report.drained, in_flight = report.in_flight, outbox_window = report.outbox_window, millis = report.millis, "drain finished");
         report
     }
 
@@ -197,9 +194,7 @@ impl App {
 
     /// Stops without draining (what a crash looks like to the outside, minus the OS).
     pub fn abort(mut self) {
-        if let Some(b) = self.bridge.as_ref() {
-            b.stop_pulling();
-        }
+        let _ = self.ops.drain_blocking(Duration::ZERO);
         if let Some(rt) = self.runtime.take() {
             rt.shutdown();
         }

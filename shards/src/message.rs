@@ -106,6 +106,8 @@ pub enum Query {
         after: Option<DeadLetterKey>,
         limit: usize,
     },
+    /// Correlation ids of every instance of `saga` for `tenant` on this shard.
+    Sagas { tenant: String, saga: String },
     Stats,
 }
 
@@ -123,8 +125,13 @@ pub enum AdminOp {
     /// Reset instances of a saga so their events can be applied again (controlled replay):
     /// every instance of `saga` for `tenant` (or only `correlation_id`) is cleared, its
     /// dispatched work ids remembered so nothing is dispatched twice, and the checkpoint set
-    /// to `from_seq`. Answers what it reset.
+    /// to `from_seq`. Answers, per reset instance, the events it had applied, in order
+    /// (`applied`: stream, seq, id), so the caller can apply them again in that order.
     Replay { tenant: String, saga: String, correlation_id: Option<String>, from_seq: u64 },
+    /// During a replay: apply the instance's timer `timer_id` now (its place in the history).
+    FireTimer { key: SagaKey, timer_id: String },
+    /// The replay of an instance is over: its timers fire normally again.
+    EndReplay { key: SagaKey },
 }
 
 /// Requests into a shard's inbox.

@@ -80,6 +80,10 @@ pub struct SagaRecord<S = Json> {
     /// again (each id is removed once its event is re-applied).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub replay_suppress: BTreeSet<String>,
+    /// An operator's replay is re-applying this instance's history: its timers fire only
+    /// when the replay reaches them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaying: bool,
     /// The program's state (JSON).
     pub state: S,
 }

@@ -409,6 +409,48 @@ impl Store {
         })
     }
 
+    /// Opens an existing environment read-only (inspection of a stopped or running
+    /// runner's data; never writes, never creates).
+    pub fn open_read_only(path: &Path, shard: usize) -> Result<Self, StoreError> {
+        let lmdb = |source| StoreError::Lmdb { shard, path: path.to_owned(), source };
+        if !path.join("data.mdb").exists() {
+            return Err(StoreError::Corrupt { shard, path: path.to_owned(), db: "meta", why: "no data.mdb here".into() });
+        }
+        let size = std::fs::metadata(path.join("data.mdb")).map(|m| m.len() as usize).unwrap_or(0);
+        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+        // The writer's map may be larger than the file; LMDB adopts the larger stored size.
+        opts.max_dbs(16).max_readers(126);
+        // SAFETY: read-only; LMDB's lock file coordinates with a writer in another process.
+        unsafe { opts.flags(EnvFlags::READ_ONLY) };
+        // SAFETY: as in `open`; this process only reads.
+        let env = unsafe { opts.open(path) }.map_err(lmdb)?;
+        let rtxn = env.read_txn().map_err(lmdb)?;
+        let mut dbs = Vec::with_capacity(Db::ALL.len());
+        for db in Db::ALL {
+            let handle: Option<Raw> = env.open_database(&rtxn, Some(db.name())).map_err(lmdb)?;
+            dbs.push(handle.ok_or_else(|| StoreError::Corrupt { shard, path: path.to_owned(), db: db.name(), why: "database missing".into() })?);
+        }
+        let partitions = dbs[Db::Meta as usize]
+            .get(&rtxn, META_PARTITIONS)
+            .map_err(lmdb)?
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0);
+        // Committing the read transaction keeps the opened database handles (LMDB).
+        rtxn.commit().map_err(lmdb)?;
+        let dbs: [Raw; 7] = dbs.try_into().map_err(|_| StoreError::Corrupt { shard, path: path.to_owned(), db: "meta", why: "database handles".into() })?;
+        Ok(Self {
+            env,
+            dbs,
+            shard,
+            partitions,
+            path: path.to_owned(),
+            map_size: Cell::new(size),
+            max_map_size: size,
+            fail_after: Cell::new(None),
+        })
+    }
+
     pub fn shard(&self) -> usize {
         self.shard
     }

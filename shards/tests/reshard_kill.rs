@@ -29,6 +29,7 @@ fn record(i: usize) -> SagaRecord {
         traceparent: None,
         applied: vec![],
         replay_suppress: Default::default(),
+        replaying: false,
         state: serde_json::value::to_raw_value(&serde_json::json!({ "i": i, "pad": "x".repeat(200) })).unwrap(),
     }
 }

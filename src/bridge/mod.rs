@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod streams;
 
 use crate::config::Config;
+use crate::ops::Ops;
 use crate::effects::EffectsRuntime;
 use shards::manifest::ManifestSet;
 use shards::message::DispatchRequest;
@@ -63,10 +64,8 @@ impl Ctx {
 /// The running bridge, as seen from the main thread.
 pub struct Bridge {
     thread: Option<std::thread::JoinHandle<()>>,
-    shared: Arc<BridgeShared>,
-    stop_pulling: watch::Sender<bool>,
+    ops: Arc<Ops>,
     shutdown: watch::Sender<bool>,
-    manifests_tx: flume::Sender<Arc<ManifestSet>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,23 +78,22 @@ pub enum BridgeError {
     Lost,
 }
 
+/// The receiving ends the bridge needs (made with the [`Ops`] that holds the senders).
+pub struct BridgeInputs {
+    pub dispatch: flume::Receiver<DispatchRequest>,
+    pub stop_pulling: watch::Receiver<bool>,
+    pub manifests: flume::Receiver<Arc<ManifestSet>>,
+    /// The operations endpoints' listener, if they are served.
+    pub http: Option<std::net::TcpListener>,
+}
+
 impl Bridge {
-    /// Starts the bridge thread, connects, creates streams and consumers. Returns once
-    /// everything is bound (or why not).
-    pub fn start(
-        cfg: Config,
-        url: String,
-        shards: Vec<ShardHandle>,
-        router: Router,
-        manifests: Arc<ManifestSet>,
-        dispatch_rx: flume::Receiver<DispatchRequest>,
-    ) -> Result<Self, BridgeError> {
-        let shared = Arc::new(BridgeShared::default());
-        let (stop_tx, stop_rx) = watch::channel(false);
+    /// Starts the bridge thread, connects, creates streams and consumers, serves the
+    /// operations endpoints. Returns once everything is bound (or why not).
+    pub fn start(ops: Arc<Ops>, url: String, manifests: Arc<ManifestSet>, inputs: BridgeInputs) -> Result<Self, BridgeError> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), BridgeError>>();
-        let (manifests_tx, manifests_rx) = flume::unbounded::<Arc<ManifestSet>>();
-        let shared2 = shared.clone();
+        let ops2 = ops.clone();
         let thread = std::thread::Builder::new()
             .name("bridge".into())
             .spawn(move || {
@@ -108,21 +106,24 @@ impl Bridge {
                 };
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, async move {
-                    let ctx = match setup(cfg, url, shards, router, manifests, shared2, stop_rx).await {
+                    let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, http } = inputs;
+                    let ctx = match setup(ops2.clone(), url, manifests, stop_pulling).await {
                         Ok(ctx) => Rc::new(ctx),
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
-                    run(ctx, dispatch_rx, manifests_rx, shutdown_rx, ready_tx).await;
+                    let _ = ops2.js.set(ctx.js.clone());
+                    if let Some(listener) = http {
+                        tokio::task::spawn_local(crate::http::serve(ops2.clone(), listener, shutdown_rx.clone()));
+                    }
+                    run(ctx, dispatch, manifests_rx, shutdown_rx, ready_tx).await;
                 });
             })
             .map_err(|e| BridgeError::Setup(format!("cannot spawn the bridge thread: {e}")))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => {
-                Ok(Self { thread: Some(thread), shared, stop_pulling: stop_tx, shutdown: shutdown_tx, manifests_tx })
-            }
+            Ok(Ok(())) => Ok(Self { thread: Some(thread), ops, shutdown: shutdown_tx }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -135,35 +136,12 @@ impl Bridge {
     }
 
     pub fn shared(&self) -> &Arc<BridgeShared> {
-        &self.shared
+        &self.ops.bridge
     }
 
-    /// Stops taking new messages from JetStream (drain, shutdown).
-    pub fn stop_pulling(&self) {
-        self.shared.pulling.store(false, Ordering::SeqCst);
-        let _ = self.stop_pulling.send(true);
-    }
-
-    /// Swaps the manifests used for routing (after the shards accepted them).
-    pub fn set_manifests(&self, set: Arc<ManifestSet>) {
-        let _ = self.manifests_tx.send(set);
-    }
-
-    /// Waits until no message is in flight or the deadline passes; returns whether it drained.
-    pub fn wait_settled(&self, deadline: std::time::Instant) -> bool {
-        while std::time::Instant::now() < deadline {
-            if self.shared.in_flight.load(Ordering::SeqCst) <= 0 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.shared.in_flight.load(Ordering::SeqCst) <= 0
-    }
-
-    /// Ends the bridge: stops pulling, flushes the connection, joins the thread. Call after
-    /// the shards stopped (their relays hold the dispatch channel open until then).
+    /// Ends the bridge: flushes the connection, joins the thread. Call after the shards
+    /// stopped (their relays hold the dispatch channel open until then).
     pub fn shutdown(mut self) {
-        self.stop_pulling();
         let _ = self.shutdown.send(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -180,15 +158,11 @@ impl Drop for Bridge {
     }
 }
 
-async fn setup(
-    cfg: Config,
-    url: String,
-    shards: Vec<ShardHandle>,
-    router: Router,
-    manifests: Arc<ManifestSet>,
-    shared: Arc<BridgeShared>,
-    stop_pulling: watch::Receiver<bool>,
-) -> Result<Ctx, BridgeError> {
+async fn setup(ops: Arc<Ops>, url: String, manifests: Arc<ManifestSet>, stop_pulling: watch::Receiver<bool>) -> Result<Ctx, BridgeError> {
+    let cfg = ops.cfg.clone();
+    let shards = ops.shards.clone();
+    let router = ops.router;
+    let shared = ops.bridge.clone();
     let connect_ms = cfg.connect_timeout_ms;
     let shared_events = shared.clone();
     let options = async_nats::ConnectOptions::new()

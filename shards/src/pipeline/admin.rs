@@ -77,6 +77,14 @@ pub(super) fn query(core: &ShardCore, q: &Query) -> QueryAnswer {
                     .collect(),
             ))
         }
+        Query::Sagas { tenant, saga } => Ok(Value::Array(
+            view.sagas_page::<serde::de::IgnoredAny>(None, usize::MAX)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|(k, _)| k.tenant == *tenant && k.saga == *saga)
+                .map(|(k, _)| Value::String(k.correlation_id))
+                .collect(),
+        )),
         Query::Stats => {
             let s = view.stats().map_err(|e| e.to_string())?;
             let relay = core.relay.borrow();
@@ -135,6 +143,21 @@ pub(super) fn run(
         }
         AdminOp::Replay { tenant, saga, correlation_id, from_seq } => {
             replay(core, st, tenant, saga, correlation_id, from_seq)?
+        }
+        AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now)?,
+        AdminOp::EndReplay { key } => {
+            if let Some((mut inst, source)) = core.take(st, &key)? {
+                let changed = inst.replaying;
+                inst.replaying = false;
+                inst.replay_suppress.clear();
+                core.put_back(st, key.clone(), inst, source, changed);
+            }
+            let held: Vec<_> = core.held_timers.iter().filter(|k| k.saga == key).cloned().collect();
+            for k in held {
+                core.set_held_timer(st, k, false);
+            }
+            st.schedules_changed = true;
+            Ok(json!({ "replay_ended": key.correlation_id }))
         }
     };
     st.after.push(After::Admin(reply, answer));
@@ -204,6 +227,8 @@ fn replay(
             return Ok(Err(format!("{key} is retrying an event; replay it after that settles")));
         }
         let Some((mut inst, _)) = core.take(st, &key)? else { continue };
+        let truncated = inst.version > inst.applied.len() as u64;
+        let applied: Vec<Value> = inst.applied.iter().map(|a| json!({ "stream": a.stream, "seq": a.seq, "id": a.id })).collect();
         // Everything applied before is remembered so its work is not dispatched again.
         inst.replay_suppress.extend(inst.applied.drain(..).map(|a| a.id));
         inst.state = Dynamic::UNIT;
@@ -212,7 +237,8 @@ fn replay(
         inst.last_seq.clear();
         inst.outstanding.clear();
         inst.parked = None;
-        reset.push(key.correlation_id.clone());
+        inst.replaying = true;
+        reset.push(json!({ "correlation_id": key.correlation_id, "applied": applied, "truncated": truncated }));
         core.put_back(st, key, inst, super::Source::Staged, true);
     }
     let mut streams: Vec<String> = core
@@ -229,5 +255,21 @@ fn replay(
             from_seq.saturating_sub(1),
         );
     }
-    Ok(Ok(json!({ "reset": reset, "count": reset.len(), "from_seq": from_seq, "streams": streams })))
+    Ok(Ok(json!({ "instances": reset, "count": reset.len(), "from_seq": from_seq, "streams": streams })))
+}
+
+/// Applies the instance's timer `timer_id` now (its place in a replayed history).
+fn fire_timer(core: &mut ShardCore, st: &mut Staged, key: SagaKey, timer_id: String, now: u64) -> Result<Result<Value, String>, CoreError> {
+    let found = core.store.read()?.schedules_of(&key)?.into_iter().find(|(k, _)| k.timer_id == timer_id);
+    let Some((sk, entry)) = found else {
+        return Ok(Err(format!("no pending timer {timer_id} for {key}")));
+    };
+    let event = super::timers::timer_event(&sk, &entry);
+    let target = Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: false };
+    if core.held_timers.contains(&sk) {
+        core.set_held_timer(st, sk.clone(), false);
+    }
+    super::apply::route(core, st, Pending { event: Arc::new(event), target, origin: Origin::ReplayTimer(sk) }, now)?;
+    st.schedules_changed = true;
+    Ok(Ok(json!({ "fired": timer_id })))
 }

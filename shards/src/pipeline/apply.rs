@@ -29,7 +29,7 @@ pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: Pending, now: u64)
         return Ok(());
     }
     if let Some(mut b) = core.take_blocked(st, &key) {
-        if let Origin::Timer(sk) = &p.origin {
+        if let Some(sk) = p.origin.timer() {
             core.set_held_timer(st, sk.clone(), true);
         }
         b.queue.push_back(p);
@@ -102,7 +102,7 @@ fn on_failure(
         let retry_at = now + retry.backoff_jittered(attempts, unit).max(1);
         tracing::warn!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, retry_in_ms = retry_at - now, error = %error, "transition failed; key blocked, will retry");
         for p in std::iter::once(&head).chain(rest.iter()) {
-            if let Origin::Timer(sk) = &p.origin {
+            if let Some(sk) = p.origin.timer() {
                 core.set_held_timer(st, sk.clone(), true);
             }
         }
@@ -137,6 +137,7 @@ fn new_instance(event: &Event, now: u64) -> Instance {
         traceparent: event.traceparent.clone(),
         applied: Vec::new(),
         replay_suppress: Default::default(),
+        replaying: false,
         state: Dynamic::UNIT,
     }
 }
@@ -163,10 +164,10 @@ fn apply_one(
     let (mut inst, source, is_new) = match taken {
         Some((inst, source)) => (inst, source, false),
         None => {
-            let may_start = p.target.may_start && event.result.is_none() && !matches!(p.origin, Origin::Timer(_));
+            let may_start = p.target.may_start && event.result.is_none() && p.origin.timer().is_none();
             if !may_start {
                 st.stats.skipped += 1;
-                if matches!(p.origin, Origin::Timer(_)) {
+                if p.origin.timer().is_some() {
                     st.stats.timers_dropped += 1;
                 }
                 settle(core, st, p, None);
@@ -176,6 +177,15 @@ fn apply_one(
         }
     };
 
+    // During an operator's replay, timers fire only at their place in the history.
+    if inst.replaying
+        && let Origin::Timer(sk) = &p.origin
+    {
+        let sk = sk.clone();
+        core.put_back(st, key.clone(), inst, source, false);
+        core.set_held_timer(st, sk, true);
+        return Ok(Ok(()));
+    }
     // A parked key: later events wait behind the poison one, in order.
     if let Some(parked) = &inst.parked {
         let why = format!("key parked behind dead letter {}", parked.poison_event_id);
@@ -188,7 +198,7 @@ fn apply_one(
     if inst.status.is_final() {
         core.put_back(st, key.clone(), inst, source, false);
         st.stats.skipped += 1;
-        if matches!(p.origin, Origin::Timer(_)) {
+        if p.origin.timer().is_some() {
             st.stats.timers_dropped += 1;
         }
         settle(core, st, p, None);
@@ -333,7 +343,7 @@ fn to_json(v: &Dynamic) -> Json {
 fn settle(core: &mut ShardCore, st: &mut Staged, p: &Pending, term: Option<String>) {
     match &p.origin {
         Origin::Delivery(d) => st.after.push(After::Resolved { delivery: d.clone(), term }),
-        Origin::Timer(sk) => {
+        Origin::Timer(sk) | Origin::ReplayTimer(sk) => {
             st.batch.delete_schedule(sk);
             st.schedules_changed = true;
             if core.held_timers.contains(sk) {

@@ -97,6 +97,18 @@ pub(crate) enum Origin {
     Timer(ScheduleKey),
     /// A requeued dead letter: delete it in the same transaction; passes the sequence gate.
     Requeue(DeadLetterKey),
+    /// A timer fired on an operator's replay, at its place in the instance's history.
+    ReplayTimer(ScheduleKey),
+}
+
+impl Origin {
+    /// The schedule entry, for timer origins.
+    fn timer(&self) -> Option<&ScheduleKey> {
+        match self {
+            Origin::Timer(k) | Origin::ReplayTimer(k) => Some(k),
+            _ => None,
+        }
+    }
 }
 
 /// One event for one saga instance.

@@ -702,7 +702,8 @@ fn replay_reset_rebuilds_state_without_dispatching_again() {
         reply: tx,
     }]);
     let answer = rx.try_recv().unwrap().unwrap().unwrap();
-    assert_eq!(answer["reset"], serde_json::json!(["o-11"]));
+    assert_eq!(answer["instances"][0]["correlation_id"], "o-11");
+    assert_eq!(answer["instances"][0]["applied"][0]["id"], placed.id.as_str());
     // The source event applied again: same state, its work suppressed (deleted undispatched).
     env.apply(placed, SAGA, "o-11", true);
     let after = env.record(SAGA, "o-11").unwrap();
@@ -728,4 +729,44 @@ fn queries_show_instance_timers_outbox_and_stats() {
     let s = env.core().query(&Query::Stats).unwrap();
     assert_eq!(s["store"]["sagas"], 1);
     assert_eq!(env.core().query(&Query::Saga(SagaKey::new("acme", SAGA, "none"))).unwrap(), serde_json::Value::Null);
+}
+
+#[test]
+fn during_a_replay_timers_wait_for_their_place_in_the_history() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-13");
+    env.apply(placed.clone(), SAGA, "o-13", true);
+    let reserved = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-13"}));
+    env.apply(reserved.clone(), SAGA, "o-13", false);
+    let key = SagaKey::new("acme", SAGA, "o-13");
+    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.clone();
+    env.now = due.due_at;
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-13")["step"], "payment_timed_out");
+    let before = env.record(SAGA, "o-13").unwrap();
+    let dispatchable_before = env.outbox().len();
+    let admin = |env: &mut TestEnv, op: AdminOp| {
+        let (tx, mut rx) = reply_channel();
+        env.run(vec![Request::Admin { op, reply: tx }]);
+        rx.try_recv().unwrap().unwrap().unwrap()
+    };
+    let answer = admin(&mut env, AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: Some("o-13".into()), from_seq: 0 });
+    let applied: Vec<String> = answer["instances"][0]["applied"].as_array().unwrap().iter().map(|a| a["stream"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(applied, ["AGGREGATE_EVENTS", "AGGREGATE_EVENTS", "timers"]);
+    env.apply(placed, SAGA, "o-13", true);
+    env.apply(reserved, SAGA, "o-13", false);
+    // The re-created timer is past due, but waits for its place in the history.
+    env.tick();
+    env.tick();
+    assert_eq!(env.state(SAGA, "o-13")["step"], "charging");
+    admin(&mut env, AdminOp::FireTimer { key: key.clone(), timer_id: due.timer_id.clone() });
+    admin(&mut env, AdminOp::EndReplay { key: key.clone() });
+    let after = env.record(SAGA, "o-13").unwrap();
+    assert_eq!(after.state.get(), before.state.get(), "replay did not rebuild the same state");
+    assert_eq!(after.status, before.status);
+    assert!(!after.replaying);
+    // Everything the replay produced is suppressed: nothing new is dispatched.
+    let outbox = env.outbox();
+    assert_eq!(outbox.iter().filter(|(_, i)| !i.suppressed).count(), dispatchable_before);
+    assert_eq!(outbox.iter().filter(|(_, i)| i.suppressed).count(), 4, "Reserve, charge, Release, refund again");
 }

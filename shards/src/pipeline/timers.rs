@@ -16,24 +16,7 @@ pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Resul
         if core.held_timers.contains(&sk) {
             continue;
         }
-        let data = serde_json::json!({
-            "name": entry.name,
-            "payload": serde_json::from_str::<serde_json::Value>(entry.payload.get()).unwrap_or_default(),
-            "scheduled_at": entry.scheduled_at,
-        });
-        let event = Event {
-            id: sk.timer_id.clone(),
-            event_type: "timer".into(),
-            stream: "timers".into(),
-            seq: 0,
-            subject: format!("workflow.timers.{}.{}.{}", subject_token(&sk.saga.tenant), sk.saga.saga, entry.name),
-            tenant: sk.saga.tenant.clone(),
-            timestamp: sk.due_at,
-            data,
-            traceparent: entry.traceparent.clone(),
-            result: None,
-            headers: Default::default(),
-        };
+        let event = timer_event(&sk, &entry);
         let target =
             Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };
         st.stats.timers_fired += 1;
@@ -41,6 +24,28 @@ pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Resul
         super::apply::route(core, st, Pending { event: Arc::new(event), target, origin: Origin::Timer(sk) }, now)?;
     }
     Ok(())
+}
+
+/// The `timer` event a due schedule entry becomes.
+pub(super) fn timer_event(sk: &crate::keys::ScheduleKey, entry: &crate::record::ScheduleEntry) -> Event {
+    let data = serde_json::json!({
+        "name": entry.name,
+        "payload": serde_json::from_str::<serde_json::Value>(entry.payload.get()).unwrap_or_default(),
+        "scheduled_at": entry.scheduled_at,
+    });
+    Event {
+        id: sk.timer_id.clone(),
+        event_type: "timer".into(),
+        stream: "timers".into(),
+        seq: 0,
+        subject: format!("workflow.timers.{}.{}.{}", subject_token(&sk.saga.tenant), sk.saga.saga, entry.name),
+        tenant: sk.saga.tenant.clone(),
+        timestamp: sk.due_at,
+        data,
+        traceparent: entry.traceparent.clone(),
+        result: None,
+        headers: Default::default(),
+    }
 }
 
 /// The NATS subject token for a tenant (`_` for the empty tenant).

@@ -22,6 +22,7 @@ fn saga_record(state: &str, version: u64) -> SagaRecord {
         traceparent: None,
         applied: vec![],
         replay_suppress: Default::default(),
+        replaying: false,
         state: json(state),
     }
 }
@@ -332,4 +333,23 @@ proptest! {
         store.commit(&b).unwrap();
         prop_assert_eq!(snapshot(&store), snapshot(&reference));
     }
+}
+
+#[test]
+fn a_read_only_view_sees_committed_data_and_refuses_a_missing_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreConfig::default());
+    let mut b = Batch::new();
+    b.put_saga(&SagaKey::new("t", "s", "c"), &saga_record("1", 1));
+    store.commit(&b).unwrap();
+    // A stopped runner (heed opens an env once per process; a running one is another process).
+    drop(store);
+    let ro = Store::open_read_only(dir.path(), 0).unwrap();
+    assert_eq!(ro.partitions(), 16);
+    assert_eq!(ro.read().unwrap().stats().unwrap().sagas, 1);
+    let mut b = Batch::new();
+    b.put_saga(&SagaKey::new("t", "s", "x"), &saga_record("3", 1));
+    assert!(ro.commit(&b).is_err(), "a read-only store wrote");
+    let err = Store::open_read_only(&dir.path().join("nope"), 3).unwrap_err();
+    assert!(err.to_string().contains("shard 3"), "{err}");
 }

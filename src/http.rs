@@ -1,0 +1,230 @@
+//! The operations HTTP server (hyper, on the bridge thread):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /health` | storage writable and JetStream reachable (200 / 503) |
+//! | `GET /ready` | healthy, pulling, not draining (200 / 503) |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /info` | build, mode, streams, consumers, sagas, effects, shards, partitions |
+//! | `POST /admin/drain` | stop pulling, finish in-flight, flush the relay; report |
+//! | `POST /admin/reload` | swap manifests, or answer every problem and keep the old set |
+//! | `POST /admin/replay` | `{tenant, saga, correlation_id?, from_seq?, confirm}` |
+//! | `GET /admin/deadletters?tenant=T&limit=N` | list |
+//! | `POST /admin/deadletters/requeue` | `{tenant, saga, correlation_id, skip_poison?}` |
+//! | `POST /admin/deadletters/discard` | `{tenant, at, id}` |
+//! | `GET /sagas/{tenant}/{saga}/{correlation_id}` | one instance (`_` is the empty tenant) |
+//!
+//! `/admin/*` and `/sagas/*` need `Authorization: Bearer <http.admin_token>` when a token
+//! is configured (compared in constant time, never logged). Errors are JSON `{"error": reason}`.
+
+use crate::ops::{Ops, OpsError};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use shards::keys::{DeadLetterKey, SagaKey};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response(status: u16, v: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(v).unwrap_or_default())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: u16, reason: impl Into<String>) -> Resp {
+    json_response(status, &json!({ "error": reason.into() }))
+}
+
+fn from(r: Result<Value, OpsError>) -> Resp {
+    match r {
+        Ok(v) => json_response(200, &v),
+        Err(e) => error(e.status, e.reason),
+    }
+}
+
+/// Serves until `stop` turns true.
+pub async fn serve(ops: Arc<Ops>, listener: std::net::TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Ok(listener) = listener.set_nonblocking(true).and_then(|_| tokio::net::TcpListener::from_std(listener)) else {
+        tracing::error!("cannot serve HTTP on the given listener");
+        return;
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(addr = %addr, "operations endpoints listening");
+    }
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let ops = ops.clone();
+        tokio::task::spawn_local(async move {
+            let svc = service_fn(move |req| {
+                let ops = ops.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&ops, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn authorized(ops: &Ops, req: &Request<hyper::body::Incoming>) -> bool {
+    let Some(token) = &ops.cfg.admin_token else { return true };
+    let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn body_json(req: Request<hyper::body::Incoming>) -> Result<Value, Resp> {
+    let bytes = Limited::new(req.into_body(), 1 << 20).collect().await.map_err(|e| error(400, format!("cannot read the body: {e}")))?.to_bytes();
+    if bytes.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| error(400, format!("body is not JSON: {e}")))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(req: &Request<hyper::body::Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| percent_decode(&v.replace('+', " ")))
+    })
+}
+
+fn str_field(v: &Value, field: &str) -> Result<String, Resp> {
+    v.get(field).and_then(|x| x.as_str()).map(str::to_owned).ok_or_else(|| error(400, format!("field `{field}` (string) is required")))
+}
+
+fn tenant_of(segment: &str) -> String {
+    if segment == "_" { String::new() } else { segment.to_owned() }
+}
+
+async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let protected = path.starts_with("/admin/") || path.starts_with("/sagas/");
+    if protected && !authorized(ops, &req) {
+        return error(401, "missing or wrong bearer token");
+    }
+    match (&method, path.as_str()) {
+        (&Method::GET, "/health") => {
+            let (ok, v) = ops.health();
+            json_response(if ok { 200 } else { 503 }, &v)
+        }
+        (&Method::GET, "/ready") => {
+            let (ok, v) = ops.ready();
+            json_response(if ok { 200 } else { 503 }, &v)
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(ops.metrics())));
+            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r
+        }
+        (&Method::GET, "/info") => json_response(200, &ops.info()),
+        (&Method::POST, "/admin/drain") => {
+            let report = ops.drain(Duration::from_millis(ops.cfg.drain_deadline_ms)).await;
+            json_response(if report.drained { 200 } else { 503 }, &serde_json::to_value(&report).unwrap_or_default())
+        }
+        (&Method::POST, "/admin/reload") => from(ops.reload().await),
+        (&Method::POST, "/admin/replay") => {
+            let body = match body_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let (tenant, saga) = match (body.get("tenant").and_then(|t| t.as_str()), str_field(&body, "saga")) {
+                (Some(t), Ok(s)) => (t.to_owned(), s),
+                (None, _) => return error(400, "field `tenant` (string, \"\" for single-tenant) is required"),
+                (_, Err(r)) => return r,
+            };
+            let cid = body.get("correlation_id").and_then(|c| c.as_str()).map(str::to_owned);
+            let from_seq = body.get("from_seq").and_then(|s| s.as_u64()).unwrap_or(0);
+            let confirm = body.get("confirm").and_then(|c| c.as_bool()).unwrap_or(false);
+            from(ops.replay(tenant, saga, cid, from_seq, confirm).await)
+        }
+        (&Method::GET, "/admin/deadletters") => {
+            let tenant = query_param(&req, "tenant").unwrap_or_default();
+            let limit = query_param(&req, "limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+            from(ops.deadletters(&tenant, limit).await)
+        }
+        (&Method::POST, "/admin/deadletters/requeue") => {
+            let body = match body_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let tenant = body.get("tenant").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
+            let (saga, cid) = match (str_field(&body, "saga"), str_field(&body, "correlation_id")) {
+                (Ok(s), Ok(c)) => (s, c),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+            let skip = body.get("skip_poison").and_then(|s| s.as_bool()).unwrap_or(false);
+            from(ops.requeue(SagaKey::new(tenant, saga, cid), skip).await)
+        }
+        (&Method::POST, "/admin/deadletters/discard") => {
+            let body = match body_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let tenant = body.get("tenant").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
+            let (Some(at), Ok(id)) = (body.get("at").and_then(|a| a.as_u64()), str_field(&body, "id")) else {
+                return error(400, "fields `at` (number) and `id` (string) are required");
+            };
+            from(ops.discard(DeadLetterKey { tenant, at, id }).await)
+        }
+        (&Method::GET, p) if p.starts_with("/sagas/") => {
+            let parts: Vec<String> = p["/sagas/".len()..].split('/').map(percent_decode).collect();
+            match parts.as_slice() {
+                [tenant, saga, cid] => from(ops.saga(SagaKey::new(tenant_of(tenant), saga.clone(), cid.clone())).await),
+                _ => error(400, "expected /sagas/{tenant}/{saga}/{correlation_id} (`_` for the empty tenant)"),
+            }
+        }
+        (_, p) if ["/health", "/ready", "/metrics", "/info", "/admin/drain", "/admin/reload", "/admin/replay", "/admin/deadletters"].contains(&p) => {
+            error(405, format!("method {method} is not allowed on {p}"))
+        }
+        _ => error(404, format!("no route {method} {path}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_percent_escapes_and_compares_in_constant_time() {
+        assert_eq!(percent_decode("a%20b%2Fc"), "a b/c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert!(constant_time_eq(b"token-1234567890", b"token-1234567890"));
+        assert!(!constant_time_eq(b"token-1234567890", b"token-1234567891"));
+        assert!(!constant_time_eq(b"short", b"longer"));
+    }
+}

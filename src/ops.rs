@@ -1,0 +1,428 @@
+//! Operations: health, readiness, info, metrics, drain, reload, replay, dead letters and
+//! saga inspection — what `/health`, `/ready`, `/metrics`, `/info`, `/admin/*` and `/sagas/*`
+//! serve. Shared (`Arc`) by the HTTP server on the bridge thread and the main thread.
+
+use crate::bridge::BridgeShared;
+use crate::config::Config;
+use serde_json::{Value, json};
+use shards::keys::{DeadLetterKey, SagaKey};
+use shards::manifest::ManifestSet;
+use shards::message::{AdminOp, Query, Request, reply_channel};
+use shards::routing::Router;
+use shards::runtime::ShardHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The process-wide Prometheus recorder (installed once; later runners in the same process
+/// share it).
+pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+                .ok()?;
+            builder.install_recorder().ok()
+        })
+        .clone()
+}
+
+/// What a drain achieved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrainReport {
+    pub drained: bool,
+    pub in_flight: i64,
+    pub outbox_window: u64,
+    pub dispatching: i64,
+    pub millis: u64,
+}
+
+pub struct Ops {
+    pub cfg: Config,
+    pub shards: Vec<ShardHandle>,
+    pub router: Router,
+    pub bridge: Arc<BridgeShared>,
+    stop_pulling: tokio::sync::watch::Sender<bool>,
+    manifests_tx: flume::Sender<Arc<ManifestSet>>,
+    manifests: Mutex<Arc<ManifestSet>>,
+    draining: AtomicBool,
+    started: Instant,
+    nats_url: String,
+    /// Set by the bridge once connected (replay reads stored messages).
+    pub js: OnceLock<async_nats::jetstream::Context>,
+}
+
+/// An error with its HTTP status.
+#[derive(Debug)]
+pub struct OpsError {
+    pub status: u16,
+    pub reason: String,
+}
+
+impl OpsError {
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+        Self { status, reason: reason.into() }
+    }
+}
+
+type OpsResult = Result<Value, OpsError>;
+
+impl Ops {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        shards: Vec<ShardHandle>,
+        router: Router,
+        bridge: Arc<BridgeShared>,
+        stop_pulling: tokio::sync::watch::Sender<bool>,
+        manifests_tx: flume::Sender<Arc<ManifestSet>>,
+        manifests: Arc<ManifestSet>,
+        nats_url: String,
+    ) -> Self {
+        Self {
+            cfg,
+            shards,
+            router,
+            bridge,
+            stop_pulling,
+            manifests_tx,
+            manifests: Mutex::new(manifests),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            nats_url,
+            js: OnceLock::new(),
+        }
+    }
+
+    pub fn manifests(&self) -> Arc<ManifestSet> {
+        self.manifests.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Storage writable (every shard's last commit succeeded and the data directory takes a
+    /// file) and JetStream reachable.
+    pub fn health(&self) -> (bool, Value) {
+        let failing: Vec<usize> = self.shards.iter().filter(|s| !s.health.writable.load(Ordering::SeqCst)).map(|s| s.index).collect();
+        let errors: Vec<String> = self
+            .shards
+            .iter()
+            .filter(|s| !s.health.writable.load(Ordering::SeqCst))
+            .filter_map(|s| s.health.last_error.lock().ok().and_then(|e| e.clone()))
+            .collect();
+        let probe = probe_dir(&self.cfg.data_dir);
+        let nats = self.bridge.connected.load(Ordering::SeqCst);
+        let ok = failing.is_empty() && probe.is_ok() && nats;
+        (
+            ok,
+            json!({
+                "status": if ok { "ok" } else { "failing" },
+                "storage": { "writable": failing.is_empty() && probe.is_ok(), "failing_shards": failing, "errors": errors,
+                             "data_dir": probe.err() },
+                "nats": { "connected": nats },
+            }),
+        )
+    }
+
+    /// Healthy, pulling, and not draining.
+    pub fn ready(&self) -> (bool, Value) {
+        let (healthy, _) = self.health();
+        let draining = self.is_draining();
+        let pulling = self.bridge.pulling.load(Ordering::SeqCst);
+        let ok = healthy && !draining && pulling;
+        (ok, json!({ "ready": ok, "healthy": healthy, "draining": draining, "pulling": pulling }))
+    }
+
+    pub fn info(&self) -> Value {
+        let m = self.manifests();
+        let cfg = &self.cfg;
+        json!({
+            "name": "runner",
+            "version": env!("CARGO_PKG_VERSION"),
+            "mode": cfg.mode,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "shards": self.router.shards(),
+            "partitions": self.router.partitions(),
+            "durability": cfg.durability,
+            "nats": self.nats_url,
+            "streams": { "aggregate_events": cfg.aggregate_stream, "workflow_commands": cfg.commands_stream, "workflow_events": cfg.events_stream },
+            "consumers": {
+                "aggregate": cfg.aggregate_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "events", f)})).collect::<Vec<_>>(),
+                "results": cfg.result_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "results", f)})).collect::<Vec<_>>(),
+                "commands": cfg.command_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "effects", f)})).collect::<Vec<_>>(),
+            },
+            "sagas": m.sagas.keys().collect::<Vec<_>>(),
+            "effects": m.effects.keys().collect::<Vec<_>>(),
+            "manifests": m.files,
+        })
+    }
+
+    /// Prometheus text: everything recorded, plus gauges sampled now.
+    pub fn metrics(&self) -> String {
+        let b = &self.bridge;
+        metrics::gauge!("runner_messages_in_flight").set(b.in_flight.load(Ordering::SeqCst) as f64);
+        metrics::gauge!("runner_dispatches_in_flight").set(b.dispatching.load(Ordering::SeqCst) as f64);
+        metrics::gauge!("runner_nats_connected").set(if b.connected.load(Ordering::SeqCst) { 1.0 } else { 0.0 });
+        metrics::gauge!("runner_ready").set(if self.ready().0 { 1.0 } else { 0.0 });
+        for s in &self.shards {
+            let shard = s.index.to_string();
+            metrics::gauge!("runner_inbox_depth", "shard" => shard.clone()).set(s.queued() as f64);
+            metrics::gauge!("runner_storage_writable", "shard" => shard).set(if s.health.writable.load(Ordering::SeqCst) { 1.0 } else { 0.0 });
+        }
+        metrics_handle().map(|h| h.render()).unwrap_or_default()
+    }
+
+    fn drain_state(&self) -> (i64, u64, i64) {
+        let window = self.shards.iter().map(|h| h.health.outbox_window.load(Ordering::SeqCst)).sum();
+        (self.bridge.in_flight.load(Ordering::SeqCst), window, self.bridge.dispatching.load(Ordering::SeqCst))
+    }
+
+    fn begin_drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!("draining: not ready, stopping pulls");
+        }
+        self.bridge.pulling.store(false, Ordering::SeqCst);
+        let _ = self.stop_pulling.send(true);
+    }
+
+    fn report(&self, started: Instant) -> DrainReport {
+        let (in_flight, outbox_window, dispatching) = self.drain_state();
+        DrainReport { drained: in_flight <= 0 && outbox_window == 0 && dispatching <= 0, in_flight, outbox_window, dispatching, millis: started.elapsed().as_millis() as u64 }
+    }
+
+    /// Stops pulling, waits (blocking) until in-flight messages settled and the outbox is
+    /// flushed, or the deadline passes.
+    pub fn drain_blocking(&self, deadline: Duration) -> DrainReport {
+        let started = Instant::now();
+        self.begin_drain();
+        while started.elapsed() < deadline {
+            let r = self.report(started);
+            if r.drained {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.report(started)
+    }
+
+    /// [`Self::drain_blocking`] for async callers (the HTTP server).
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        let started = Instant::now();
+        self.begin_drain();
+        while started.elapsed() < deadline {
+            let r = self.report(started);
+            if r.drained {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.report(started)
+    }
+
+    async fn ask(&self, shard: usize, query: Query) -> OpsResult {
+        let (tx, rx) = reply_channel();
+        let h = &self.shards[shard % self.shards.len()];
+        h.send(Request::Query { query, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?.map_err(|e| OpsError::new(500, e))
+    }
+
+    async fn admin(&self, shard: usize, op: AdminOp) -> OpsResult {
+        let (tx, rx) = reply_channel();
+        let h = &self.shards[shard % self.shards.len()];
+        h.send(Request::Admin { op, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?.map_err(|e| OpsError::new(409, e))
+    }
+
+    pub async fn saga(&self, key: SagaKey) -> OpsResult {
+        key.validate().map_err(|e| OpsError::new(400, e.to_string()))?;
+        let shard = self.router.shard(&key.tenant, key.route());
+        let v = self.ask(shard, Query::Saga(key.clone())).await?;
+        if v.is_null() {
+            return Err(OpsError::new(404, format!("no saga instance for {key}")));
+        }
+        Ok(v)
+    }
+
+    pub async fn deadletters(&self, tenant: &str, limit: usize) -> OpsResult {
+        let mut all = Vec::new();
+        for s in 0..self.shards.len() {
+            if let Value::Array(a) = self.ask(s, Query::DeadLetters { tenant: tenant.to_owned(), after: None, limit }).await? {
+                all.extend(a);
+            }
+        }
+        all.sort_by_key(|l| l["at"].as_u64().unwrap_or(0));
+        all.truncate(limit);
+        Ok(json!({ "tenant": tenant, "count": all.len(), "deadletters": all }))
+    }
+
+    pub async fn requeue(&self, key: SagaKey, skip_poison: bool) -> OpsResult {
+        key.validate().map_err(|e| OpsError::new(400, e.to_string()))?;
+        let shard = self.router.shard(&key.tenant, key.route());
+        self.admin(shard, AdminOp::Requeue { key, skip_poison }).await
+    }
+
+    pub async fn discard(&self, key: DeadLetterKey) -> OpsResult {
+        // A dead letter lives in the shard of its partition; ask each (listings are cheap).
+        let mut last = OpsError::new(404, format!("no dead letter {} for tenant {:?}", key.id, key.tenant));
+        for s in 0..self.shards.len() {
+            match self.admin(s, AdminOp::Discard { key: key.clone() }).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.status == 409 => last = OpsError::new(404, e.reason),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Loads the configured manifests; if they validate, every shard swaps them between
+    /// batches, then the bridge. A bad set changes nothing and answers every problem.
+    pub async fn reload(&self) -> OpsResult {
+        let set = match crate::app::load_manifests(&self.cfg) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running manifests stay");
+                return Err(OpsError::new(422, e.to_string()));
+            }
+        };
+        for h in &self.shards {
+            let (tx, rx) = reply_channel();
+            h.send(Request::Reload { set: set.clone(), reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+            rx.await.map_err(|_| OpsError::new(503, "a shard did not answer"))?.map_err(|e| OpsError::new(422, e))?;
+        }
+        let _ = self.manifests_tx.send(set.clone());
+        if let Ok(mut m) = self.manifests.lock() {
+            *m = set.clone();
+        }
+        tracing::info!(sagas = set.sagas.len(), effects = set.effects.len(), "manifests reloaded");
+        Ok(json!({ "reloaded": true, "sagas": set.sagas.keys().collect::<Vec<_>>(), "effects": set.effects.keys().collect::<Vec<_>>() }))
+    }
+
+    /// Controlled replay: without `confirm` only reports what it would reset.
+    pub async fn replay(&self, tenant: String, saga: String, correlation_id: Option<String>, from_seq: u64, confirm: bool) -> OpsResult {
+        if !self.manifests().sagas.contains_key(&saga) {
+            return Err(OpsError::new(404, format!("saga {saga:?} is not loaded")));
+        }
+        // What would be reset: instances of the saga for the tenant (or the one instance).
+        let mut instances = Vec::new();
+        match &correlation_id {
+            Some(cid) => {
+                if self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await.is_ok() {
+                    instances.push(cid.clone());
+                }
+            }
+            None => {
+                for s in 0..self.shards.len() {
+                    if let Value::Array(a) = self.ask(s, Query::Sagas { tenant: tenant.clone(), saga: saga.clone() }).await? {
+                        instances.extend(a.into_iter().filter_map(|v| v.as_str().map(str::to_owned)));
+                    }
+                }
+            }
+        }
+        instances.sort();
+        if !confirm {
+            return Err(OpsError::new(
+                400,
+                format!(
+                    "replay needs \"confirm\": true; it would reset {} instance(s) of saga {saga:?} for tenant {tenant:?} and re-apply their events from sequence {from_seq}: {}",
+                    instances.len(),
+                    instances.join(", ")
+                ),
+            ));
+        }
+        // Refuse instances whose history was trimmed: they cannot be rebuilt exactly.
+        for cid in &instances {
+            let v = self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await?;
+            let applied = v["applied"].as_array().map(|a| a.len() as u64).unwrap_or(0);
+            if v["version"].as_u64().unwrap_or(0) > applied {
+                return Err(OpsError::new(
+                    409,
+                    format!("instance {cid:?} applied {} events but remembers the last {applied} only; it cannot be replayed exactly", v["version"]),
+                ));
+            }
+        }
+        let mut histories = Vec::new();
+        for s in 0..self.shards.len() {
+            let op = AdminOp::Replay { tenant: tenant.clone(), saga: saga.clone(), correlation_id: correlation_id.clone(), from_seq };
+            let answer = self.admin(s, op).await?;
+            if let Value::Array(list) = &answer["instances"] {
+                histories.extend(list.iter().cloned());
+            }
+        }
+        tracing::warn!(tenant = %tenant, saga = %saga, correlation_id = ?correlation_id, from_seq, instances = histories.len(), "controlled replay: instances reset, re-applying their events");
+        let mut report = Vec::new();
+        for h in histories {
+            let cid = h["correlation_id"].as_str().unwrap_or_default().to_owned();
+            let key = SagaKey::new(tenant.clone(), saga.clone(), cid.clone());
+            let applied = self.refeed(&key, h["applied"].as_array().cloned().unwrap_or_default(), from_seq).await?;
+            self.admin(self.router.shard(&key.tenant, key.route()), AdminOp::EndReplay { key: key.clone() }).await?;
+            report.push(json!({ "correlation_id": cid, "re_applied": applied }));
+        }
+        Ok(json!({ "replayed": report, "from_seq": from_seq }))
+    }
+
+    /// Applies an instance's recorded events again, in their original order: stream events
+    /// read back from JetStream by sequence, timers fired at their place.
+    async fn refeed(&self, key: &SagaKey, applied: Vec<Value>, from_seq: u64) -> Result<usize, OpsError> {
+        let js = self.js.get().ok_or_else(|| OpsError::new(503, "not connected to JetStream"))?;
+        let shard = self.router.shard(&key.tenant, key.route());
+        let mut n = 0;
+        for r in applied {
+            let stream = r["stream"].as_str().unwrap_or_default();
+            let seq = r["seq"].as_u64().unwrap_or(0);
+            let id = r["id"].as_str().unwrap_or_default();
+            if stream == "timers" {
+                self.admin(shard, AdminOp::FireTimer { key: key.clone(), timer_id: id.to_owned() }).await?;
+                n += 1;
+                continue;
+            }
+            if seq < from_seq {
+                continue;
+            }
+            let msg = async {
+                let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+                s.get_raw_message(seq).await.map_err(|e| e.to_string())
+            }
+            .await
+            .map_err(|e| OpsError::new(502, format!("cannot read {stream} #{seq} back: {e}")))?;
+            let headers = msg.headers.iter().filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.as_str().to_owned()))).collect();
+            let t = crate::envelope::Transport {
+                stream: stream.to_owned(),
+                seq,
+                subject: msg.subject.to_string(),
+                headers,
+                published_ms: (msg.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            };
+            let event = if stream == self.cfg.events_stream {
+                crate::envelope::decode_result(&msg.payload, &t, self.cfg.max_event_bytes).map(|(_, e)| e)
+            } else {
+                crate::envelope::decode_aggregate(&msg.payload, &t, self.cfg.tenancy_required, self.cfg.max_event_bytes).map(|d| d.event)
+            }
+            .map_err(|e| OpsError::new(500, format!("{stream} #{seq} no longer decodes: {e}")))?;
+            let target = shards::message::Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: true };
+            let (tx, rx) = reply_channel();
+            self.shards[shard].send(Request::Apply { event: Arc::new(event), targets: vec![target], reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+            match rx.await {
+                Ok(shards::message::ApplyOutcome::Ack) => n += 1,
+                Ok(other) => return Err(OpsError::new(500, format!("re-applying {stream} #{seq} to {key} failed: {other:?}"))),
+                Err(_) => return Err(OpsError::new(503, "the shard did not answer")),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Checks that the data directory takes a new file (create, write, sync, remove).
+fn probe_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let path = dir.join(".health-probe");
+    let r = (|| {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(b"ok")?;
+        f.sync_all()?;
+        std::fs::remove_file(&path)
+    })();
+    r.map_err(|e| format!("data directory {} is not writable: {e}", dir.display()))
+}
