@@ -173,7 +173,13 @@ impl App {
     /// outbox to flush.
     pub fn drain(&self, deadline: Duration) -> DrainReport {
         let report = self.ops.drain_blocking(deadline);
-        tracing::info!(drained = report.drained, in_flight = report.in_flight, outbox_window = report.outbox_window, millis = report.millis, "drain finished");
+        tracing::info!(
+            drained = report.drained,
+            in_flight = report.in_flight,
+            outbox_window = report.outbox_window,
+            millis = report.millis,
+            "drain finished"
+        );
         report
     }
 

@@ -9,6 +9,7 @@
 //! | `POST /admin/drain` | stop pulling, finish in-flight, flush the relay; report |
 //! | `POST /admin/reload` | swap manifests, or answer every problem and keep the old set |
 //! | `POST /admin/replay` | `{tenant, saga, correlation_id?, from_seq?, confirm}` |
+//! | `GET /admin/stats` | per-shard store counts, outbox depth, blocked keys |
 //! | `GET /admin/deadletters?tenant=T&limit=N` | list |
 //! | `POST /admin/deadletters/requeue` | `{tenant, saga, correlation_id, skip_poison?}` |
 //! | `POST /admin/deadletters/discard` | `{tenant, at, id}` |
@@ -76,7 +77,12 @@ pub async fn serve(ops: Arc<Ops>, listener: std::net::TcpListener, mut stop: tok
 
 fn authorized(ops: &Ops, req: &Request<hyper::body::Incoming>) -> bool {
     let Some(token) = &ops.cfg.admin_token else { return true };
-    let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 
@@ -87,12 +93,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn body_json(req: Request<hyper::body::Incoming>) -> Result<Value, Resp> {
-    let bytes = Limited::new(req.into_body(), 1 << 20).collect().await.map_err(|e| error(400, format!("cannot read the body: {e}")))?.to_bytes();
+async fn body_json(req: Request<hyper::body::Incoming>) -> Result<Value, OpsError> {
+    let bytes = Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| OpsError::new(400, format!("cannot read the body: {e}")))?
+        .to_bytes();
     if bytes.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&bytes).map_err(|e| error(400, format!("body is not JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| OpsError::new(400, format!("body is not JSON: {e}")))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -121,8 +131,11 @@ fn query_param(req: &Request<hyper::body::Incoming>, name: &str) -> Option<Strin
     })
 }
 
-fn str_field(v: &Value, field: &str) -> Result<String, Resp> {
-    v.get(field).and_then(|x| x.as_str()).map(str::to_owned).ok_or_else(|| error(400, format!("field `{field}` (string) is required")))
+fn str_field(v: &Value, field: &str) -> Result<String, OpsError> {
+    v.get(field)
+        .and_then(|x| x.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| OpsError::new(400, format!("field `{field}` (string) is required")))
 }
 
 fn tenant_of(segment: &str) -> String {
@@ -147,7 +160,8 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
         }
         (&Method::GET, "/metrics") => {
             let mut r = Response::new(Full::new(Bytes::from(ops.metrics())));
-            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut()
+                .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
             r
         }
         (&Method::GET, "/info") => json_response(200, &ops.info()),
@@ -156,15 +170,16 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
             json_response(if report.drained { 200 } else { 503 }, &serde_json::to_value(&report).unwrap_or_default())
         }
         (&Method::POST, "/admin/reload") => from(ops.reload().await),
+        (&Method::GET, "/admin/stats") => from(ops.stats().await),
         (&Method::POST, "/admin/replay") => {
             let body = match body_json(req).await {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(e) => return error(e.status, e.reason),
             };
             let (tenant, saga) = match (body.get("tenant").and_then(|t| t.as_str()), str_field(&body, "saga")) {
                 (Some(t), Ok(s)) => (t.to_owned(), s),
                 (None, _) => return error(400, "field `tenant` (string, \"\" for single-tenant) is required"),
-                (_, Err(r)) => return r,
+                (_, Err(e)) => return error(e.status, e.reason),
             };
             let cid = body.get("correlation_id").and_then(|c| c.as_str()).map(str::to_owned);
             let from_seq = body.get("from_seq").and_then(|s| s.as_u64()).unwrap_or(0);
@@ -179,12 +194,12 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
         (&Method::POST, "/admin/deadletters/requeue") => {
             let body = match body_json(req).await {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(e) => return error(e.status, e.reason),
             };
             let tenant = body.get("tenant").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
             let (saga, cid) = match (str_field(&body, "saga"), str_field(&body, "correlation_id")) {
                 (Ok(s), Ok(c)) => (s, c),
-                (Err(r), _) | (_, Err(r)) => return r,
+                (Err(e), _) | (_, Err(e)) => return error(e.status, e.reason),
             };
             let skip = body.get("skip_poison").and_then(|s| s.as_bool()).unwrap_or(false);
             from(ops.requeue(SagaKey::new(tenant, saga, cid), skip).await)
@@ -192,7 +207,7 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
         (&Method::POST, "/admin/deadletters/discard") => {
             let body = match body_json(req).await {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(e) => return error(e.status, e.reason),
             };
             let tenant = body.get("tenant").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
             let (Some(at), Ok(id)) = (body.get("at").and_then(|a| a.as_u64()), str_field(&body, "id")) else {
@@ -207,7 +222,19 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
                 _ => error(400, "expected /sagas/{tenant}/{saga}/{correlation_id} (`_` for the empty tenant)"),
             }
         }
-        (_, p) if ["/health", "/ready", "/metrics", "/info", "/admin/drain", "/admin/reload", "/admin/replay", "/admin/deadletters"].contains(&p) => {
+        (_, p)
+            if [
+                "/health",
+                "/ready",
+                "/metrics",
+                "/info",
+                "/admin/drain",
+                "/admin/reload",
+                "/admin/replay",
+                "/admin/deadletters",
+            ]
+            .contains(&p) =>
+        {
             error(405, format!("method {method} is not allowed on {p}"))
         }
         _ => error(404, format!("no route {method} {path}")),

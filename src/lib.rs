@@ -7,6 +7,10 @@
 //! - [`effects`]: effect workers, providers, circuit breakers.
 //! - [`nats_server`]: the embedded / test `nats-server` child process.
 //! - [`fixture`]: a recording HTTP server (tests, demo upstream and dev Gateway).
+//! - [`ops`], [`http`]: health, readiness, metrics, drain, reload, replay, dead letters.
+//! - [`serve`], [`demo`], [`inspect`], [`cli`]: the commands.
+//! - [`swarm`]: tenant ranges rendered into the Docker Swarm stack.
+//! - [`logging`]: pretty or JSON structured logs.
 //! - [`app`]: starts and stops everything in order.
 
 pub mod app;
@@ -19,6 +23,7 @@ pub mod envelope;
 pub mod fixture;
 pub mod http;
 pub mod inspect;
+pub mod logging;
 pub mod nats_server;
 pub mod ops;
 pub mod serve;

@@ -75,7 +75,17 @@ impl NatsServer {
     fn spawn(&mut self) -> Result<(), NatsServerError> {
         let _ = std::fs::create_dir_all(&self.store);
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
-        let mut child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        // The server dies with us, even on SIGKILL (it would otherwise keep our port and store).
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(&self.store)
             .args(&self.extra)

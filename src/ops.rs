@@ -21,7 +21,9 @@ pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle>
     HANDLE
         .get_or_init(|| {
             let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+                .set_buckets(&[
+                    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
                 .ok()?;
             builder.install_recorder().ok()
         })
@@ -106,7 +108,8 @@ impl Ops {
     /// Storage writable (every shard's last commit succeeded and the data directory takes a
     /// file) and JetStream reachable.
     pub fn health(&self) -> (bool, Value) {
-        let failing: Vec<usize> = self.shards.iter().filter(|s| !s.health.writable.load(Ordering::SeqCst)).map(|s| s.index).collect();
+        let failing: Vec<usize> =
+            self.shards.iter().filter(|s| !s.health.writable.load(Ordering::SeqCst)).map(|s| s.index).collect();
         let errors: Vec<String> = self
             .shards
             .iter()
@@ -170,7 +173,8 @@ impl Ops {
         for s in &self.shards {
             let shard = s.index.to_string();
             metrics::gauge!("runner_inbox_depth", "shard" => shard.clone()).set(s.queued() as f64);
-            metrics::gauge!("runner_storage_writable", "shard" => shard).set(if s.health.writable.load(Ordering::SeqCst) { 1.0 } else { 0.0 });
+            metrics::gauge!("runner_storage_writable", "shard" => shard)
+                .set(if s.health.writable.load(Ordering::SeqCst) { 1.0 } else { 0.0 });
         }
         metrics_handle().map(|h| h.render()).unwrap_or_default()
     }
@@ -190,7 +194,13 @@ impl Ops {
 
     fn report(&self, started: Instant) -> DrainReport {
         let (in_flight, outbox_window, dispatching) = self.drain_state();
-        DrainReport { drained: in_flight <= 0 && outbox_window == 0 && dispatching <= 0, in_flight, outbox_window, dispatching, millis: started.elapsed().as_millis() as u64 }
+        DrainReport {
+            drained: in_flight <= 0 && outbox_window == 0 && dispatching <= 0,
+            in_flight,
+            outbox_window,
+            dispatching,
+            millis: started.elapsed().as_millis() as u64,
+        }
     }
 
     /// Stops pulling, waits (blocking) until in-flight messages settled and the outbox is
@@ -226,14 +236,18 @@ impl Ops {
         let (tx, rx) = reply_channel();
         let h = &self.shards[shard % self.shards.len()];
         h.send(Request::Query { query, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
-        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?.map_err(|e| OpsError::new(500, e))
+        rx.await
+            .map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?
+            .map_err(|e| OpsError::new(500, e))
     }
 
     async fn admin(&self, shard: usize, op: AdminOp) -> OpsResult {
         let (tx, rx) = reply_channel();
         let h = &self.shards[shard % self.shards.len()];
         h.send(Request::Admin { op, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
-        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?.map_err(|e| OpsError::new(409, e))
+        rx.await
+            .map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?
+            .map_err(|e| OpsError::new(409, e))
     }
 
     pub async fn saga(&self, key: SagaKey) -> OpsResult {
@@ -246,10 +260,24 @@ impl Ops {
         Ok(v)
     }
 
+    /// Store counts, outbox depth and blocked keys of every shard.
+    pub async fn stats(&self) -> OpsResult {
+        let mut shards = Vec::new();
+        let mut total = 0;
+        for s in 0..self.shards.len() {
+            let v = self.ask(s, Query::Stats).await?;
+            total += v["store"]["outbox"].as_u64().unwrap_or(0);
+            shards.push(v);
+        }
+        Ok(json!({ "partitions": self.router.partitions(), "outbox_total": total, "shards": shards }))
+    }
+
     pub async fn deadletters(&self, tenant: &str, limit: usize) -> OpsResult {
         let mut all = Vec::new();
         for s in 0..self.shards.len() {
-            if let Value::Array(a) = self.ask(s, Query::DeadLetters { tenant: tenant.to_owned(), after: None, limit }).await? {
+            if let Value::Array(a) =
+                self.ask(s, Query::DeadLetters { tenant: tenant.to_owned(), after: None, limit }).await?
+            {
                 all.extend(a);
             }
         }
@@ -289,7 +317,9 @@ impl Ops {
         };
         for h in &self.shards {
             let (tx, rx) = reply_channel();
-            h.send(Request::Reload { set: set.clone(), reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+            h.send(Request::Reload { set: set.clone(), reply: tx })
+                .await
+                .map_err(|e| OpsError::new(503, e.to_string()))?;
             rx.await.map_err(|_| OpsError::new(503, "a shard did not answer"))?.map_err(|e| OpsError::new(422, e))?;
         }
         let _ = self.manifests_tx.send(set.clone());
@@ -297,11 +327,20 @@ impl Ops {
             *m = set.clone();
         }
         tracing::info!(sagas = set.sagas.len(), effects = set.effects.len(), "manifests reloaded");
-        Ok(json!({ "reloaded": true, "sagas": set.sagas.keys().collect::<Vec<_>>(), "effects": set.effects.keys().collect::<Vec<_>>() }))
+        Ok(
+            json!({ "reloaded": true, "sagas": set.sagas.keys().collect::<Vec<_>>(), "effects": set.effects.keys().collect::<Vec<_>>() }),
+        )
     }
 
     /// Controlled replay: without `confirm` only reports what it would reset.
-    pub async fn replay(&self, tenant: String, saga: String, correlation_id: Option<String>, from_seq: u64, confirm: bool) -> OpsResult {
+    pub async fn replay(
+        &self,
+        tenant: String,
+        saga: String,
+        correlation_id: Option<String>,
+        from_seq: u64,
+        confirm: bool,
+    ) -> OpsResult {
         if !self.manifests().sagas.contains_key(&saga) {
             return Err(OpsError::new(404, format!("saga {saga:?} is not loaded")));
         }
@@ -315,7 +354,9 @@ impl Ops {
             }
             None => {
                 for s in 0..self.shards.len() {
-                    if let Value::Array(a) = self.ask(s, Query::Sagas { tenant: tenant.clone(), saga: saga.clone() }).await? {
+                    if let Value::Array(a) =
+                        self.ask(s, Query::Sagas { tenant: tenant.clone(), saga: saga.clone() }).await?
+                    {
                         instances.extend(a.into_iter().filter_map(|v| v.as_str().map(str::to_owned)));
                     }
                 }
@@ -339,13 +380,21 @@ impl Ops {
             if v["version"].as_u64().unwrap_or(0) > applied {
                 return Err(OpsError::new(
                     409,
-                    format!("instance {cid:?} applied {} events but remembers the last {applied} only; it cannot be replayed exactly", v["version"]),
+                    format!(
+                        "instance {cid:?} applied {} events but remembers the last {applied} only; it cannot be replayed exactly",
+                        v["version"]
+                    ),
                 ));
             }
         }
         let mut histories = Vec::new();
         for s in 0..self.shards.len() {
-            let op = AdminOp::Replay { tenant: tenant.clone(), saga: saga.clone(), correlation_id: correlation_id.clone(), from_seq };
+            let op = AdminOp::Replay {
+                tenant: tenant.clone(),
+                saga: saga.clone(),
+                correlation_id: correlation_id.clone(),
+                from_seq,
+            };
             let answer = self.admin(s, op).await?;
             if let Value::Array(list) = &answer["instances"] {
                 histories.extend(list.iter().cloned());
@@ -387,7 +436,11 @@ impl Ops {
             }
             .await
             .map_err(|e| OpsError::new(502, format!("cannot read {stream} #{seq} back: {e}")))?;
-            let headers = msg.headers.iter().filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.as_str().to_owned()))).collect();
+            let headers = msg
+                .headers
+                .iter()
+                .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.as_str().to_owned())))
+                .collect();
             let t = crate::envelope::Transport {
                 stream: stream.to_owned(),
                 seq,
@@ -398,15 +451,25 @@ impl Ops {
             let event = if stream == self.cfg.events_stream {
                 crate::envelope::decode_result(&msg.payload, &t, self.cfg.max_event_bytes).map(|(_, e)| e)
             } else {
-                crate::envelope::decode_aggregate(&msg.payload, &t, self.cfg.tenancy_required, self.cfg.max_event_bytes).map(|d| d.event)
+                crate::envelope::decode_aggregate(&msg.payload, &t, self.cfg.tenancy_required, self.cfg.max_event_bytes)
+                    .map(|d| d.event)
             }
             .map_err(|e| OpsError::new(500, format!("{stream} #{seq} no longer decodes: {e}")))?;
-            let target = shards::message::Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: true };
+            let target = shards::message::Target {
+                saga: key.saga.clone(),
+                correlation_id: key.correlation_id.clone(),
+                may_start: true,
+            };
             let (tx, rx) = reply_channel();
-            self.shards[shard].send(Request::Apply { event: Arc::new(event), targets: vec![target], reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+            self.shards[shard]
+                .send(Request::Apply { event: Arc::new(event), targets: vec![target], reply: tx })
+                .await
+                .map_err(|e| OpsError::new(503, e.to_string()))?;
             match rx.await {
                 Ok(shards::message::ApplyOutcome::Ack) => n += 1,
-                Ok(other) => return Err(OpsError::new(500, format!("re-applying {stream} #{seq} to {key} failed: {other:?}"))),
+                Ok(other) => {
+                    return Err(OpsError::new(500, format!("re-applying {stream} #{seq} to {key} failed: {other:?}")));
+                }
                 Err(_) => return Err(OpsError::new(503, "the shard did not answer")),
             }
         }

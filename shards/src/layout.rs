@@ -144,6 +144,11 @@ impl DataDir {
         Ok(Self { root: root.to_owned(), router: Router::new(layout.partitions, shards) })
     }
 
+    /// A handle on an existing directory for reading only (no move, no creation).
+    pub fn prepare_read_only(root: &Path, layout: LayoutFile) -> Self {
+        Self { root: root.to_owned(), router: Router::new(layout.partitions, layout.shards) }
+    }
+
     /// Reads the layout of an existing data directory without changing anything.
     pub fn inspect(root: &Path) -> Result<Option<LayoutFile>, LayoutError> {
         read_json(root, LAYOUT_FILE)

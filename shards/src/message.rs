@@ -107,7 +107,10 @@ pub enum Query {
         limit: usize,
     },
     /// Correlation ids of every instance of `saga` for `tenant` on this shard.
-    Sagas { tenant: String, saga: String },
+    Sagas {
+        tenant: String,
+        saga: String,
+    },
     Stats,
 }
 

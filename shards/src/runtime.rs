@@ -51,18 +51,13 @@ pub struct RuntimeConfig {
     /// Requests waiting per shard inbox. Default 8,192.
     pub inbox_capacity: usize,
     pub shard: ShardConfig,
-    /// Log tasks that hold the executor longer than this (debug builds and tests).
+    /// Log tasks that hold the executor longer than this (tests turn it on).
     pub stall_threshold: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self {
-            pinning: Pinning::Auto,
-            inbox_capacity: 8_192,
-            shard: ShardConfig::default(),
-            stall_threshold: if cfg!(debug_assertions) { Some(Duration::from_millis(250)) } else { None },
-        }
+        Self { pinning: Pinning::Auto, inbox_capacity: 8_192, shard: ShardConfig::default(), stall_threshold: None }
     }
 }
 

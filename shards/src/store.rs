@@ -414,7 +414,12 @@ impl Store {
     pub fn open_read_only(path: &Path, shard: usize) -> Result<Self, StoreError> {
         let lmdb = |source| StoreError::Lmdb { shard, path: path.to_owned(), source };
         if !path.join("data.mdb").exists() {
-            return Err(StoreError::Corrupt { shard, path: path.to_owned(), db: "meta", why: "no data.mdb here".into() });
+            return Err(StoreError::Corrupt {
+                shard,
+                path: path.to_owned(),
+                db: "meta",
+                why: "no data.mdb here".into(),
+            });
         }
         let size = std::fs::metadata(path.join("data.mdb")).map(|m| m.len() as usize).unwrap_or(0);
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
@@ -428,7 +433,12 @@ impl Store {
         let mut dbs = Vec::with_capacity(Db::ALL.len());
         for db in Db::ALL {
             let handle: Option<Raw> = env.open_database(&rtxn, Some(db.name())).map_err(lmdb)?;
-            dbs.push(handle.ok_or_else(|| StoreError::Corrupt { shard, path: path.to_owned(), db: db.name(), why: "database missing".into() })?);
+            dbs.push(handle.ok_or_else(|| StoreError::Corrupt {
+                shard,
+                path: path.to_owned(),
+                db: db.name(),
+                why: "database missing".into(),
+            })?);
         }
         let partitions = dbs[Db::Meta as usize]
             .get(&rtxn, META_PARTITIONS)
@@ -438,7 +448,12 @@ impl Store {
             .unwrap_or(0);
         // Committing the read transaction keeps the opened database handles (LMDB).
         rtxn.commit().map_err(lmdb)?;
-        let dbs: [Raw; 7] = dbs.try_into().map_err(|_| StoreError::Corrupt { shard, path: path.to_owned(), db: "meta", why: "database handles".into() })?;
+        let dbs: [Raw; 7] = dbs.try_into().map_err(|_| StoreError::Corrupt {
+            shard,
+            path: path.to_owned(),
+            db: "meta",
+            why: "database handles".into(),
+        })?;
         Ok(Self {
             env,
             dbs,

@@ -11,8 +11,8 @@ pub mod ingest;
 pub mod streams;
 
 use crate::config::Config;
-use crate::ops::Ops;
 use crate::effects::EffectsRuntime;
+use crate::ops::Ops;
 use shards::manifest::ManifestSet;
 use shards::message::DispatchRequest;
 use shards::routing::Router;
@@ -90,7 +90,12 @@ pub struct BridgeInputs {
 impl Bridge {
     /// Starts the bridge thread, connects, creates streams and consumers, serves the
     /// operations endpoints. Returns once everything is bound (or why not).
-    pub fn start(ops: Arc<Ops>, url: String, manifests: Arc<ManifestSet>, inputs: BridgeInputs) -> Result<Self, BridgeError> {
+    pub fn start(
+        ops: Arc<Ops>,
+        url: String,
+        manifests: Arc<ManifestSet>,
+        inputs: BridgeInputs,
+    ) -> Result<Self, BridgeError> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), BridgeError>>();
         let ops2 = ops.clone();
@@ -158,7 +163,12 @@ impl Drop for Bridge {
     }
 }
 
-async fn setup(ops: Arc<Ops>, url: String, manifests: Arc<ManifestSet>, stop_pulling: watch::Receiver<bool>) -> Result<Ctx, BridgeError> {
+async fn setup(
+    ops: Arc<Ops>,
+    url: String,
+    manifests: Arc<ManifestSet>,
+    stop_pulling: watch::Receiver<bool>,
+) -> Result<Ctx, BridgeError> {
     let cfg = ops.cfg.clone();
     let shards = ops.shards.clone();
     let router = ops.router;

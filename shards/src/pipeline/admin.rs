@@ -228,7 +228,8 @@ fn replay(
         }
         let Some((mut inst, _)) = core.take(st, &key)? else { continue };
         let truncated = inst.version > inst.applied.len() as u64;
-        let applied: Vec<Value> = inst.applied.iter().map(|a| json!({ "stream": a.stream, "seq": a.seq, "id": a.id })).collect();
+        let applied: Vec<Value> =
+            inst.applied.iter().map(|a| json!({ "stream": a.stream, "seq": a.seq, "id": a.id })).collect();
         // Everything applied before is remembered so its work is not dispatched again.
         inst.replay_suppress.extend(inst.applied.drain(..).map(|a| a.id));
         inst.state = Dynamic::UNIT;
@@ -259,7 +260,13 @@ fn replay(
 }
 
 /// Applies the instance's timer `timer_id` now (its place in a replayed history).
-fn fire_timer(core: &mut ShardCore, st: &mut Staged, key: SagaKey, timer_id: String, now: u64) -> Result<Result<Value, String>, CoreError> {
+fn fire_timer(
+    core: &mut ShardCore,
+    st: &mut Staged,
+    key: SagaKey,
+    timer_id: String,
+    now: u64,
+) -> Result<Result<Value, String>, CoreError> {
     let found = core.store.read()?.schedules_of(&key)?.into_iter().find(|(k, _)| k.timer_id == timer_id);
     let Some((sk, entry)) = found else {
         return Ok(Err(format!("no pending timer {timer_id} for {key}")));

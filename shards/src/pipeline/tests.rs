@@ -750,8 +750,16 @@ fn during_a_replay_timers_wait_for_their_place_in_the_history() {
         env.run(vec![Request::Admin { op, reply: tx }]);
         rx.try_recv().unwrap().unwrap().unwrap()
     };
-    let answer = admin(&mut env, AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: Some("o-13".into()), from_seq: 0 });
-    let applied: Vec<String> = answer["instances"][0]["applied"].as_array().unwrap().iter().map(|a| a["stream"].as_str().unwrap().to_owned()).collect();
+    let answer = admin(
+        &mut env,
+        AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: Some("o-13".into()), from_seq: 0 },
+    );
+    let applied: Vec<String> = answer["instances"][0]["applied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["stream"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(applied, ["AGGREGATE_EVENTS", "AGGREGATE_EVENTS", "timers"]);
     env.apply(placed, SAGA, "o-13", true);
     env.apply(reserved, SAGA, "o-13", false);
