@@ -59,6 +59,8 @@ pub struct App {
 
 impl App {
     pub fn start(cfg: Config, opts: AppOptions) -> anyhow::Result<Self> {
+        // The recorder must exist before the shards and the bridge create their metric handles.
+        let _ = crate::ops::metrics_handle();
         let manifests = match opts.manifests {
             Some(m) => m,
             None => Arc::new(load_manifests(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?),

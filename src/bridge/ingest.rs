@@ -55,6 +55,7 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
             .expires(Duration::from_secs(30))
             .messages()
             .await;
+        let bound_at = ctx.shared.connections.load(Ordering::SeqCst);
         let mut messages = match messages {
             Ok(m) => m,
             Err(e) => {
@@ -68,10 +69,18 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
                 continue;
             }
         };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let next = tokio::select! {
                 m = messages.next() => m,
                 _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {
+                    if ctx.shared.connections.load(Ordering::SeqCst) != bound_at {
+                        tracing::info!(stream = %stream, filter = %filter, "reconnected; re-binding the consumer");
+                        break;
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok(msg)) => {
@@ -97,6 +106,11 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
         }
         if wait_or_stop(&mut stop, Duration::from_millis(200)).await {
             return;
+        }
+        // Re-bind, restarting delivery at the ack floor (see `streams::pull_consumer`).
+        match super::streams::pull_consumer(&ctx.js, &ctx.cfg, &stream, kind.label(), &filter).await {
+            Ok(c) => consumer = c,
+            Err(e) => tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot re-bind; retrying"),
         }
     }
 }

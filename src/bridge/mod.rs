@@ -37,6 +37,8 @@ pub struct BridgeShared {
     pub dispatching: AtomicI64,
     pub consumed: AtomicU64,
     pub acked: AtomicU64,
+    /// Connections made (the first one counts): consumers re-bind after a reconnect.
+    pub connections: AtomicU64,
     /// Circuit breaker states by upstream (0 closed, 1 half-open, 2 open); written only
     /// when a state changes.
     pub breakers: std::sync::Mutex<std::collections::BTreeMap<String, u8>>,
@@ -185,6 +187,7 @@ async fn setup(
                 match event {
                     async_nats::Event::Connected => {
                         shared.connected.store(true, Ordering::SeqCst);
+                        shared.connections.fetch_add(1, Ordering::SeqCst);
                         tracing::info!("nats connected");
                     }
                     async_nats::Event::Disconnected => {

@@ -39,7 +39,15 @@ pub fn durable_name(prefix: &str, role: &str, filter: &str) -> String {
     format!("{prefix}-{role}-{h:016x}")
 }
 
-/// Binds (creating when missing) a durable pull consumer.
+/// Binds (creating when missing) a durable pull consumer, restarting its delivery at its
+/// ack floor when it has un-acked messages.
+///
+/// Why: JetStream redelivers a message that was delivered but never acked (the previous
+/// process crashed, stopped, or lost its connection) only after `ack_wait`, while newer
+/// messages flow at once. A newer event of the same key would then be applied first and the
+/// old one skipped by the sequence gate — lost. Re-creating the consumer at `ack floor + 1`
+/// redelivers every un-acked message in stream order before anything newer; messages acked
+/// above the floor come again and the sequence gate skips them.
 pub async fn pull_consumer(
     js: &jetstream::Context,
     cfg: &Config,
@@ -49,7 +57,7 @@ pub async fn pull_consumer(
 ) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
     let stream = js.get_stream(stream_name).await?;
     let name = durable_name(&cfg.durable_prefix, role, filter);
-    let config = consumer::pull::Config {
+    let mut config = consumer::pull::Config {
         durable_name: Some(name.clone()),
         filter_subject: filter.to_owned(),
         ack_policy: consumer::AckPolicy::Explicit,
@@ -59,5 +67,14 @@ pub async fn pull_consumer(
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     };
+    if let Ok(info) = stream.consumer_info(&name).await {
+        if info.num_ack_pending == 0 {
+            return Ok(stream.get_consumer(&name).await?);
+        }
+        let start = info.ack_floor.stream_sequence + 1;
+        tracing::info!(stream = stream_name, consumer = %name, pending = info.num_ack_pending, start, "restarting delivery at the ack floor");
+        stream.delete_consumer(&name).await?;
+        config.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence: start };
+    }
     Ok(stream.get_or_create_consumer(&name, config).await?)
 }

@@ -108,6 +108,8 @@ mod tests {
         br.failure(100);
         br.failure(1_200); // the first fell out of the window
         assert_eq!(br.state(), State::Closed);
+        br.failure(1_250); // and now the second
+        assert_eq!(br.state(), State::Closed);
         br.failure(1_300);
         assert_eq!(br.state(), State::Open { until: 6_300 });
         assert_eq!(br.permit(2_000), Permit::Wait { ms: 4_300 });

@@ -236,7 +236,8 @@ async fn run(
 ) {
     let effects = effects_of(ctx);
     let (spec, provider) = (&entry.0, &entry.1);
-    let span = tracing::info_span!("effect", effect = %cmd.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, gate_attempt = attempt);
+    let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
+    let span = tracing::info_span!("effect", effect = %cmd.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, trace_id = %trace_id, gate_attempt = attempt);
     let _enter = span.enter();
     let duration = metrics::histogram!("runner_effect_seconds", "effect" => cmd.effect.clone());
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);

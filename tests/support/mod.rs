@@ -158,6 +158,26 @@ impl Harness {
         })
     }
 
+    /// One HTTP request; returns the status and the body (status 0: connection refused).
+    pub fn http(&self, method: &str, url: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (u16, String) {
+        use http_body_util::{BodyExt, Full};
+        self.block_on(async {
+            let client = runner::bridge::dispatch::http_client();
+            let mut req = hyper::Request::builder().method(method).uri(url);
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+            // Status 0: nothing listening (yet).
+            let Ok(resp) = client.request(req.body(Full::new(Bytes::from(bytes))).unwrap()).await else {
+                return (0, String::new());
+            };
+            let status = resp.status().as_u16();
+            let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+            (status, text)
+        })
+    }
+
     pub fn saga(&self, app: &App, tenant: &str, cid: &str) -> serde_json::Value {
         saga_state(app, tenant, SAGA, cid)
     }

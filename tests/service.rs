@@ -1,0 +1,353 @@
+//! The service: operations endpoints (readiness with drain, health with an unwritable data
+//! directory, reload of a broken manifest, replay confirmation, the admin token, Prometheus
+//! metrics), the `runner` binary under SIGTERM during load, JSON logs, config errors and
+//! inspection of a stopped runner's data.
+
+mod support;
+
+use runner::config::Mode;
+use runner::fixture::HttpFixture;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+const NOTE_PROGRAM: &str = r#"
+fn on_event(state, event) {
+    let s = if state == () { #{ seen: [] } } else { state };
+    s.seen.push(event.data.n);
+    #{ state: s, work: [ #{ command: "Note", aggregate: "thing", aggregate_id: event.data.k, payload: #{ n: event.data.n } } ] }
+}
+"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn readiness_drops_on_drain_and_admin_needs_the_token() {
+    let h = Harness::new();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.admin_token = Some("0123456789abcdef-token".into());
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    let token = Some("0123456789abcdef-token");
+    assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
+    assert_eq!(h.http("GET", &format!("{base}/ready"), None, None).0, 200);
+    let (status, body) = h.http("POST", &format!("{base}/admin/drain"), None, None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("bearer token"));
+    assert_eq!(h.http("GET", &format!("{base}/admin/deadletters"), Some("wrong-token-wrong-token"), None).0, 401);
+    assert_eq!(h.http("GET", &format!("{base}/sagas/acme/{SAGA}/o-1"), None, None).0, 401);
+    let (status, body) = h.http("POST", &format!("{base}/admin/drain"), token, None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["drained"], true);
+    let (status, body) = h.http("GET", &format!("{base}/ready"), None, None);
+    assert_eq!(status, 503, "still ready after a drain: {body}");
+    assert!(body.contains("\"draining\": true"));
+    // Health is about storage and NATS, not draining.
+    assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
+    let (status, body) = h.http("GET", &format!("{base}/nope"), None, None);
+    assert_eq!((status, body.contains("\"error\"")), (404, true));
+    app.shutdown();
+}
+
+#[test]
+fn health_fails_while_the_data_directory_is_unwritable() {
+    let h = Harness::new();
+    let app = h.start(h.config(Mode::Saga));
+    let base = format!("http://{}", app.http_addr().unwrap());
+    assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
+    let dir = app.config().data_dir.clone();
+    // Root ignores permissions; the immutable attribute stops even root.
+    let chattr = |flag: &str| Command::new("chattr").arg(flag).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
+    assert!(chattr("+i"), "chattr +i failed: the test needs e2fsprogs' chattr and an ext4/xfs data dir");
+    let (status, body) = h.http("GET", &format!("{base}/health"), None, None);
+    let ready = h.http("GET", &format!("{base}/ready"), None, None).0;
+    assert!(chattr("-i"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not writable"), "{body}");
+    assert_eq!(ready, 503);
+    assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
+    app.shutdown();
+}
+
+#[test]
+fn a_broken_reload_keeps_the_running_set_and_says_why() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = custom_saga(&dir, NOTE_PROGRAM, "", "");
+    let gateway = HttpFixture::start().unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![manifest.clone()];
+    cfg.effect_manifests = vec![];
+    cfg.gateway_url = Some(gateway.url());
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    // Break the program: the reload is refused with the file, saga, line.
+    write(&dir, "p.rhai", "fn on_event(state, event) {\n  let x = ;\n}\n");
+    let (status, body) = h.http("POST", &format!("{base}/admin/reload"), None, None);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("p.rhai") && body.contains("saga \\\"s\\\"") && body.contains("line 2"), "{body}");
+    // The old program still runs.
+    h.publish("events.t.x.E", &[], &serde_json::json!({"type": "E", "tenant_id": "t", "data": {"k": "a", "n": 1}}));
+    wait_until(T, "the old program applied the event", || saga_state(&app, "t", "s", "a")["version"] == 1);
+    // A good reload swaps it.
+    write(&dir, "p.rhai", &NOTE_PROGRAM.replace("s.seen.push(event.data.n);", "s.seen.push(event.data.n * 10);"));
+    let (status, body) = h.http("POST", &format!("{base}/admin/reload"), None, None);
+    assert_eq!(status, 200, "{body}");
+    h.publish("events.t.x.E", &[], &serde_json::json!({"type": "E", "tenant_id": "t", "data": {"k": "a", "n": 2}}));
+    wait_until(T, "the new program applied", || {
+        saga_state(&app, "t", "s", "a")["state"]["seen"] == serde_json::json!([1, 20])
+    });
+    app.shutdown();
+}
+
+#[test]
+fn replay_needs_confirmation_and_then_rebuilds_without_dispatching_again() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![custom_saga(&dir, NOTE_PROGRAM, "", "")];
+    cfg.effect_manifests = vec![];
+    cfg.gateway_url = Some(gateway.url());
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    for n in 1..=3 {
+        h.publish("events.t.x.E", &[], &serde_json::json!({"type": "E", "tenant_id": "t", "data": {"k": "r", "n": n}}));
+    }
+    wait_until(T, "three notes at the gateway", || gateway.count() == 3);
+    let before = saga_state(&app, "t", "s", "r");
+    let req = serde_json::json!({"tenant": "t", "saga": "s", "correlation_id": "r"});
+    let (status, body) = h.http("POST", &format!("{base}/admin/replay"), None, Some(req.clone()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("confirm") && body.contains("reset 1 instance"), "{body}");
+    assert_eq!(saga_state(&app, "t", "s", "r")["version"], before["version"], "reset without confirmation");
+    let mut confirmed = req;
+    confirmed["confirm"] = serde_json::json!(true);
+    let (status, body) = h.http("POST", &format!("{base}/admin/replay"), None, Some(confirmed));
+    assert_eq!(status, 200, "{body}");
+    let after = saga_state(&app, "t", "s", "r");
+    assert_eq!(after["state"], before["state"]);
+    assert_eq!(after["version"], before["version"]);
+    wait_until(T, "suppressed items deleted", || {
+        saga_state(&app, "t", "s", "r")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(gateway.count(), 3, "replay dispatched again");
+    app.shutdown();
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_with_the_named_series() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    let mut cfg = h.config(Mode::Combined);
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    cfg.effect_manifests = vec![write(
+        &dir,
+        "effects.yaml",
+        "effects:\n  - { name: charge_payment, provider: noop }\n  - { name: ship_order, provider: noop }\n  - { name: refund_payment, provider: noop }\n",
+    )];
+    cfg.gateway_url = Some(gateway.url());
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    h.event(
+        "acme",
+        "order",
+        "OrderPlaced",
+        "p-1",
+        serde_json::json!({"order_id": "m-1", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+    );
+    wait_until(T, "reserve", || gateway.count() == 1);
+    h.event("acme", "inventory", "InventoryReserved", "r-1", serde_json::json!({"order_id": "m-1"}));
+    wait_until(T, "completion", || h.saga(&app, "acme", "m-1")["status"] == "completed");
+    let (status, text) = h.http("GET", &format!("{base}/metrics"), None, None);
+    assert_eq!(status, 200);
+    // Every line is a comment or `name{labels} value`.
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name in {line}");
+    }
+    for series in [
+        "runner_consumer_lag",
+        "runner_redeliveries_total",
+        "runner_batch_size",
+        "runner_commit_seconds",
+        "runner_transition_seconds",
+        "runner_outbox_depth",
+        "runner_dispatch_seconds",
+        "runner_effect_outcomes_total",
+        "runner_effect_seconds",
+        "runner_breaker_state",
+        "runner_deadletters_total",
+        "runner_schedule_lag_seconds",
+        "runner_transitions_total",
+    ] {
+        assert!(text.contains(series), "{series} missing from /metrics");
+    }
+    assert!(text.contains("shard=\"0\""), "series are not per shard");
+    app.shutdown();
+}
+
+fn runner_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_runner"))
+}
+
+#[test]
+fn sigterm_during_load_loses_nothing_and_repeats_nothing() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = custom_saga(&dir, NOTE_PROGRAM, "", "");
+    let port = free_port();
+    let config = write(
+        h.dir.path(),
+        "runner.toml",
+        &format!(
+            "mode = \"saga\"\ndata_dir = \"{}\"\nshards = 2\npin_cores = false\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = []\n[gateway]\nurl = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n",
+            h.dir.path().join("data").display(),
+            h.nats.url(),
+            manifest.display(),
+            gateway.url()
+        ),
+    );
+    let start = || {
+        runner_bin()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start();
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && h.http("GET", &format!("{base}/ready"), None, None).0 == 200
+    };
+    wait_until(T, "the runner ready", ready);
+    const KEYS: u64 = 50;
+    const PER: u64 = 200;
+    let mut msgs = Vec::new();
+    for n in 0..PER {
+        for k in 0..KEYS {
+            let body = serde_json::json!({"type": "E", "tenant_id": "t", "data": {"k": format!("k{k}"), "n": n}});
+            msgs.push((format!("events.t.x.E{k}"), vec![], bytes::Bytes::from(serde_json::to_vec(&body).unwrap())));
+        }
+    }
+    // Publish while the runner works, and stop it in the middle.
+    let status = std::thread::scope(|scope| {
+        scope.spawn(|| h.publish_many(msgs));
+        wait_until(T, "load under way", || gateway.count() >= 200);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    });
+    assert!(status.success(), "runner exited with {status} on SIGTERM");
+    let at_stop = gateway.count();
+    assert!(at_stop < (KEYS * PER) as usize, "the load finished before the signal; the test proved nothing");
+    let mut child = start();
+    wait_until(Duration::from_secs(60), "every event applied after the restart", || {
+        (0..KEYS).all(|k| {
+            let (s, body) = h.http("GET", &format!("{base}/sagas/t/s/k{k}"), None, None);
+            s == 200 && serde_json::from_str::<serde_json::Value>(&body).unwrap()["version"] == PER
+        })
+    });
+    wait_until(T, "all notes at the gateway", || gateway.count() >= (KEYS * PER) as usize);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let mut per_key = std::collections::BTreeMap::new();
+    for r in gateway.records() {
+        *per_key.entry(r.header("idempotency-key").unwrap().to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(per_key.len(), (KEYS * PER) as usize, "a command was lost");
+    assert!(per_key.values().all(|&n| n == 1), "a command was sent twice");
+    // Each instance saw its events in order, once.
+    let app_data = h.dir.path().join("data");
+    let out = runner_bin().args(["saga", "get", "t", "s", "k7", "--data"]).arg(&app_data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"]["seen"], serde_json::json!((0..PER).collect::<Vec<_>>()));
+}
+
+#[test]
+fn json_logs_carry_tenant_correlation_command_and_trace_ids() {
+    let h = Harness::new();
+    let upstream = HttpFixture::start().unwrap();
+    upstream.script(|s| s.fail_next = 1);
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let effects = write(
+        &dir,
+        "e.yaml",
+        &format!(
+            "effects:\n  - name: pay\n    provider: http\n    settings: {{ url: \"{}/pay\" }}\n    retry: {{ attempts: 2, backoff_ms: 10, max_backoff_ms: 10, jitter: 0 }}\n",
+            upstream.url()
+        ),
+    );
+    let config = write(
+        h.dir.path(),
+        "runner.yaml",
+        &format!(
+            "mode: effect\ndata_dir: {}\nshards: 1\npin_cores: false\nnats: {{ url: \"{}\" }}\neffects: {{ manifests: [\"{}\"] }}\nhttp: {{ addr: \"127.0.0.1:{}\" }}\nlog: {{ format: json, level: info }}\n",
+            h.dir.path().join("data").display(),
+            h.nats.url(),
+            effects.display(),
+            free_port()
+        ),
+    );
+    let child = runner_bin()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = serde_json::json!({"command_id": "cmd-77", "tenant_id": "acme", "effect": "pay", "saga": "order", "correlation_id": "o-77", "payload": {}, "traceparent": tp});
+    wait_until(T, "the runner's consumer", || h.block_on(async { h.js.get_stream("WORKFLOW_COMMANDS").await.is_ok() }));
+    h.publish("workflow.commands.acme.pay", &[("Nats-Msg-Id", "cmd-77")], &body);
+    wait_until(T, "the result", || h.read_stream("WORKFLOW_EVENTS").len() == 1);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> =
+        logs.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON log line: {l}"))).collect();
+    let retry = lines
+        .iter()
+        .find(|l| l["message"] == "effect call failed; retrying")
+        .unwrap_or_else(|| panic!("no retry line in:\n{logs}"));
+    let span = &retry["span"];
+    assert_eq!(span["tenant"], "acme", "{retry}");
+    assert_eq!(span["correlation_id"], "o-77");
+    assert_eq!(span["command_id"], "cmd-77");
+    assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(lines.iter().any(|l| l["message"] == "runner started"));
+}
+
+#[test]
+fn config_errors_name_the_field_and_check_passes_the_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(dir.path(), "bad.toml", "shards = 0\n[consumers]\nbatch = 0\n[http]\naddr = \"x\"\n");
+    let out = runner_bin().args(["check", "--config"]).arg(&bad).env_remove("RUNNER_CONFIG").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for f in ["field `shards` = 0", "field `consumers.batch` = 0", "field `http.addr` = \"x\""] {
+        assert!(err.contains(f), "{f} missing in:\n{err}");
+    }
+    let out = runner_bin().arg("check").current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 saga(s) [order_fulfillment]"));
+    let out = runner_bin().args(["saga", "get", "t", "s", "x", "--data"]).arg(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a runner data directory"));
+}
