@@ -69,7 +69,7 @@ pub async fn pull_consumer(
     };
     if let Ok(info) = stream.consumer_info(&name).await {
         if info.num_ack_pending == 0 {
-            return stream.get_consumer(&name).await.map_err(Into::into);
+            return stream.get_consumer(&name).await;
         }
         let start = info.ack_floor.stream_sequence + 1;
         tracing::info!(stream = stream_name, consumer = %name, pending = info.num_ack_pending, start, "restarting delivery at the ack floor");
