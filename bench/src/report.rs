@@ -6,6 +6,8 @@ use std::path::Path;
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub name: String,
+    /// The command line that produced this report.
+    pub command: String,
     pub machine: Machine,
     pub headers: Vec<String>,
     pub rows: Vec<Vec<String>>,
@@ -19,6 +21,10 @@ pub struct Machine {
     pub cores: usize,
     pub kernel: String,
     pub cpu: String,
+    /// `nats-server --version`, when one is installed.
+    pub nats_server: String,
+    /// The cargo profile the benchmark was built with (`release`-like or `debug`).
+    pub build: String,
 }
 
 impl Machine {
@@ -32,7 +38,19 @@ impl Machine {
             .unwrap_or("")
             .trim()
             .to_owned();
-        Self { cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), kernel, cpu }
+        let nats_server = runner::nats_server::find_binary(None)
+            .ok()
+            .and_then(|b| std::process::Command::new(b).arg("--version").output().ok())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "not installed".into());
+        let build = if cfg!(debug_assertions) { "debug" } else { "optimised (release or bench-fast)" }.to_owned();
+        Self {
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            kernel,
+            cpu,
+            nats_server,
+            build,
+        }
     }
 }
 
@@ -40,6 +58,7 @@ impl Report {
     pub fn new(name: &str, headers: &[&str]) -> Self {
         Self {
             name: name.into(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
             machine: Machine::detect(),
             headers: headers.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
@@ -51,12 +70,15 @@ impl Report {
     }
 
     pub fn table(&self) -> String {
+        let m = &self.machine;
         let mut s = format!(
-            "## {}\n\nmachine: {} cores, kernel {}, {}\n\n| {} |\n|{}|\n",
+            "## {}\n\nmachine: {} cores, kernel {}, {}, {}; build: {}\n\n| {} |\n|{}|\n",
             self.name,
-            self.machine.cores,
-            self.machine.kernel,
-            self.machine.cpu,
+            m.cores,
+            m.kernel,
+            m.cpu,
+            m.nats_server,
+            m.build,
             self.headers.join(" | "),
             self.headers.iter().map(|_| "---").collect::<Vec<_>>().join("|")
         );
@@ -69,10 +91,16 @@ impl Report {
         s
     }
 
+    /// The file stem of this report's outputs (`saga-step` for "Saga step").
+    pub fn stem(&self) -> String {
+        self.name.to_lowercase().replace([' ', '/'], "-")
+    }
+
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let file = dir.join(format!("{}.json", self.name.to_lowercase().replace(' ', "-")));
-        std::fs::write(file, serde_json::to_vec_pretty(self).unwrap_or_default())
+        let file = dir.join(format!("{}.json", self.stem()));
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(file, json)
     }
 }
 
@@ -84,4 +112,13 @@ pub fn fmt_rate(v: f64) -> String {
     } else {
         format!("{v:.0}")
     }
+}
+
+/// Microseconds as milliseconds with two decimals.
+pub fn fmt_ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+pub fn pct(ratio: f64) -> String {
+    format!("{:.0}%", ratio * 100.0)
 }
