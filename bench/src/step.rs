@@ -55,12 +55,15 @@ pub struct Args {
     /// Pin each shard to a core (the runner's production setting).
     #[arg(long)]
     pub pin: bool,
-    /// Seconds per open-loop latency run.
+    /// Seconds per open-loop latency run (0: throughput only).
     #[arg(long, default_value_t = 10.0)]
     pub latency_secs: f64,
     /// Offered load of the latency runs, in percent of the runner's measured peak.
     #[arg(long, value_delimiter = ',', default_values_t = vec![25.0, 50.0])]
     pub loads: Vec<f64>,
+    /// Fixed offered loads (events/s) for the latency runs instead of `--loads`.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
     /// Durability mode of the shard stores.
     #[arg(long, default_value = "fsync")]
     pub durability: String,
@@ -86,6 +89,16 @@ pub fn config(js: &Js, data: &Path, mode: Mode, shards: usize, pin: bool, durabi
     c.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     c.saga_manifests = vec![];
     c.effect_manifests = vec![];
+    // Diagnostic knobs (not set by any documented run): the relay's in-memory window and its
+    // in-flight limit per tenant.
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+    if let Some(w) = env("RUNNER_BENCH_RELAY_WINDOW") {
+        c.relay.window = w;
+    }
+    if let Some(n) = env("RUNNER_BENCH_RELAY_IN_FLIGHT") {
+        c.relay.max_in_flight_per_tenant = n;
+        c.relay.max_in_flight = c.relay.max_in_flight.max(n);
+    }
     c
 }
 
@@ -202,6 +215,10 @@ pub struct Latency {
     pub achieved: f64,
     pub hist: Histogram<u64>,
     pub publisher_late_us: u64,
+    /// CPU µs per message while the run was under load, by thread group and nats-server.
+    pub cpu: Option<serde_json::Value>,
+    /// The same as text (`group µs, ...`).
+    pub cpu_text: String,
 }
 
 impl Latency {
@@ -212,6 +229,8 @@ impl Latency {
             achieved: 0.0,
             hist: Histogram::new(3).map_err(err("histogram"))?,
             publisher_late_us: 0,
+            cpu: None,
+            cpu_text: String::new(),
         })
     }
 
@@ -227,7 +246,7 @@ impl Latency {
         serde_json::json!({
             "label": self.label, "offered_per_s": self.offered, "achieved_per_s": self.achieved,
             "count": self.hist.len(), "p50_us": self.q(0.5), "p90_us": self.q(0.9), "p99_us": self.q(0.99),
-            "p999_us": self.q(0.999), "max_us": self.hist.max(), "publisher_late_max_us": self.publisher_late_us,
+            "p999_us": self.q(0.999), "max_us": self.hist.max(), "publisher_late_max_us": self.publisher_late_us, "cpu_us_per_message": self.cpu,
             "percentiles": plot::percentile_points(&self.hist),
         })
     }
@@ -276,6 +295,7 @@ pub fn latency(
     let app = r.start(js, &format!("lat-{}", now_us()), shards, pin, d)?;
     wait_ready(&app)?;
     let count = ((rate * (secs + warm)) as u64).max(10);
+    let before = Snapshot::take(js.server.pid());
     let pb = crate::progress::bar(count, &format!("{label}: publish"));
     let res = js.open_loop(
         rate,
@@ -292,6 +312,7 @@ pub fn latency(
         js.wait_count("WORKFLOW_COMMANDS", count, Duration::from_secs(30), &pb)?;
         Ok(s)
     });
+    let cpu = Snapshot::take(js.server.pid()).since(&before);
     pb.finish_and_clear();
     dump_metrics(&app, &label);
     app.shutdown();
@@ -301,6 +322,8 @@ pub fn latency(
     pb.finish_and_clear();
     let mut lat = Latency::new(label, rate)?;
     lat.publisher_late_us = late;
+    lat.cpu = Some(cpu.json(count));
+    lat.cpu_text = format!("{} (total {:.1})", cpu.per_step(count), cpu.total() * 1e6 / count as f64);
     let pairs =
         msgs.iter().map(|(b, at)| json_u64(b, "/payload/t").map(|t| (t, *at))).collect::<Result<Vec<_>, _>>()?;
     lat.record(pairs.into_iter(), start_us + (warm * 1e6) as u64)?;
@@ -312,6 +335,7 @@ pub fn raw_latency(js: &Js, label: String, rate: f64, secs: f64, warm: f64, w: W
     js.reset();
     raw::create_streams(js)?;
     let count = ((rate * (secs + warm)) as u64).max(10);
+    let before = Snapshot::take(js.server.pid());
     let stepper = raw::spawn(js.url(), count, w, indicatif::ProgressBar::hidden());
     let pb = crate::progress::bar(count, &format!("{label}: publish"));
     let res = js.open_loop(
@@ -325,13 +349,16 @@ pub fn raw_latency(js: &Js, label: String, rate: f64, secs: f64, warm: f64, w: W
     );
     pb.finish_and_clear();
     let joined = stepper.join().map_err(|_| "raw step loop panicked".to_string())?;
+    let mut cpu = Snapshot::take(js.server.pid()).since(&before);
     let (start_us, late) = res?;
-    joined?;
+    cpu.0.insert("raw-loop".into(), joined?);
     let pb = crate::progress::bar(count, &format!("{label}: read back"));
     let msgs = js.read_all("RAW_OUT", count, &pb)?;
     pb.finish_and_clear();
     let mut lat = Latency::new(label, rate)?;
     lat.publisher_late_us = late;
+    lat.cpu = Some(cpu.json(count));
+    lat.cpu_text = format!("{} (total {:.1})", cpu.per_step(count), cpu.total() * 1e6 / count as f64);
     let pairs = msgs.iter().map(|(b, at)| json_u64(b, "/data/t").map(|t| (t, *at))).collect::<Result<Vec<_>, _>>()?;
     lat.record(pairs.into_iter(), start_us + (warm * 1e6) as u64)?;
     Ok(lat)
@@ -411,29 +438,30 @@ pub fn run(args: Args, quick: bool, out: Option<&Path>) -> Result<Report, String
         step_cpu.total() * 1e6 / n as f64
     ));
     let mut lats = Vec::new();
-    for load in &args.loads {
-        let rate = (step_rate * load / 100.0).max(50.0);
-        let l = raw_latency(&js, format!("raw step at {load:.0}% of saga peak"), rate, secs, warm, w)?;
+    let levels: Vec<(f64, String)> = if args.latency_secs <= 0.0 && !quick {
+        Vec::new()
+    } else if args.rates.is_empty() {
+        args.loads.iter().map(|l| ((step_rate * l / 100.0).max(50.0), format!("{l:.0}% of peak"))).collect()
+    } else {
+        args.rates.iter().map(|r| (*r, format!("{}/s", fmt_rate(*r)))).collect()
+    };
+    for (rate, level) in levels {
+        let l = raw_latency(&js, format!("raw step at {level}"), rate, secs, warm, w)?;
         let mut row = vec![l.label.clone(), dash(), fmt_rate(rate), fmt_rate(l.achieved), dash(), dash()];
         row.extend(l.cells());
         report.row(row);
         lats.push(l);
-        let l = latency(
-            &js,
-            &r,
-            format!("saga step at {load:.0}% of peak"),
-            rate,
-            secs,
-            warm,
-            shards,
-            args.pin,
-            durability,
-        )?;
+        let l = latency(&js, &r, format!("saga step at {level}"), rate, secs, warm, shards, args.pin, durability)?;
         let mut row = vec![l.label.clone(), shards.to_string(), fmt_rate(rate), fmt_rate(l.achieved), dash(), dash()];
         row.extend(l.cells());
         report.row(row);
         lats.push(l);
     }
+    report.notes.push(format!(
+        "CPU µs per message under the open-loop load (by thread, and nats-server; runner-bench is the publisher, \
+         tokio-rt-worker its PubAck task): {}.",
+        lats.iter().map(|l| format!("{}: {}", l.label, l.cpu_text)).collect::<Vec<_>>().join("; ")
+    ));
     report.notes.push(format!(
         "Throughput: {n} events of {} bytes preloaded, then drained; rate over the 5th–95th percentile of the output \
          sequence by the server's store times; median of {rounds} round(s) alternating raw and runner. Both sides: \
