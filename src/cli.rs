@@ -143,7 +143,7 @@ pub fn main() -> ExitCode {
 }
 
 /// Variables the command line itself reads (not settings).
-const CLI_ONLY: &[&str] = &["RUNNER_CONFIG", "RUNNER_ADMIN_TOKEN"];
+const CLI_ONLY: &[&str] = &["RUNNER_CONFIG", "RUNNER_ADMIN_TOKEN", "RUNNER_FAILPOINTS"];
 
 fn env_vars() -> Vec<(String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_") && !CLI_ONLY.contains(&k.as_str())).collect()
@@ -155,6 +155,7 @@ pub fn load_config(file: Option<&std::path::Path>) -> Result<Config, config::Con
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    crate::failpoints::install_from_env();
     match cli.command {
         Command::Serve => {
             let cfg = load_config(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;

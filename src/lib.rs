@@ -20,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod effects;
 pub mod envelope;
+pub mod failpoints;
 pub mod fixture;
 pub mod http;
 pub mod inspect;

@@ -305,6 +305,7 @@ fn run_move(
                 }
             }
             moved += copied;
+            fail::fail_point!("move.after_copy");
             progress(MoveProgress::Copied { env: i, entries: copied });
         }
         write_json_atomic(root, MOVE_FILE, &MoveFile { phase: MovePhase::Deleting, ..plan })?;

@@ -289,6 +289,9 @@ pub async fn run_shard(
         let outcome = match result {
             Ok(()) => {
                 let started = Instant::now();
+                if staged.stats.timers_fired > 0 {
+                    fail::fail_point!("shard.timer_fired_before_commit");
+                }
                 let commit = if staged.batch.is_empty() {
                     Ok(())
                 } else {
@@ -296,6 +299,13 @@ pub async fn run_shard(
                 };
                 match commit {
                     Ok(()) => {
+                        // Crash points of the fault suite (no-ops unless built with `failpoints`).
+                        if staged.stats.applied > 0 {
+                            fail::fail_point!("shard.after_commit_before_ack");
+                        }
+                        if staged.stats.outbox_written > 0 {
+                            fail::fail_point!("shard.after_commit_before_dispatch");
+                        }
                         if !staged.batch.is_empty() {
                             metrics.commit_seconds.record(started.elapsed().as_secs_f64());
                             health.commits.fetch_add(1, Ordering::Relaxed);

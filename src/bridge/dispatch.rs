@@ -78,6 +78,9 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
                 results.push(DispatchResult { key, outcome });
             }
             latency.record(started.elapsed().as_secs_f64());
+            if results.iter().any(|r| r.outcome == DispatchOutcome::Delivered) {
+                fail::fail_point!("dispatch.after_confirm_before_delete");
+            }
             ctx2.shared.dispatching.fetch_sub(n, Ordering::SeqCst);
             if let Err(e) = ctx2.shard(shard).control(Control::Dispatched(results)) {
                 // The relay re-dispatches after its confirmation timeout; dedupe absorbs it.

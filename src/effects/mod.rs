@@ -243,6 +243,7 @@ async fn run(
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
     let mut last_progress = Instant::now();
     let mut tries = 0u32;
+    fail::fail_point!("effect.after_started_before_call");
     let final_outcome = loop {
         tries += 1;
         if tries > 1
@@ -297,6 +298,7 @@ async fn run(
             other => break other,
         }
     };
+    fail::fail_point!("effect.after_call_before_publish");
     let (outcome, payload, error) = match final_outcome {
         Outcome::Succeeded(p) => ("succeeded", p, None),
         Outcome::Failed(reason) => ("failed", serde_json::json!({}), Some(reason)),
@@ -340,6 +342,7 @@ async fn run(
             }
         }
     }
+    fail::fail_point!("effect.after_puback_before_completed");
     // Completed only after the PubAck; ack last.
     let (tx, rx) = reply_channel();
     let finish = Request::EffectFinish {

@@ -209,6 +209,8 @@ pub fn deadletters(app: &App, tenant: &str) -> Vec<serde_json::Value> {
     out
 }
 
+pub mod fault;
+
 /// Waits until `cond` holds, or panics with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -1,0 +1,457 @@
+//! Fault-suite support: the `runner` binary as a real process, a "ledger" workload that
+//! exercises every path (saga transitions, Gateway commands, effects through an HTTP
+//! upstream, results, durable timers), and a checker that is independent of the runner's
+//! own bookkeeping: it compares what was published with what the Gateway and the upstream
+//! fixtures recorded, what the streams hold, and the final saga states.
+
+use super::*;
+use runner::fixture::HttpFixture;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub const LEDGER: &str = r#"
+fn on_event(state, event) {
+    let s = if state == () { #{ seen: [], results: [], ticks: [] } } else { state };
+    if event.type == "pay.succeeded" || event.type == "pay.failed" {
+        s.results.push(event.data.n);
+        return #{ state: s };
+    }
+    if event.type == "timer" {
+        s.ticks.push(event.data.payload.n);
+        return #{ state: s };
+    }
+    s.seen.push(event.data.n);
+    let schedules = if event.data.n % 10 == 0 { [ #{ name: "tick", after_ms: 300, payload: #{ n: event.data.n } } ] } else { [] };
+    #{
+        state: s,
+        work: [
+            #{ command: "Note", aggregate: "ledger", aggregate_id: event.data.k, payload: #{ k: event.data.k, n: event.data.n } },
+            #{ effect: "pay", payload: #{ k: event.data.k, n: event.data.n } }
+        ],
+        schedules: schedules
+    }
+}
+"#;
+
+pub const TENANT: &str = "t";
+pub const LEDGER_SAGA: &str = "ledger";
+
+/// One published ledger event.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub key: String,
+    pub n: u64,
+    pub id: String,
+}
+
+/// The fixtures and files of one fault scenario.
+pub struct Scenario {
+    pub h: Harness,
+    pub gateway: HttpFixture,
+    pub upstream: HttpFixture,
+    pub manifests: PathBuf,
+    pub sent: Vec<Sent>,
+    pub crashes: Vec<Instant>,
+    /// Upstream answers: the result payload echoes `n` so the saga can record it.
+    pub name: String,
+}
+
+impl Scenario {
+    pub fn new(name: &str) -> Self {
+        Self::with_nats_args(name, &[])
+    }
+
+    pub fn with_nats_args(name: &str, args: &[&str]) -> Self {
+        let h = Harness::with_args(args);
+        let gateway = HttpFixture::start().unwrap();
+        let upstream = HttpFixture::start().unwrap();
+        upstream.set_handler(std::sync::Arc::new(|r| {
+            Some(runner::fixture::Reply::new(200, serde_json::json!({"n": r.json()["n"]})))
+        }));
+        let dir = h.dir.path().join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
+        write(&dir, "ledger.rhai", LEDGER);
+        let effects = format!(
+            "  - name: pay\n    provider: http\n    settings: {{ url: \"{}/pay\", body: {{ k: \"{{{{payload.k}}}}\", n: \"{{{{payload.n}}}}\" }} }}\n    retry: {{ attempts: 10, backoff_ms: 50, max_backoff_ms: 500 }}\n",
+            upstream.url()
+        );
+        let manifests = write(
+            &dir,
+            "ledger.yaml",
+            &format!(
+                "sagas:\n  - name: ledger\n    program: ledger.rhai\n    triggers:\n      - {{ subject: \"events.>\", correlation: data.k, may_start: true }}\neffects:\n{effects}"
+            ),
+        );
+        Self { h, gateway, upstream, manifests, sent: Vec::new(), crashes: Vec::new(), name: name.to_owned() }
+    }
+
+    /// A config file for a runner process (`extra` is appended TOML).
+    pub fn config(&self, label: &str, shards: usize, port: u16, extra: &str) -> PathBuf {
+        write(
+            self.h.dir.path(),
+            &format!("{label}.toml"),
+            &format!(
+                "mode = \"combined\"\ndata_dir = \"{}\"\nshards = {shards}\npin_cores = false\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = [\"{}\"]\n[gateway]\nurl = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n[consumers]\nack_wait_ms = 4000\n[relay]\nbackoff_ms = 50\nmax_backoff_ms = 500\nconfirm_timeout_ms = 3000\n{extra}",
+                self.h.dir.path().join(format!("data-{label}")).display(),
+                self.h.nats.url(),
+                self.manifests.display(),
+                self.manifests.display(),
+                self.gateway.url(),
+            ),
+        )
+    }
+
+    /// Publishes `per` events for each of `keys` keys (interleaved), pipelined.
+    pub fn publish_load(&mut self, tenant: &str, keys: usize, per: u64, first_n: u64) {
+        let mut msgs = Vec::new();
+        for n in first_n..first_n + per {
+            for k in 0..keys {
+                let key = format!("{tenant}-k{k}");
+                let id = format!("{key}-e{n}");
+                let body =
+                    serde_json::json!({"id": id, "type": "Entry", "tenant_id": tenant, "data": {"k": key, "n": n}});
+                msgs.push((
+                    format!("events.{tenant}.ledger.Entry"),
+                    vec![("Nats-Msg-Id".to_owned(), id.clone())],
+                    bytes::Bytes::from(serde_json::to_vec(&body).unwrap()),
+                ));
+                self.sent.push(Sent { key, n, id });
+            }
+        }
+        self.h.publish_many(msgs);
+    }
+
+    /// The same, from another thread (while the runner works).
+    pub fn plan_load(&mut self, tenant: &str, keys: usize, per: u64) -> Vec<Outgoing> {
+        let mut msgs = Vec::new();
+        for n in 0..per {
+            for k in 0..keys {
+                let key = format!("{tenant}-k{k}");
+                let id = format!("{key}-e{n}");
+                let body =
+                    serde_json::json!({"id": id, "type": "Entry", "tenant_id": tenant, "data": {"k": key, "n": n}});
+                msgs.push((
+                    format!("events.{tenant}.ledger.Entry"),
+                    vec![("Nats-Msg-Id".to_owned(), id.clone())],
+                    bytes::Bytes::from(serde_json::to_vec(&body).unwrap()),
+                ));
+                self.sent.push(Sent { key, n, id });
+            }
+        }
+        msgs
+    }
+
+    /// Waits until every key shows all its events, results and ticks over HTTP at `port`,
+    /// and no outbox item is left.
+    pub fn wait_complete(&self, ports: &[u16], timeout: Duration) {
+        let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &self.sent {
+            *expected.entry(s.key.as_str()).or_default() += 1;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let mut done = true;
+            for (key, n) in &expected {
+                let tenant = key.split('-').next().unwrap();
+                let state = ports.iter().find_map(|p| {
+                    let (s, body) = self.h.http(
+                        "GET",
+                        &format!("http://127.0.0.1:{p}/sagas/{tenant}/{LEDGER_SAGA}/{key}"),
+                        None,
+                        None,
+                    );
+                    (s == 200).then(|| serde_json::from_str::<serde_json::Value>(&body).unwrap())
+                });
+                let ok = state.as_ref().is_some_and(|v| {
+                    let len = |f: &str| v["state"][f].as_array().map(|a| a.len()).unwrap_or(0);
+                    len("seen") >= *n
+                        && len("results") >= *n
+                        && len("ticks") >= n.div_ceil(10)
+                        && v["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+                });
+                if !ok {
+                    last =
+                        format!("{key}: {}", state.map(|v| v["state"].to_string()).unwrap_or_else(|| "absent".into()));
+                    done = false;
+                    break;
+                }
+            }
+            if done {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{}: not complete after {timeout:?}; e.g. {last}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs the checker against final states read from the stopped runners' data dirs.
+    pub fn check(&self, data_dirs: &[PathBuf]) -> Report {
+        let mut states: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        let keys: BTreeSet<&str> = self.sent.iter().map(|s| s.key.as_str()).collect();
+        for key in keys {
+            let tenant = key.split('-').next().unwrap();
+            for d in data_dirs {
+                let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+                    .args(["saga", "get", tenant, LEDGER_SAGA, key, "--data"])
+                    .arg(d)
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    states.insert(key.to_owned(), serde_json::from_slice(&out.stdout).unwrap());
+                }
+            }
+        }
+        check(
+            &self.sent,
+            &states,
+            &self.gateway.records(),
+            &self.upstream.records(),
+            &self.h.read_stream("WORKFLOW_COMMANDS"),
+            &self.h.read_stream("WORKFLOW_EVENTS"),
+            &self.crashes,
+        )
+    }
+
+    /// Saves the report under target/faults/ (tests/FAULTS.md quotes the last results).
+    pub fn record(&self, report: &Report) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/faults");
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join(format!("{}.txt", self.name)), report.to_string());
+    }
+}
+
+/// What the checker found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub events: usize,
+    pub crashes: usize,
+    pub transitions_lost: Vec<String>,
+    pub transitions_duplicated: Vec<String>,
+    pub out_of_order: Vec<String>,
+    pub commands_lost: Vec<String>,
+    pub calls_duplicated: Vec<String>,
+    pub calls_retried_across_crash: usize,
+    pub stream_duplicates: Vec<String>,
+    pub results_lost: Vec<String>,
+    pub timers_wrong: Vec<String>,
+    pub stuck: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.transitions_lost.is_empty()
+            && self.transitions_duplicated.is_empty()
+            && self.out_of_order.is_empty()
+            && self.commands_lost.is_empty()
+            && self.calls_duplicated.is_empty()
+            && self.stream_duplicates.is_empty()
+            && self.results_lost.is_empty()
+            && self.timers_wrong.is_empty()
+            && self.stuck.is_empty()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |v: &Vec<String>| {
+            format!("{}{}", v.len(), if v.is_empty() { String::new() } else { format!(" {:?}", &v[..v.len().min(5)]) })
+        };
+        write!(
+            f,
+            "events {}, crashes {}, lost transitions {}, duplicated transitions {}, out of order {}, lost commands {}, duplicated calls {}, calls retried across a crash {}, stream duplicates {}, lost results {}, wrong timers {}, stuck {}",
+            self.events,
+            self.crashes,
+            n(&self.transitions_lost),
+            n(&self.transitions_duplicated),
+            n(&self.out_of_order),
+            n(&self.commands_lost),
+            n(&self.calls_duplicated),
+            self.calls_retried_across_crash,
+            n(&self.stream_duplicates),
+            n(&self.results_lost),
+            n(&self.timers_wrong),
+            n(&self.stuck)
+        )
+    }
+}
+
+/// The checker. Expected per published event `(key, n, id)`: `n` once in the key's `seen`, in
+/// publish order; one Gateway `Note` and one upstream `pay` call under the deterministic work
+/// ids; one command on WORKFLOW_COMMANDS and one result on WORKFLOW_EVENTS; `n` once in
+/// `results`; for `n % 10 == 0` one timer tick. A second call under the same idempotency key
+/// counts as a duplicate unless a crash happened between the two calls.
+#[allow(clippy::too_many_arguments)]
+pub fn check(
+    sent: &[Sent],
+    states: &BTreeMap<String, serde_json::Value>,
+    gateway: &[runner::fixture::Recorded],
+    upstream: &[runner::fixture::Recorded],
+    commands: &[Stored],
+    results: &[Stored],
+    crashes: &[Instant],
+) -> Report {
+    let mut r = Report { events: sent.len(), crashes: crashes.len(), ..Default::default() };
+    let mut calls: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    for rec in gateway.iter().chain(upstream) {
+        calls.entry(rec.header("idempotency-key").unwrap_or("").to_owned()).or_default().push(rec.at);
+    }
+    for (key, times) in &calls {
+        if times.len() > 1 {
+            let (first, last) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+            if crashes.iter().any(|c| c >= first && c <= last) {
+                r.calls_retried_across_crash += times.len() - 1;
+            } else {
+                r.calls_duplicated.push(key.clone());
+            }
+        }
+    }
+    let mut stream_ids: BTreeMap<String, usize> = BTreeMap::new();
+    for m in commands {
+        *stream_ids.entry(m.json()["command_id"].as_str().unwrap_or("").to_owned()).or_default() += 1;
+    }
+    let mut result_ids: BTreeMap<String, usize> = BTreeMap::new();
+    for m in results {
+        *result_ids.entry(m.json()["command_id"].as_str().unwrap_or("").to_owned()).or_default() += 1;
+    }
+    for (id, n) in stream_ids.iter().chain(result_ids.iter()) {
+        if *n > 1 {
+            r.stream_duplicates.push(id.clone());
+        }
+    }
+    let mut by_key: BTreeMap<&str, Vec<&Sent>> = BTreeMap::new();
+    for s in sent {
+        by_key.entry(&s.key).or_default().push(s);
+    }
+    for (key, events) in by_key {
+        let tenant = key.split('-').next().unwrap_or("");
+        let Some(state) = states.get(key) else {
+            r.transitions_lost.push(format!("{key}: no instance"));
+            continue;
+        };
+        let list = |f: &str| -> Vec<u64> {
+            state["state"][f].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect()).unwrap_or_default()
+        };
+        let seen = list("seen");
+        let expected: Vec<u64> = events.iter().map(|e| e.n).collect();
+        let seen_set: BTreeSet<u64> = seen.iter().copied().collect();
+        if seen_set.len() != seen.len() {
+            r.transitions_duplicated.push(format!("{key}: {seen:?}"));
+        }
+        for e in &events {
+            if !seen_set.contains(&e.n) {
+                r.transitions_lost.push(format!("{key} n={}", e.n));
+            }
+        }
+        let positions: Vec<u64> = seen.iter().copied().filter(|n| expected.contains(n)).collect();
+        let mut dedup = positions.clone();
+        dedup.dedup();
+        if dedup != expected.iter().copied().filter(|n| seen_set.contains(n)).collect::<Vec<_>>() {
+            r.out_of_order.push(format!("{key}: {seen:?}"));
+        }
+        let res = list("results");
+        let res_set: BTreeSet<u64> = res.iter().copied().collect();
+        if res_set.len() != res.len() {
+            r.transitions_duplicated.push(format!("{key} results: {res:?}"));
+        }
+        let ticks = list("ticks");
+        let want_ticks: Vec<u64> = expected.iter().copied().filter(|n| n % 10 == 0).collect();
+        let mut got_ticks = ticks.clone();
+        got_ticks.sort_unstable();
+        if got_ticks != want_ticks {
+            r.timers_wrong.push(format!("{key}: ticks {ticks:?}, expected {want_ticks:?}"));
+        }
+        for e in &events {
+            let note = shards::ids::work_id(tenant, LEDGER_SAGA, key, &e.id, 0);
+            let pay = shards::ids::work_id(tenant, LEDGER_SAGA, key, &e.id, 1);
+            if !calls.contains_key(&note) {
+                r.commands_lost.push(format!("Note {key} n={}", e.n));
+            }
+            if !calls.contains_key(&pay) {
+                r.commands_lost.push(format!("pay call {key} n={}", e.n));
+            }
+            if !stream_ids.contains_key(&pay) {
+                r.commands_lost.push(format!("pay command {key} n={}", e.n));
+            }
+            if !result_ids.contains_key(&pay) || !res_set.contains(&e.n) {
+                r.results_lost.push(format!("{key} n={}", e.n));
+            }
+        }
+        if state["pending_outbox"].as_array().is_some_and(|a| !a.is_empty()) || state["status"] != "running" {
+            r.stuck.push(format!("{key}: status {}, pending outbox {}", state["status"], state["pending_outbox"]));
+        }
+    }
+    r
+}
+
+/// A `runner serve` process.
+pub struct RunnerProcess {
+    pub child: Child,
+    pub stderr: PathBuf,
+    pub port: u16,
+}
+
+impl RunnerProcess {
+    /// Starts `runner serve --config CONFIG` with extra environment (e.g. RUNNER_FAILPOINTS).
+    pub fn start(config: &Path, port: u16, env: &[(&str, &str)], log: &Path) -> Self {
+        let stderr = std::fs::File::create(log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+        cmd.args(["serve", "--config"]).arg(config).stdout(Stdio::null()).stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self { child: cmd.spawn().unwrap(), stderr: log.to_owned(), port }
+    }
+
+    pub fn wait_ready(&self, h: &Harness, timeout: Duration) {
+        let url = format!("http://127.0.0.1:{}/ready", self.port);
+        wait_until(timeout, "the runner ready", || h.http("GET", &url, None, None).0 == 200);
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns whether it exited cleanly.
+    pub fn sigterm(&mut self) -> bool {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the process ends by itself; returns the signal that ended it, if any.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.signal();
+            }
+            assert!(Instant::now() < deadline, "the runner did not exit within {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Fault scenarios are heavy (a nats-server and runner processes each): run one at a time.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
