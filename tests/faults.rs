@@ -39,17 +39,17 @@ fn crash_at(name: &str, point: &str, nth: u32) {
 
 #[test]
 fn crash_after_the_saga_commit_before_the_ack() {
-    crash_at("crash-after-commit-before-ack", "shard.after_commit_before_ack", 40);
+    crash_at("crash-after-commit-before-ack", "shard.after_commit_before_ack", 3);
 }
 
 #[test]
 fn crash_after_the_commit_before_dispatch() {
-    crash_at("crash-after-commit-before-dispatch", "shard.after_commit_before_dispatch", 40);
+    crash_at("crash-after-commit-before-dispatch", "shard.after_commit_before_dispatch", 3);
 }
 
 #[test]
 fn crash_after_dispatch_before_the_outbox_delete() {
-    crash_at("crash-after-dispatch-before-delete", "dispatch.after_confirm_before_delete", 30);
+    crash_at("crash-after-dispatch-before-delete", "dispatch.after_confirm_before_delete", 3);
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub struct Scenario {
     pub gateway: HttpFixture,
     pub upstream: HttpFixture,
     pub manifests: PathBuf,
+    pub effects: PathBuf,
     pub sent: Vec<Sent>,
     pub crashes: Vec<Instant>,
     /// Upstream answers: the result payload echoes `n` so the saga can record it.
@@ -79,11 +80,10 @@ impl Scenario {
         let manifests = write(
             &dir,
             "ledger.yaml",
-            &format!(
-                "sagas:\n  - name: ledger\n    program: ledger.rhai\n    triggers:\n      - {{ subject: \"events.>\", correlation: data.k, may_start: true }}\neffects:\n{effects}"
-            ),
+            "sagas:\n  - name: ledger\n    program: ledger.rhai\n    triggers:\n      - { subject: \"events.>\", correlation: data.k, may_start: true }\n",
         );
-        Self { h, gateway, upstream, manifests, sent: Vec::new(), crashes: Vec::new(), name: name.to_owned() }
+        let effects = write(&dir, "pay.yaml", &format!("effects:\n{effects}"));
+        Self { h, gateway, upstream, manifests, effects, sent: Vec::new(), crashes: Vec::new(), name: name.to_owned() }
     }
 
     /// A config file for a runner process (`extra` is appended TOML).
@@ -96,7 +96,7 @@ impl Scenario {
                 self.h.dir.path().join(format!("data-{label}")).display(),
                 self.h.nats.url(),
                 self.manifests.display(),
-                self.manifests.display(),
+                self.effects.display(),
                 self.gateway.url(),
             ),
         )
@@ -218,7 +218,7 @@ impl Scenario {
     pub fn record(&self, report: &Report) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/faults");
         let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(dir.join(format!("{}.txt", self.name)), report.to_string());
+        let _ = std::fs::write(dir.join(format!("{}.txt", self.name)), format!("{}: {report}\n", self.name));
     }
 }
 
@@ -404,9 +404,16 @@ impl RunnerProcess {
         Self { child: cmd.spawn().unwrap(), stderr: log.to_owned(), port }
     }
 
-    pub fn wait_ready(&self, h: &Harness, timeout: Duration) {
+    pub fn wait_ready(&mut self, h: &Harness, timeout: Duration) {
         let url = format!("http://127.0.0.1:{}/ready", self.port);
-        wait_until(timeout, "the runner ready", || h.http("GET", &url, None, None).0 == 200);
+        let deadline = Instant::now() + timeout;
+        while h.http("GET", &url, None, None).0 != 200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the runner exited ({status}) before it was ready; log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "the runner was not ready within {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn sigkill(&mut self) {
