@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 pub const LEDGER: &str = r#"
 fn on_event(state, event) {
     let s = if state == () { #{ seen: [], results: [], ticks: [] } } else { state };
+    //PRELUDE
     if event.type == "pay.succeeded" || event.type == "pay.failed" {
         s.results.push(event.data.n);
         return #{ state: s };
@@ -60,11 +61,17 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn new(name: &str) -> Self {
-        Self::with_nats_args(name, &[])
+        Self::build(name, &[], "", "")
     }
 
     pub fn with_nats_args(name: &str, args: &[&str]) -> Self {
-        let h = Harness::with_args(args);
+        Self::build(name, args, "", "")
+    }
+
+    /// A scenario whose ledger program runs `prelude` first (after `s` is set up) and whose
+    /// saga entry gets `saga_extra` (YAML lines indented by four spaces, e.g. a retry policy).
+    pub fn build(name: &str, nats_args: &[&str], prelude: &str, saga_extra: &str) -> Self {
+        let h = Harness::with_args(nats_args);
         let gateway = HttpFixture::start().unwrap();
         let upstream = HttpFixture::start().unwrap();
         upstream.set_handler(std::sync::Arc::new(|r| {
@@ -72,7 +79,7 @@ impl Scenario {
         }));
         let dir = h.dir.path().join("manifests");
         std::fs::create_dir_all(&dir).unwrap();
-        write(&dir, "ledger.rhai", LEDGER);
+        write(&dir, "ledger.rhai", &LEDGER.replace("//PRELUDE", prelude));
         let effects = format!(
             "  - name: pay\n    provider: http\n    settings: {{ url: \"{}/pay\", body: {{ k: \"{{{{payload.k}}}}\", n: \"{{{{payload.n}}}}\" }} }}\n    retry: {{ attempts: 10, backoff_ms: 50, max_backoff_ms: 500 }}\n",
             upstream.url()
@@ -80,20 +87,32 @@ impl Scenario {
         let manifests = write(
             &dir,
             "ledger.yaml",
-            "sagas:\n  - name: ledger\n    program: ledger.rhai\n    triggers:\n      - { subject: \"events.>\", correlation: data.k, may_start: true }\n",
+            &format!(
+                "sagas:\n  - name: ledger\n    program: ledger.rhai\n{saga_extra}    triggers:\n      - {{ subject: \"events.>\", correlation: data.k, may_start: true }}\n"
+            ),
         );
         let effects = write(&dir, "pay.yaml", &format!("effects:\n{effects}"));
         Self { h, gateway, upstream, manifests, effects, sent: Vec::new(), crashes: Vec::new(), name: name.to_owned() }
     }
 
-    /// A config file for a runner process (`extra` is appended TOML).
+    /// Rewrites the program with another prelude (a "fix"); `/admin/reload` picks it up.
+    pub fn set_prelude(&self, prelude: &str) {
+        write(self.manifests.parent().unwrap(), "ledger.rhai", &LEDGER.replace("//PRELUDE", prelude));
+    }
+
+    /// A config file for a runner process; its data dir is `data-LABEL` in the scenario's
+    /// temp dir. `extra` is TOML appended inside `[consumers]` (keys first, then any tables).
     pub fn config(&self, label: &str, shards: usize, port: u16, extra: &str) -> PathBuf {
+        self.config_at(label, shards, port, &self.h.dir.path().join(format!("data-{label}")), extra)
+    }
+
+    pub fn config_at(&self, label: &str, shards: usize, port: u16, data: &Path, extra: &str) -> PathBuf {
         write(
             self.h.dir.path(),
             &format!("{label}.toml"),
             &format!(
-                "mode = \"combined\"\ndata_dir = \"{}\"\nshards = {shards}\npin_cores = false\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = [\"{}\"]\n[gateway]\nurl = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n[consumers]\nack_wait_ms = 4000\n[relay]\nbackoff_ms = 50\nmax_backoff_ms = 500\nconfirm_timeout_ms = 3000\n{extra}",
-                self.h.dir.path().join(format!("data-{label}")).display(),
+                "mode = \"combined\"\ndata_dir = \"{}\"\nshards = {shards}\npin_cores = false\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = [\"{}\"]\n[gateway]\nurl = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n[relay]\nbackoff_ms = 50\nmax_backoff_ms = 500\nconfirm_timeout_ms = 3000\n[consumers]\nack_wait_ms = 4000\n{extra}",
+                data.display(),
                 self.h.nats.url(),
                 self.manifests.display(),
                 self.effects.display(),
@@ -104,33 +123,35 @@ impl Scenario {
 
     /// Publishes `per` events for each of `keys` keys (interleaved), pipelined.
     pub fn publish_load(&mut self, tenant: &str, keys: usize, per: u64, first_n: u64) {
+        let msgs = self.plan_events(tenant, keys, per, first_n, &|_, _| None);
+        self.h.publish_many(msgs);
+    }
+
+    /// The same, returned for publishing from another thread (while the runner works).
+    pub fn plan_load(&mut self, tenant: &str, keys: usize, per: u64) -> Vec<Outgoing> {
+        self.plan_events(tenant, keys, per, 0, &|_, _| None)
+    }
+
+    /// Events `first_n..first_n + per` for keys `TENANT-k0..`; `extra(k, n)` may add fields to
+    /// an event's `data` (e.g. a poison flag). Every event is remembered for the checker.
+    pub fn plan_events(
+        &mut self,
+        tenant: &str,
+        keys: usize,
+        per: u64,
+        first_n: u64,
+        extra: &dyn Fn(usize, u64) -> Option<serde_json::Value>,
+    ) -> Vec<Outgoing> {
         let mut msgs = Vec::new();
         for n in first_n..first_n + per {
             for k in 0..keys {
                 let key = format!("{tenant}-k{k}");
                 let id = format!("{key}-e{n}");
-                let body =
-                    serde_json::json!({"id": id, "type": "Entry", "tenant_id": tenant, "data": {"k": key, "n": n}});
-                msgs.push((
-                    format!("events.{tenant}.ledger.Entry"),
-                    vec![("Nats-Msg-Id".to_owned(), id.clone())],
-                    bytes::Bytes::from(serde_json::to_vec(&body).unwrap()),
-                ));
-                self.sent.push(Sent { key, n, id });
-            }
-        }
-        self.h.publish_many(msgs);
-    }
-
-    /// The same, from another thread (while the runner works).
-    pub fn plan_load(&mut self, tenant: &str, keys: usize, per: u64) -> Vec<Outgoing> {
-        let mut msgs = Vec::new();
-        for n in 0..per {
-            for k in 0..keys {
-                let key = format!("{tenant}-k{k}");
-                let id = format!("{key}-e{n}");
-                let body =
-                    serde_json::json!({"id": id, "type": "Entry", "tenant_id": tenant, "data": {"k": key, "n": n}});
+                let mut data = serde_json::json!({"k": key, "n": n});
+                if let Some(serde_json::Value::Object(more)) = extra(k, n) {
+                    data.as_object_mut().unwrap().extend(more);
+                }
+                let body = serde_json::json!({"id": id, "type": "Entry", "tenant_id": tenant, "data": data});
                 msgs.push((
                     format!("events.{tenant}.ledger.Entry"),
                     vec![("Nats-Msg-Id".to_owned(), id.clone())],
@@ -142,11 +163,37 @@ impl Scenario {
         msgs
     }
 
+    /// Dead letters of `tenant` as the runner at `port` lists them (oldest first).
+    pub fn deadletters(&self, port: u16, tenant: &str) -> Vec<serde_json::Value> {
+        let (s, body) = self.h.http(
+            "GET",
+            &format!("http://127.0.0.1:{port}/admin/deadletters?tenant={tenant}&limit=100000"),
+            None,
+            None,
+        );
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["deadletters"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// One instance over HTTP (`None` when absent).
+    pub fn instance(&self, port: u16, key: &str) -> Option<serde_json::Value> {
+        let tenant = key.split('-').next().unwrap();
+        let (s, body) =
+            self.h.http("GET", &format!("http://127.0.0.1:{port}/sagas/{tenant}/{LEDGER_SAGA}/{key}"), None, None);
+        (s == 200).then(|| serde_json::from_str(&body).unwrap())
+    }
+
     /// Waits until every key shows all its events, results and ticks over HTTP at `port`,
     /// and no outbox item is left.
     pub fn wait_complete(&self, ports: &[u16], timeout: Duration) {
+        self.wait_complete_where(ports, timeout, &|_| true)
+    }
+
+    /// The same for the keys `which` selects.
+    pub fn wait_complete_where(&self, ports: &[u16], timeout: Duration, which: &dyn Fn(&str) -> bool) {
         let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
-        for s in &self.sent {
+        for s in self.sent.iter().filter(|s| which(&s.key)) {
             *expected.entry(s.key.as_str()).or_default() += 1;
         }
         let deadline = Instant::now() + timeout;
@@ -426,6 +473,17 @@ impl RunnerProcess {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// The process's peak resident set so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib / 1024
     }
 
     pub fn log(&self) -> String {
