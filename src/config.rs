@@ -329,22 +329,59 @@ pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
         env_fig = env_fig.merge((key, value));
     }
     fig = fig.merge(env_fig);
-    let raw: RawConfig = fig.extract().map_err(|e| {
-        ConfigErrors(
-            e.into_iter()
-                .map(|e| {
-                    let field = e.path.join(".");
-                    let origin = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
-                    if field.is_empty() {
-                        format!("{e} ({origin})")
-                    } else {
-                        format!("field `{field}`: {} ({origin})", e.kind)
-                    }
-                })
-                .collect(),
-        )
-    })?;
-    validate(raw)
+    // Every problem at once: a field that does not deserialize is reported and removed, and
+    // extraction runs again, until what is left deserializes; then the rules are checked.
+    let describe = |e: &figment::Error| {
+        let field = e.path.join(".");
+        let origin = fig.find_metadata(&field).or(e.metadata.as_ref()).map(|m| m.name.to_string()).unwrap_or_default();
+        if field.is_empty() { format!("{e} ({origin})") } else { format!("field `{field}`: {} ({origin})", e.kind) }
+    };
+    let mut value: figment::value::Value =
+        fig.extract().map_err(|e| ConfigErrors(e.into_iter().map(|e| describe(&e)).collect()))?;
+    let mut errors = Vec::new();
+    let raw: RawConfig = loop {
+        match Figment::from(Serialized::defaults(&value)).extract::<RawConfig>() {
+            Ok(raw) => break raw,
+            Err(e) => {
+                let mut progressed = false;
+                for e in e {
+                    errors.push(describe(&e));
+                    progressed |= remove_path(&mut value, &e.path);
+                }
+                if !progressed || errors.len() > 500 {
+                    return Err(ConfigErrors(errors));
+                }
+            }
+        }
+    };
+    match validate(raw) {
+        Ok(cfg) if errors.is_empty() => Ok(cfg),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(ConfigErrors(more)) => {
+            errors.extend(more);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Removes the value at `path` (dictionary keys) from `value`; false when it is not there.
+fn remove_path(value: &mut figment::value::Value, path: &[String]) -> bool {
+    use figment::value::Value;
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut at = value;
+    for key in parents {
+        match at {
+            Value::Dict(_, dict) => match dict.get_mut(key) {
+                Some(next) => at = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match at {
+        Value::Dict(_, dict) => dict.remove(last).is_some(),
+        _ => false,
+    }
 }
 
 fn parse_env_value(v: &str) -> figment::value::Value {
@@ -379,10 +416,28 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     } else if (partitions as usize) < shards {
         bad("partitions", &partitions, "must be at least the shard count, or some shards would own nothing");
     }
-    if let Some(url) = &raw.nats.url
-        && !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':'))
-    {
-        bad("nats.url", url, "must look like nats://host:port");
+    if let Some(url) = &raw.nats.url {
+        let scheme_ok = match url.split_once("://") {
+            Some((scheme, rest)) => matches!(scheme, "nats" | "tls" | "ws" | "wss") && !rest.is_empty(),
+            None => url.contains(':'),
+        };
+        if !scheme_ok {
+            bad("nats.url", url, "must look like nats://host:port (schemes nats, tls, ws, wss)");
+        }
+    }
+    if raw.data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        bad("data_dir", &"", "must not be empty");
+    }
+    for (field, value) in [
+        ("nats.connect_timeout_ms", raw.nats.connect_timeout_ms),
+        ("nats.publish_timeout_ms", raw.nats.publish_timeout_ms),
+        ("shutdown.drain_deadline_ms", raw.shutdown.drain_deadline_ms),
+    ] {
+        if let Some(v) = value
+            && v < 100
+        {
+            bad(field, &v, "must be at least 100");
+        }
     }
     let names = [
         ("streams.aggregate_events", raw.streams.aggregate_events.clone().unwrap_or_else(|| "AGGREGATE_EVENTS".into())),

@@ -44,6 +44,8 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
     let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
     let redelivered = metrics::counter!("runner_redeliveries_total", "consumer" => kind.label());
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
+    let durable = super::streams::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
+    let mut received = super::screen::Received::default();
     loop {
         if *stop.borrow() {
             return;
@@ -86,6 +88,7 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
                 Some(Ok(msg)) => {
                     consumed.increment(1);
                     if let Ok(info) = msg.info() {
+                        received.note(info.stream_sequence);
                         if info.delivered > 1 {
                             redelivered.increment(1);
                         }
@@ -106,6 +109,12 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
         }
         if wait_or_stop(&mut stop, Duration::from_millis(200)).await {
             return;
+        }
+        // A message the client cannot parse drops the connection each time it is delivered:
+        // find it among the delivered-but-never-received ones and quarantine it.
+        let moved = super::screen::sweep(&ctx, &stream, &durable, &filter, &received).await;
+        if moved > 0 {
+            tracing::warn!(stream = %stream, filter = %filter, moved, "moved unparseable messages to the dead letters");
         }
         // Re-bind, restarting delivery at the ack floor (see `streams::pull_consumer`).
         match super::streams::pull_consumer(&ctx.js, &ctx.cfg, &stream, kind.label(), &filter).await {

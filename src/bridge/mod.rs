@@ -8,6 +8,7 @@
 
 pub mod dispatch;
 pub mod ingest;
+pub mod screen;
 pub mod streams;
 
 use crate::config::Config;
