@@ -127,9 +127,26 @@ impl Transport {
             .filter(|v| !v.is_empty())
     }
 
-    /// The tenant a message claims, for routing its dead letter (may be empty).
-    pub fn claimed_tenant(&self) -> String {
-        self.header(HDR_TENANT).map(str::to_owned).unwrap_or_default()
+    /// The tenant a message claims, for filing its dead letter where that tenant's operators
+    /// look (may be empty): the header, else a string `tenant_id` in a JSON body, else the
+    /// subject's tenant token (`events.{tenant}.…`, `workflow.{kind}.{tenant}.…`).
+    pub fn claimed_tenant(&self, body: &[u8]) -> String {
+        if let Some(t) = self.header(HDR_TENANT) {
+            return t.to_owned();
+        }
+        if body.len() <= 1 << 20
+            && let Ok(serde_json::Value::Object(m)) = serde_json::from_slice::<serde_json::Value>(body)
+            && let Some(t) = m.get("tenant_id").and_then(|v| v.as_str())
+        {
+            return t.to_owned();
+        }
+        let tokens: Vec<&str> = self.subject.split('.').collect();
+        let token = match tokens.first() {
+            Some(&"workflow") if tokens.len() >= 4 => tokens[2],
+            _ if tokens.len() >= 4 => tokens[1],
+            _ => "",
+        };
+        if token == "_" { String::new() } else { token.to_owned() }
     }
 }
 

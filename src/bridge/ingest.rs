@@ -238,7 +238,7 @@ fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeE
 /// if the dead letter cannot be written, the message is left for redelivery.
 pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: Transport, error: String) {
     tracing::warn!(stream = %t.stream, seq = t.seq, subject = %t.subject, error = %error, "undecodable message quarantined");
-    let tenant = t.claimed_tenant();
+    let tenant = t.claimed_tenant(&msg.payload);
     let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
     let (tx, rx) = reply_channel();
     let letter = RawLetter {
