@@ -25,11 +25,11 @@ fn poison_events_are_quarantined_in_order_and_complete_in_order_after_a_fix() {
     let mut p = RunnerProcess::start(&sc.config("a", 2, port, ""), port, &[], &sc.h.dir.path().join("run.log"));
     p.wait_ready(&sc.h, T);
     // 1,000 events over 100 keys; event 3 of every tenth key (1%) throws.
-    let poisoned = |k: usize, n: u64| k % 10 == 0 && n == 3;
+    let poisoned = |k: usize, n: u64| k.is_multiple_of(10) && n == 3;
     let load = sc.plan_events(TENANT, 100, 10, 0, &|k, n| poisoned(k, n).then(|| serde_json::json!({"p": true})));
     sc.h.publish_many(load);
     let is_poisoned_key =
-        |key: &str| key.strip_prefix("t-k").and_then(|k| k.parse::<usize>().ok()).is_some_and(|k| k % 10 == 0);
+        |key: &str| key.strip_prefix("t-k").and_then(|k| k.parse::<usize>().ok()).is_some_and(|k| k.is_multiple_of(10));
     sc.wait_complete_where(&[port], T, &|key| !is_poisoned_key(key));
     // Each poisoned key: the poison event and the six behind it, parked in stream order.
     // Results and timer ticks of events 0..2 that arrive after the key parked wait behind
