@@ -245,16 +245,16 @@ fn sigterm_during_load_loses_nothing_and_repeats_nothing() {
         }
     }
     // Publish while the runner works, and stop it in the middle.
-    let status = std::thread::scope(|scope| {
+    let (status, at_signal) = std::thread::scope(|scope| {
         scope.spawn(|| h.publish_many(msgs));
         wait_until(T, "load under way", || gateway.count() >= 200);
+        let at_signal = gateway.count();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().unwrap()
+        (child.wait().unwrap(), at_signal)
     });
     assert!(status.success(), "runner exited with {status} on SIGTERM");
-    let at_stop = gateway.count();
-    assert!(at_stop < (KEYS * PER) as usize, "the load finished before the signal; the test proved nothing");
+    assert!(at_signal < (KEYS * PER) as usize, "the load finished before the signal; the test proved nothing");
     let mut child = start();
     wait_until(Duration::from_secs(60), "every event applied after the restart", || {
         (0..KEYS).all(|k| {

@@ -263,9 +263,14 @@ impl Scenario {
 
     /// Saves the report under target/faults/ (tests/FAULTS.md quotes the last results).
     pub fn record(&self, report: &Report) {
+        self.record_with(report, "");
+    }
+
+    /// The same, with extra measurements appended (e.g. peak RSS).
+    pub fn record_with(&self, report: &Report, extra: &str) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/faults");
         let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(dir.join(format!("{}.txt", self.name)), format!("{}: {report}\n", self.name));
+        let _ = std::fs::write(dir.join(format!("{}.txt", self.name)), format!("{}: {report}{extra}\n", self.name));
     }
 }
 
