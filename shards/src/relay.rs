@@ -130,26 +130,26 @@ impl RelayState {
         }
     }
 
-    /// Refills the window from the store (items not known yet, in key order).
+    /// Refills the window from the store (items not known yet, in key order). Known items are
+    /// walked past without decoding, and a scan waits until a useful share of the window is
+    /// free (a batch, or an eighth of it), so a full window under load is not re-read per commit.
     pub fn scan(&mut self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let room = self.cfg.window.saturating_sub(self.known.len());
+        if room == 0 || (room < self.cfg.batch.min(self.cfg.window / 8).max(1) && !self.known.is_empty()) {
+            // Still (nearly) full: scan again once more of the window has drained.
+            return Ok(());
+        }
         let view = store.read()?;
         let mut after = None;
         loop {
-            let room = self.cfg.window.saturating_sub(self.known.len());
-            if room == 0 {
-                // Still full: scan again once some of the window has drained.
-                return Ok(());
-            }
-            let page = view.outbox(after, 512)?;
-            let done = page.len() < 512;
+            let known = &self.known;
+            let (page, last, done) = view.outbox_where(after, 4_096, |k| !known.contains(k))?;
+            after = last;
             for (key, item) in page {
-                after = Some(key);
                 if self.known.len() >= self.cfg.window {
                     return Ok(());
                 }
-                if !self.known.contains(&key) {
-                    self.admit(key, item, now);
-                }
+                self.admit(key, item, now);
             }
             if done {
                 self.needs_scan = false;
@@ -158,8 +158,6 @@ impl RelayState {
         }
     }
 
-    /// Moves due retries to pending, re-queues dispatches whose confirmation timed out, and
-    /// takes what may be dispatched now within the in-flight limits.
     pub fn take_ready(&mut self, now: u64) -> Ready {
         while let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 > now {
@@ -288,6 +286,50 @@ mod tests {
             confirm_timeout_ms: 100,
             ..RelayConfig::default()
         }
+    }
+
+    #[test]
+    fn a_scan_admits_only_unknown_items_in_key_order_and_waits_for_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 0, 1, &crate::store::StoreConfig::default()).unwrap();
+        let mut batch = crate::store::Batch::new();
+        for seq in 1..=20 {
+            batch.put_outbox(key(seq), &item("a", &seq.to_string()));
+        }
+        store.commit(&batch).unwrap();
+        let cfg = RelayConfig {
+            window: 16,
+            batch: 16,
+            max_in_flight: 100,
+            max_in_flight_per_tenant: 100,
+            ..RelayConfig::default()
+        };
+        let mut r = RelayState::new(cfg);
+        // Items 1..=14 arrive as commit hints; the scan adds 15 and 16 (window 16), not again 1..=14.
+        for seq in 1..=14 {
+            r.offer(key(seq), item("a", &seq.to_string()), 0);
+        }
+        r.scan(&store, 0).unwrap();
+        assert_eq!(r.depth(), 16);
+        assert!(r.needs_scan(), "items 17..=20 are still in the store only");
+        let ready: Vec<u64> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        assert_eq!(ready, (1..=16).collect::<Vec<_>>());
+        // One slot free is less than the scan threshold (min(batch 16, window/8 = 2)): no scan yet.
+        let delete = |seq: u64| {
+            let mut b = crate::store::Batch::new();
+            b.delete_outbox(key(seq));
+            store.commit(&b).unwrap();
+        };
+        delete(1);
+        r.delivered(key(1));
+        r.scan(&store, 0).unwrap();
+        assert_eq!(r.depth(), 15);
+        delete(2);
+        r.delivered(key(2));
+        r.scan(&store, 0).unwrap();
+        assert_eq!(r.depth(), 16);
+        let ready: Vec<u64> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        assert_eq!(ready, [17, 18]);
     }
 
     #[test]
