@@ -72,6 +72,10 @@ pub struct RelayState {
     delayed: BTreeMap<(u64, OutboxKey), OutboxItem>,
     per_tenant: AHashMap<String, usize>,
     needs_scan: bool,
+    /// Where the next scan starts: `None` from the first key (a fresh shard, a rolled-back
+    /// batch, the idle poll); else the smallest key the window had no room for — items below
+    /// it are all in the window already, so a scan under load does not re-walk them.
+    scan_from: Option<OutboxKey>,
 }
 
 impl RelayState {
@@ -85,6 +89,7 @@ impl RelayState {
             per_tenant: AHashMap::new(),
             // A fresh shard may have items left from before a restart.
             needs_scan: true,
+            scan_from: None,
         }
     }
 
@@ -105,8 +110,20 @@ impl RelayState {
         self.needs_scan
     }
 
+    /// A full scan from the first key.
     pub fn request_scan(&mut self) {
         self.needs_scan = true;
+        self.scan_from = None;
+    }
+
+    /// A scan from `key` on (kept at the smallest such key until a scan runs).
+    fn scan_from_key(&mut self, key: OutboxKey) {
+        if !self.needs_scan {
+            self.needs_scan = true;
+            self.scan_from = Some(key);
+        } else if let Some(from) = self.scan_from {
+            self.scan_from = Some(from.min(key));
+        }
     }
 
     /// A freshly committed item. Dropped (and a rescan scheduled) when the window is full.
@@ -115,7 +132,7 @@ impl RelayState {
             return;
         }
         if self.known.len() >= self.cfg.window {
-            self.needs_scan = true;
+            self.scan_from_key(key);
             return;
         }
         self.admit(key, item, now);
@@ -140,20 +157,28 @@ impl RelayState {
             return Ok(());
         }
         let view = store.read()?;
-        let mut after = None;
+        let mut from = match self.scan_from {
+            Some(k) => std::ops::Bound::Included(k),
+            None => std::ops::Bound::Unbounded,
+        };
         loop {
             let known = &self.known;
-            let (page, last, done) = view.outbox_where(after, 4_096, |k| !known.contains(k))?;
-            after = last;
+            let (page, last, done) = view.outbox_where(from, 4_096, |k| !known.contains(k))?;
             for (key, item) in page {
                 if self.known.len() >= self.cfg.window {
+                    // Full again: the next scan starts at the first item left out.
+                    self.scan_from = Some(key);
                     return Ok(());
                 }
                 self.admit(key, item, now);
             }
             if done {
                 self.needs_scan = false;
+                self.scan_from = None;
                 return Ok(());
+            }
+            if let Some(k) = last {
+                from = std::ops::Bound::Excluded(k);
             }
         }
     }

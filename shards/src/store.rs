@@ -619,24 +619,29 @@ impl<'s> ReadView<'s> {
         self.get_raw(Db::Outbox, &key.encode())?.map(|b| self.decode(Db::Outbox, b)).transpose()
     }
 
-    /// Walks up to `walk` outbox keys after `after` in key order and decodes only the items
+    /// Walks up to `walk` outbox keys from `from` in key order and decodes only the items
     /// `want` accepts (the relay skips the ones it already holds without decoding them).
     /// Returns those items, the last key walked, and whether the end was reached.
     #[allow(clippy::type_complexity)]
     pub fn outbox_where(
         &self,
-        after: Option<OutboxKey>,
+        from: std::ops::Bound<OutboxKey>,
         walk: usize,
         want: impl Fn(&OutboxKey) -> bool,
     ) -> Result<(Vec<(OutboxKey, OutboxItem)>, Option<OutboxKey>, bool), StoreError> {
         let db = self.store.db(Db::Outbox);
         let lmdb = |e| self.store.lmdb(e);
-        let start = after.map(|k| k.encode());
-        let iter = match &start {
-            None => db.range(&self.txn, &(std::ops::Bound::<&[u8]>::Unbounded, std::ops::Bound::Unbounded)),
-            Some(k) => db.range(&self.txn, &(std::ops::Bound::Excluded(&k[..]), std::ops::Bound::Unbounded)),
-        }
-        .map_err(lmdb)?;
+        use std::ops::Bound;
+        let encoded = match from {
+            Bound::Included(k) | Bound::Excluded(k) => Some(k.encode()),
+            Bound::Unbounded => None,
+        };
+        let start: Bound<&[u8]> = match (&from, &encoded) {
+            (Bound::Included(_), Some(e)) => Bound::Included(&e[..]),
+            (Bound::Excluded(_), Some(e)) => Bound::Excluded(&e[..]),
+            _ => Bound::Unbounded,
+        };
+        let iter = db.range(&self.txn, &(start, Bound::Unbounded)).map_err(lmdb)?;
         let (mut out, mut last, mut walked) = (Vec::new(), None, 0);
         for entry in iter.take(walk) {
             let (k, v) = entry.map_err(lmdb)?;
