@@ -192,6 +192,8 @@ fn the_breaker_opens_waits_half_opens_and_closes() {
     command(&h, "b3", "b3");
     // The next call is the half-open probe, after open_ms: b3 was not called while open.
     wait_until(T, "half-open probe", || state() == Some(1));
+    // The probe is recorded when the (delayed) upstream has seen it; then exactly one call more.
+    wait_until(T, "the probe at the upstream", || upstream.count() >= 3);
     assert_eq!(upstream.count(), 3, "a call went through while the breaker was open");
     wait_until(T, "closed after the probe succeeded", || state() == Some(0));
     wait_until(T, "b3's result", || results(&h).len() == 3);

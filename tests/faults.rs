@@ -30,10 +30,7 @@ fn crash_at(name: &str, point: &str, nth: u32) {
     let mut p = RunnerProcess::start(&cfg, port, &[], &sc.h.dir.path().join("after.log"));
     p.wait_ready(&sc.h, T);
     sc.wait_complete(&[port], T);
-    assert!(p.sigterm(), "unclean stop; log:\n{}", p.log());
-    let report = sc.check(&[sc.h.dir.path().join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{name}: {report}");
+    let report = sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
     assert_eq!(report.events, 300);
 }
 
@@ -99,8 +96,5 @@ fn crash_during_a_partition_move() {
     p.wait_ready(&sc.h, T);
     sc.publish_load(TENANT, 10, 10, 20);
     sc.wait_complete(&[port], T);
-    assert!(p.sigterm());
-    let report = sc.check(&[sc.h.dir.path().join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
 }

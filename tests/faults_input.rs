@@ -59,10 +59,7 @@ fn poison_events_are_quarantined_in_order_and_complete_in_order_after_a_fix() {
     }
     sc.wait_complete(&[port], T);
     assert!(sc.deadletters(port, TENANT).is_empty(), "requeued dead letters are gone");
-    assert!(p.sigterm());
-    let report = sc.check(&[sc.h.dir.path().join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    let report = sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
     assert_eq!(report.events, 1000);
 }
 
@@ -230,10 +227,7 @@ fn bad_input_gets_a_clear_dead_letter_and_nothing_else_is_lost() {
     assert_eq!(s, 404, "{body}");
     assert!(body.contains("no_such_saga") && body.contains("is not loaded"), "{body}");
     assert_eq!(sc.h.http("GET", &url(port, "/health"), None, None).0, 200);
-    assert!(p.sigterm());
-    let report = sc.check(&[sc.h.dir.path().join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
 }
 
 #[test]
@@ -439,9 +433,6 @@ fn a_full_disk_turns_health_red_acks_nothing_uncommitted_and_recovers() {
     std::fs::remove_file(&filler).unwrap();
     wait_until(T, "health green again", || sc.h.http("GET", &url(port, "/health"), None, None).0 == 200);
     sc.wait_complete(&[port], T);
-    assert!(p.sigterm());
-    let report = sc.check(&[mnt.join("data")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    sc.finish(&mut [&mut p], &[mnt.join("data")]);
     assert!(p.log().contains("commits succeed again"), "{}", p.log());
 }

@@ -70,10 +70,7 @@ fn random_sigkills_during_a_run() {
     sc.crashes = crashes;
     assert!(sc.crashes.len() >= 3, "only {} kills landed during the load", sc.crashes.len());
     sc.wait_complete(&[port], T);
-    assert!(p.sigterm(), "unclean stop; log:\n{}", p.log());
-    let report = sc.check(&[dir.join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    let report = sc.finish(&mut [&mut p], &[dir.join("data-a")]);
     assert_eq!(report.events, total);
 }
 
@@ -103,11 +100,8 @@ fn nats_server_killed_and_restarted_twice_during_a_run() {
         wait_until(T, "the runner ready again", || sc.h.http("GET", &url(port, "/ready"), None, None).0 == 200);
     }
     sc.wait_complete(&[port], T);
-    assert!(p.sigterm(), "unclean stop; log:\n{}", p.log());
     assert!(p.log().contains("nats connected") || p.log().contains("reconnected"), "{}", p.log());
-    let report = sc.check(&[sc.h.dir.path().join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    let report = sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
     assert_eq!(report.events, 600);
 }
 
@@ -161,9 +155,7 @@ fn two_instances_with_disjoint_tenant_ranges_survive_a_rolling_restart() {
     };
     assert!(holds("data-a", "a", "a-k0") && holds("data-b", "b", "b-k0"));
     assert!(!holds("data-a", "b", "b-k0") && !holds("data-b", "a", "a-k0"), "a range was processed by both instances");
-    let report = sc.check(&[dir.join("data-a"), dir.join("data-b")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    let report = sc.finish(&mut [], &[dir.join("data-a"), dir.join("data-b")]);
     assert_eq!(report.events, 1200);
 }
 
@@ -203,10 +195,7 @@ fn restart_with_a_different_shard_count_during_a_run() {
         );
     }
     sc.wait_complete(&[port], T);
-    assert!(p.sigterm());
-    let report = sc.check(&[dir.join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    let report = sc.finish(&mut [&mut p], &[dir.join("data-a")]);
     assert_eq!(report.events, total);
 }
 
@@ -239,8 +228,5 @@ fn a_controlled_replay_from_sequence_zero_rebuilds_identically_without_dispatchi
     }
     assert_eq!((sc.gateway.count(), sc.upstream.count()), calls, "the replay called the Gateway or the upstream again");
     assert_eq!(sc.h.read_stream("WORKFLOW_COMMANDS").len(), commands, "the replay published commands again");
-    assert!(p.sigterm());
-    let report = sc.check(&[sc.h.dir.path().join("data-a")]);
-    sc.record(&report);
-    assert!(report.ok(), "{report}");
+    sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
 }

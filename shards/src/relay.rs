@@ -183,6 +183,8 @@ impl RelayState {
         }
     }
 
+    /// Moves due retries to pending, re-queues dispatches whose confirmation timed out, and
+    /// takes what may be dispatched now within the in-flight limits.
     pub fn take_ready(&mut self, now: u64) -> Ready {
         while let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 > now {

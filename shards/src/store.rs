@@ -657,31 +657,8 @@ impl<'s> ReadView<'s> {
 
     /// Outbox items in key order (per partition, in creation order), starting after `after`.
     pub fn outbox(&self, after: Option<OutboxKey>, limit: usize) -> Result<Vec<(OutboxKey, OutboxItem)>, StoreError> {
-        let db = self.store.db(Db::Outbox);
-        let lmdb = |e| self.store.lmdb(e);
-        let mut out = Vec::new();
-        let iter = match after {
-            None => db.iter(&self.txn).map_err(lmdb)?,
-            Some(k) => {
-                let start = k.encode();
-                let mut it = db
-                    .range(&self.txn, &(std::ops::Bound::Excluded(&start[..]), std::ops::Bound::Unbounded))
-                    .map_err(lmdb)?;
-                for item in it.by_ref().take(limit) {
-                    let (k, v) = item.map_err(lmdb)?;
-                    out.push((
-                        OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?,
-                        self.decode(Db::Outbox, v)?,
-                    ));
-                }
-                return Ok(out);
-            }
-        };
-        for item in iter.take(limit) {
-            let (k, v) = item.map_err(lmdb)?;
-            out.push((OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?, self.decode(Db::Outbox, v)?));
-        }
-        Ok(out)
+        let from = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        Ok(self.outbox_where(from, limit, |_| true)?.0)
     }
 
     /// The highest outbox sequence stored (to keep new sequences above it after a restart).

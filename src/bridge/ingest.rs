@@ -238,21 +238,7 @@ fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeE
 /// if the dead letter cannot be written, the message is left for redelivery.
 pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: Transport, error: String) {
     tracing::warn!(stream = %t.stream, seq = t.seq, subject = %t.subject, error = %error, "undecodable message quarantined");
-    let tenant = t.claimed_tenant(&msg.payload);
-    let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
-    let (tx, rx) = reply_channel();
-    let letter = RawLetter {
-        tenant,
-        stream: t.stream,
-        seq: t.seq,
-        subject: t.subject,
-        headers: t.headers,
-        raw: msg.payload.to_vec(),
-        error,
-    };
-    if ctx.shard(shard).send(Request::Quarantine { letter, reply: tx }).await.is_err() {
-        return;
-    }
+    let Some(rx) = file_raw_letter(ctx, t, msg.payload.to_vec(), error).await else { return };
     ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let shared = ctx.shared.clone();
     tokio::task::spawn_local(async move {
@@ -262,6 +248,22 @@ pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: T
         }
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     });
+}
+
+/// Hands the dead letter of a message that cannot be decoded to the shard of the tenant it
+/// claims; the answer comes when it is committed. `None` when the shards are stopping.
+pub async fn file_raw_letter(
+    ctx: &Rc<Ctx>,
+    t: Transport,
+    raw: Vec<u8>,
+    error: String,
+) -> Option<shards::message::ReplyRx<Result<(), String>>> {
+    let tenant = t.claimed_tenant(&raw);
+    let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
+    let (tx, rx) = reply_channel();
+    let letter = RawLetter { tenant, stream: t.stream, seq: t.seq, subject: t.subject, headers: t.headers, raw, error };
+    ctx.shard(shard).send(Request::Quarantine { letter, reply: tx }).await.ok()?;
+    Some(rx)
 }
 
 /// Waits for every shard's answer (sending in-progress meanwhile), then acks, terms or naks.

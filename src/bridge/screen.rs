@@ -9,9 +9,8 @@
 //! so that delivery can go on past it.
 
 use super::Ctx;
+use crate::envelope::Transport;
 use base64::Engine as _;
-use shards::message::{RawLetter, Request, reply_channel};
-use shards::routing::RouteKey;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::str::FromStr;
@@ -139,29 +138,12 @@ async fn quarantine(ctx: &Rc<Ctx>, stream: &str, seq: u64, raw: &RawMessage, pro
         }
     }
     headers.insert("x-runner-raw-headers".into(), String::from_utf8_lossy(block).into_owned());
-    // The tenant: the header only if it was readable, else the subject's second token.
-    let tenant = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(crate::envelope::HDR_TENANT))
-        .map(|(_, v)| v.clone())
-        .or_else(|| raw.subject.split('.').nth(1).map(str::to_owned))
-        .unwrap_or_default();
-    tracing::warn!(stream, seq, subject = %raw.subject, tenant = %tenant, error = problem, "unparseable message quarantined and removed from the stream");
-    let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream, seq });
-    let letter = RawLetter {
-        tenant,
-        stream: stream.to_owned(),
-        seq,
-        subject: raw.subject.clone(),
-        headers,
-        raw: raw.payload.clone(),
-        error: problem.to_owned(),
-    };
-    let (tx, rx) = reply_channel();
-    if ctx.shard(shard).send(Request::Quarantine { letter, reply: tx }).await.is_err() {
-        return false;
+    let t = Transport { stream: stream.to_owned(), seq, subject: raw.subject.clone(), headers, published_ms: 0 };
+    tracing::warn!(stream, seq, subject = %raw.subject, error = problem, "unparseable message quarantined and removed from the stream");
+    match super::ingest::file_raw_letter(ctx, t, raw.payload.clone(), problem.to_owned()).await {
+        Some(rx) => matches!(rx.await, Ok(Ok(()))),
+        None => false,
     }
-    matches!(rx.await, Ok(Ok(())))
 }
 
 #[cfg(test)]

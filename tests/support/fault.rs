@@ -261,6 +261,18 @@ impl Scenario {
         )
     }
 
+    /// Stops the runners cleanly (SIGTERM: drain, then exit 0), runs the checker on their data
+    /// dirs, saves the report and asserts that it found nothing lost or repeated.
+    pub fn finish(&self, runners: &mut [&mut RunnerProcess], data_dirs: &[PathBuf]) -> Report {
+        for p in runners.iter_mut() {
+            assert!(p.sigterm(), "{}: unclean stop; log:\n{}", self.name, p.log());
+        }
+        let report = self.check(data_dirs);
+        self.record(&report);
+        assert!(report.ok(), "{}: {report}", self.name);
+        report
+    }
+
     /// Saves the report under target/faults/ (tests/FAULTS.md quotes the last results).
     pub fn record(&self, report: &Report) {
         self.record_with(report, "");
