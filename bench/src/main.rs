@@ -17,6 +17,11 @@ mod store;
 mod workflow;
 
 use clap::{Parser, Subcommand};
+
+// The same allocator as the `runner` binary, so in-process workloads measure what it runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use report::Report;
 use std::path::{Path, PathBuf};
 

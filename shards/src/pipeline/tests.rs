@@ -778,3 +778,47 @@ fn during_a_replay_timers_wait_for_their_place_in_the_history() {
     assert_eq!(outbox.iter().filter(|(_, i)| !i.suppressed).count(), dispatchable_before);
     assert_eq!(outbox.iter().filter(|(_, i)| i.suppressed).count(), 4, "Reserve, charge, Release, refund again");
 }
+
+mod json_dynamic {
+    use super::super::apply::json_dynamic;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The type of every node, so an integer that became a float (or the reverse) shows.
+    fn shape(d: &rhai::Dynamic) -> String {
+        if let Some(a) = d.read_lock::<rhai::Array>() {
+            return format!("[{}]", a.iter().map(shape).collect::<Vec<_>>().join(","));
+        }
+        if let Some(m) = d.read_lock::<rhai::Map>() {
+            return format!("{{{}}}", m.iter().map(|(k, v)| format!("{k}:{}", shape(v))).collect::<Vec<_>>().join(","));
+        }
+        d.type_name().to_owned()
+    }
+
+    proptest! {
+        #[test]
+        fn builds_the_value_rhais_serde_conversion_builds(v in json()) {
+            let direct = json_dynamic(&v);
+            let via_serde = rhai::serde::to_dynamic(&v).unwrap();
+            prop_assert_eq!(shape(&direct), shape(&via_serde));
+            prop_assert_eq!(serde_json::to_value(&direct).unwrap(), serde_json::to_value(&via_serde).unwrap());
+        }
+    }
+}
