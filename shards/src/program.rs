@@ -335,7 +335,7 @@ impl Programs {
             let mut m = item.try_cast::<rhai::Map>().ok_or_else(|| format!("work[{i}] is not a map"))?;
             let payload = m.remove("payload").unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()));
             if let Some(effect) = m.remove("effect") {
-                let effect = string(effect, &format!("work[{i}].effect"))?;
+                let effect = string(effect, ("work", i, "effect"))?;
                 // A saga-only runner without effect manifests cannot check names here.
                 if !self.effects.is_empty() && !self.effects.contains(&effect) {
                     return Err(format!(
@@ -348,14 +348,14 @@ impl Programs {
                 }
                 work.push(WorkSpec::Effect { effect, payload });
             } else if let Some(command) = m.remove("command") {
-                let command = string(command, &format!("work[{i}].command"))?;
+                let command = string(command, ("work", i, "command"))?;
                 let aggregate = string(
                     m.remove("aggregate").ok_or_else(|| format!("work[{i}] has no `aggregate`"))?,
-                    &format!("work[{i}].aggregate"),
+                    ("work", i, "aggregate"),
                 )?;
                 let aggregate_id = string(
                     m.remove("aggregate_id").ok_or_else(|| format!("work[{i}] has no `aggregate_id`"))?,
-                    &format!("work[{i}].aggregate_id"),
+                    ("work", i, "aggregate_id"),
                 )?;
                 if let Some(k) = m.keys().next() {
                     return Err(format!("work[{i}] has unknown field `{k}`"));
@@ -373,7 +373,7 @@ impl Programs {
             let mut m = item.try_cast::<rhai::Map>().ok_or_else(|| format!("schedules[{i}] is not a map"))?;
             let name = string(
                 m.remove("name").ok_or_else(|| format!("schedules[{i}] has no `name`"))?,
-                &format!("schedules[{i}].name"),
+                ("schedules", i, "name"),
             )?;
             if !crate::manifest::valid_name(&name) {
                 return Err(format!("schedules[{i}].name {name:?} must be 1-64 letters, digits, `_` or `-`"));
@@ -405,8 +405,11 @@ fn list(v: Option<Dynamic>, field: &str) -> Result<rhai::Array, String> {
     }
 }
 
-fn string(v: Dynamic, field: &str) -> Result<String, String> {
-    v.into_immutable_string().map(|s| s.to_string()).map_err(|t| format!("`{field}` must be a string, got {t}"))
+/// A string field of item `i` of list `list` (the name is built only for an error).
+fn string(v: Dynamic, (list, i, field): (&str, usize, &str)) -> Result<String, String> {
+    v.into_immutable_string()
+        .map(|s| s.to_string())
+        .map_err(|t| format!("`{list}[{i}].{field}` must be a string, got {t}"))
 }
 
 fn join(s: &BTreeSet<String>) -> String {

@@ -177,6 +177,10 @@ pub(crate) enum Op {
 pub struct Batch {
     ops: Vec<Op>,
     bytes: usize,
+    /// Index in `ops` of the last `Advance` per checkpoint key with no other checkpoint write
+    /// after it: further advances of the key raise that op instead of adding one (a batch of
+    /// thousands of events of one stream costs one checkpoint write, not thousands).
+    advances: ahash::AHashMap<Vec<u8>, usize>,
 }
 
 impl Batch {
@@ -198,11 +202,17 @@ impl Batch {
     }
 
     fn put(&mut self, db: Db, key: Vec<u8>, value: Vec<u8>) {
+        if db == Db::Checkpoints {
+            self.advances.clear();
+        }
         self.bytes += key.len() + value.len();
         self.ops.push(Op::Put { db, key, value });
     }
 
     fn delete(&mut self, db: Db, key: Vec<u8>) {
+        if db == Db::Checkpoints {
+            self.advances.clear();
+        }
         self.bytes += key.len();
         self.ops.push(Op::Delete { db, key });
     }
@@ -246,9 +256,7 @@ impl Batch {
 
     /// Raises the checkpoint to `seq`; never lowers it.
     pub fn advance_checkpoint(&mut self, key: &CheckpointKey, seq: u64) {
-        let key = key.encode();
-        self.bytes += key.len() + 8;
-        self.ops.push(Op::Advance { key, seq });
+        self.advance_checkpoint_raw(key.encode(), seq);
     }
 
     /// Sets the checkpoint exactly (controlled replay lowers it).
@@ -274,7 +282,14 @@ impl Batch {
     }
 
     pub(crate) fn advance_checkpoint_raw(&mut self, key: Vec<u8>, seq: u64) {
+        if let Some(&i) = self.advances.get(&key)
+            && let Some(Op::Advance { seq: last, .. }) = self.ops.get_mut(i)
+        {
+            *last = (*last).max(seq);
+            return;
+        }
         self.bytes += key.len() + 8;
+        self.advances.insert(key.clone(), self.ops.len());
         self.ops.push(Op::Advance { key, seq });
     }
 
@@ -283,11 +298,13 @@ impl Batch {
     }
 
     pub(crate) fn push_op(&mut self, op: Op) {
+        self.advances.clear();
         self.ops.push(op);
     }
 
     /// Appends another batch; its writes apply after this one's.
     pub fn extend(&mut self, other: Batch) {
+        self.advances.clear();
         self.bytes += other.bytes;
         self.ops.extend(other.ops);
     }

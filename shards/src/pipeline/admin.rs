@@ -276,7 +276,7 @@ fn fire_timer(
     if core.held_timers.contains(&sk) {
         core.set_held_timer(st, sk.clone(), false);
     }
-    super::apply::route(core, st, Pending { event: Arc::new(event), target, origin: Origin::ReplayTimer(sk) }, now)?;
+    super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::ReplayTimer(sk) }, now)?;
     st.schedules_changed = true;
     Ok(Ok(json!({ "fired": timer_id })))
 }

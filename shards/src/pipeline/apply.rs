@@ -21,22 +21,28 @@ use std::time::Instant;
 const MAX_RAW: usize = 64 << 10;
 
 /// Routes one event: behind its key's blocked head if there is one, else applied now.
-pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: Pending, now: u64) -> Result<(), CoreError> {
+/// Borrows `p`: the batch keeps its work for a redo, so only a key that blocks keeps a copy.
+pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: &Pending, now: u64) -> Result<(), CoreError> {
     let key = p.key();
     if let Err(e) = key.validate() {
         // Cannot be stored under this key at all: quarantine at once.
-        quarantine(core, st, &p, &e.to_string(), 0, now);
+        quarantine(core, st, p, &e.to_string(), 0, now);
         return Ok(());
     }
-    if let Some(mut b) = core.take_blocked(st, &key) {
+    if !core.blocked.is_empty()
+        && let Some(mut b) = core.take_blocked(st, &key)
+    {
         if let Some(sk) = p.origin.timer() {
             core.set_held_timer(st, sk.clone(), true);
         }
-        b.queue.push_back(p);
+        b.queue.push_back(p.clone());
         core.set_blocked(st, key, Some(b));
         return Ok(());
     }
-    drive(core, st, key, VecDeque::from([p]), now)
+    if let Err(error) = apply_one(core, st, &key, p, now)? {
+        return on_failure(core, st, key, p.clone(), error, 1, VecDeque::new(), now);
+    }
+    Ok(())
 }
 
 /// Applies a key's events in order until one fails; that one blocks the key.
@@ -316,22 +322,27 @@ fn apply_one(
 
 /// The program's view of an event (DESIGN "Saga programs").
 pub fn event_dynamic(event: &Event, correlation_id: &str) -> Dynamic {
-    let mut m = rhai::Map::new();
-    m.insert("id".into(), event.id.clone().into());
-    m.insert("type".into(), event.event_type.clone().into());
-    m.insert("stream".into(), event.stream.clone().into());
-    m.insert("seq".into(), Dynamic::from_int(event.seq as i64));
-    m.insert("subject".into(), event.subject.clone().into());
-    m.insert("tenant".into(), event.tenant.clone().into());
-    m.insert("correlation_id".into(), correlation_id.to_owned().into());
-    m.insert("timestamp".into(), Dynamic::from_int(event.timestamp as i64));
-    m.insert("data".into(), json_dynamic(&event.data));
+    // Built in key order: a sorted bulk build of the map, not a dozen inserts.
+    let mut m: Vec<(rhai::Identifier, Dynamic)> = Vec::with_capacity(12);
     if let Some(r) = &event.result {
-        m.insert("command_id".into(), r.command_id.clone().into());
-        m.insert("effect".into(), r.effect.clone().into());
-        m.insert("outcome".into(), r.outcome.clone().into());
+        m.push(("command_id".into(), r.command_id.as_str().into()));
     }
-    Dynamic::from_map(m)
+    m.push(("correlation_id".into(), correlation_id.into()));
+    m.push(("data".into(), json_dynamic(&event.data)));
+    if let Some(r) = &event.result {
+        m.push(("effect".into(), r.effect.as_str().into()));
+    }
+    m.push(("id".into(), event.id.as_str().into()));
+    if let Some(r) = &event.result {
+        m.push(("outcome".into(), r.outcome.as_str().into()));
+    }
+    m.push(("seq".into(), Dynamic::from_int(event.seq as i64)));
+    m.push(("stream".into(), event.stream.as_str().into()));
+    m.push(("subject".into(), event.subject.as_str().into()));
+    m.push(("tenant".into(), event.tenant.as_str().into()));
+    m.push(("timestamp".into(), Dynamic::from_int(event.timestamp as i64)));
+    m.push(("type".into(), event.event_type.as_str().into()));
+    Dynamic::from_map(m.into_iter().collect())
 }
 
 /// A JSON value as the program sees it: the same value `rhai::serde::to_dynamic` gives

@@ -55,8 +55,8 @@ pub(super) fn finish(
     st: &mut Staged,
     key: EffectKey,
     attempts: u32,
-    subject: String,
-    outcome: String,
+    subject: &str,
+    outcome: &str,
     result: &[u8],
     reply: ReplyCell<Result<(), String>>,
     now: u64,
@@ -69,7 +69,13 @@ pub(super) fn finish(
                 return;
             }
         };
-    let record = EffectRecord::Completed { attempts, updated_at: now, subject, outcome, result };
+    let record = EffectRecord::Completed {
+        attempts,
+        updated_at: now,
+        subject: subject.to_owned(),
+        outcome: outcome.to_owned(),
+        result,
+    };
     st.batch.put_effect(&key, &record);
     st.effects.insert(key.clone(), record);
     if core.in_flight_effects.contains_key(&key) {

@@ -419,11 +419,15 @@ impl ShardCore {
     /// On `Err` the staged batch must be passed to [`Self::rollback`], not committed.
     pub(crate) fn run_batch(&mut self, work: Vec<Work>, now: u64) -> (Staged, Result<(), CoreError>) {
         let mut st = Staged::new();
-        let mut all: Vec<Work> = self.redo.drain(..).collect();
-        all.extend(work);
-        st.redo = all.clone();
+        let all: Vec<Work> = if self.redo.is_empty() {
+            work
+        } else {
+            let mut all: Vec<Work> = self.redo.drain(..).collect();
+            all.extend(work);
+            all
+        };
         let result = (|| -> Result<(), CoreError> {
-            for w in all {
+            for w in &all {
                 self.process(&mut st, w, now)?;
             }
             apply::retry_due(self, &mut st, now)?;
@@ -432,34 +436,38 @@ impl ShardCore {
             self.finish(&mut st);
             Ok(())
         })();
+        // Kept (not copied) for a redo if the commit fails.
+        st.redo = all;
         (st, result)
     }
 
-    fn process(&mut self, st: &mut Staged, work: Work, now: u64) -> Result<(), CoreError> {
+    fn process(&mut self, st: &mut Staged, work: &Work, now: u64) -> Result<(), CoreError> {
         match work {
             Work::Apply(p) => {
                 st.stats.events += 1;
                 apply::route(self, st, p, now)
             }
-            Work::EffectBegin { key, msg_seq, reply } => effects::begin(self, st, key, msg_seq, reply, now),
+            Work::EffectBegin { key, msg_seq, reply } => {
+                effects::begin(self, st, key.clone(), *msg_seq, reply.clone(), now)
+            }
             Work::EffectFinish { key, attempts, subject, outcome, result, reply } => {
-                effects::finish(self, st, key, attempts, subject, outcome, &result, reply, now);
+                effects::finish(self, st, key.clone(), *attempts, subject, outcome, result, reply.clone(), now);
                 Ok(())
             }
             Work::EffectRelease { key } => {
-                effects::release(self, st, key);
+                effects::release(self, st, key.clone());
                 Ok(())
             }
             Work::Quarantine { letter, reply } => {
-                apply::quarantine_raw(self, st, &letter, now);
-                st.after.push(After::Done(reply, Ok(())));
+                apply::quarantine_raw(self, st, letter, now);
+                st.after.push(After::Done(reply.clone(), Ok(())));
                 Ok(())
             }
             Work::Dispatched(r) => {
                 outbox::dispatched(self, st, r, now);
                 Ok(())
             }
-            Work::Admin { op, reply } => admin::run(self, st, op, reply, now),
+            Work::Admin { op, reply } => admin::run(self, st, op.clone(), reply.clone(), now),
         }
     }
 

@@ -8,9 +8,13 @@ use crate::keys::DeadLetterKey;
 use crate::message::{DispatchOutcome, DispatchResult};
 use crate::record::{DeadLetter, DeadLetterKind};
 
-pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: DispatchResult, now: u64) {
-    let item = core.relay.borrow().in_flight_item(&r.key).cloned();
-    match (r.outcome, item) {
+pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: &DispatchResult, now: u64) {
+    // The item is copied only for a failed dispatch (it is re-stored or dead-lettered).
+    let item = match r.outcome {
+        DispatchOutcome::Delivered => None,
+        _ => core.relay.borrow().in_flight_item(&r.key).cloned(),
+    };
+    match (&r.outcome, item) {
         (DispatchOutcome::Delivered, _) => {
             // Deleting twice is harmless; an unknown key was confirmed after a re-dispatch.
             st.batch.delete_outbox(r.key);
@@ -38,11 +42,11 @@ pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: DispatchResul
                 / 1000.0;
             item.next_attempt_at = now + cfg.retry.backoff_jittered(item.attempts, unit).max(1);
             tracing::warn!(shard = core.shard, tenant = %item.tenant, saga = %item.saga, correlation_id = %item.correlation_id, work_id = %item.work_id, attempts = item.attempts, error = %error, "dispatch failed; will retry");
-            item.last_error = Some(error);
+            item.last_error = Some(error.clone());
             st.batch.put_outbox(r.key, &item);
             st.after.push(After::RelayRetry(r.key, item));
         }
-        (DispatchOutcome::Permanent { error }, Some(item)) => dead_letter(core, st, r.key, item, &error, now),
+        (DispatchOutcome::Permanent { error }, Some(item)) => dead_letter(core, st, r.key, item, error, now),
         (_, None) => {
             // A late answer for an item no longer in flight: the store decides on the next scan.
         }

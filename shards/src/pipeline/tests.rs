@@ -812,6 +812,41 @@ mod json_dynamic {
         d.type_name().to_owned()
     }
 
+    #[test]
+    fn the_program_sees_every_field_of_the_event_and_of_its_result() {
+        let mut e = crate::message::Event {
+            id: "ev-1".into(),
+            event_type: "charge_payment.failed".into(),
+            stream: "WORKFLOW_EVENTS".into(),
+            seq: 9,
+            subject: "workflow.t.events".into(),
+            tenant: "t".into(),
+            timestamp: 1_700_000_000_000,
+            data: serde_json::json!({"reason": "declined", "n": [1, 2.5]}),
+            traceparent: None,
+            result: None,
+            headers: Default::default(),
+        };
+        let base = serde_json::json!({
+            "id": "ev-1", "type": "charge_payment.failed", "stream": "WORKFLOW_EVENTS", "seq": 9,
+            "subject": "workflow.t.events", "tenant": "t", "correlation_id": "o-1",
+            "timestamp": 1_700_000_000_000u64, "data": {"reason": "declined", "n": [1, 2.5]},
+        });
+        let seen = serde_json::to_value(super::super::apply::event_dynamic(&e, "o-1")).unwrap();
+        assert_eq!(seen, base);
+        e.result = Some(crate::message::ResultInfo {
+            command_id: "cmd-1".into(),
+            effect: "charge_payment".into(),
+            outcome: "failed".into(),
+        });
+        let mut with_result = base.clone();
+        with_result["command_id"] = "cmd-1".into();
+        with_result["effect"] = "charge_payment".into();
+        with_result["outcome"] = "failed".into();
+        let seen = serde_json::to_value(super::super::apply::event_dynamic(&e, "o-1")).unwrap();
+        assert_eq!(seen, with_result);
+    }
+
     proptest! {
         #[test]
         fn builds_the_value_rhais_serde_conversion_builds(v in json()) {

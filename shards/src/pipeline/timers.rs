@@ -21,7 +21,7 @@ pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Resul
             Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };
         st.stats.timers_fired += 1;
         st.schedules_changed = true;
-        super::apply::route(core, st, Pending { event: Arc::new(event), target, origin: Origin::Timer(sk) }, now)?;
+        super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::Timer(sk) }, now)?;
     }
     Ok(())
 }

@@ -299,6 +299,34 @@ fn to_batch(ops: &[TestOp]) -> Batch {
     b
 }
 
+#[test]
+fn advances_of_one_checkpoint_in_a_batch_are_one_write_until_the_checkpoint_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreConfig::default());
+    let ck = CheckpointKey { tenant: "t".into(), saga: "order".into(), stream: "S".into() };
+    let other = CheckpointKey { stream: "T".into(), ..ck.clone() };
+    let mut b = Batch::new();
+    for seq in (1..=1000).rev() {
+        b.advance_checkpoint(&ck, seq);
+        b.advance_checkpoint(&other, seq + 5);
+    }
+    assert_eq!(b.len(), 2, "one op per checkpoint key");
+    store.commit(&b).unwrap();
+    assert_eq!(store.read().unwrap().checkpoint(&ck).unwrap(), Some(1000));
+    assert_eq!(store.read().unwrap().checkpoint(&other).unwrap(), Some(1005));
+
+    // In order: raised to 2000, set down to 3, raised to 5. Merging the last advance into
+    // the first would end at 3 (or 2000); it must end at 5.
+    let mut b = Batch::new();
+    b.advance_checkpoint(&ck, 2000);
+    b.set_checkpoint(&ck, 3);
+    b.advance_checkpoint(&ck, 5);
+    b.advance_checkpoint(&ck, 4);
+    assert_eq!(b.len(), 3);
+    store.commit(&b).unwrap();
+    assert_eq!(store.read().unwrap().checkpoint(&ck).unwrap(), Some(5));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
