@@ -53,22 +53,30 @@ fn random_sigkills_during_a_run() {
     let dir = sc.h.dir.path().to_owned();
     let mut p = RunnerProcess::start(&cfg, port, &[], &dir.join("run-0.log"));
     p.wait_ready(&sc.h, T);
+    // Kills land at random points of the load's progress (effect calls seen upstream), then
+    // a random 0–300 ms later, wherever the runner is: timing does not depend on how fast
+    // this build or machine runs, so every planned kill lands while work is in flight.
+    let kills = if soak() { 10 } else { 5 };
+    let mut points: Vec<usize> =
+        (0..kills).map(|_| rng.between(total as u64 / 20, total as u64 * 9 / 10) as usize).collect();
+    points.sort_unstable();
     let mut crashes = Vec::new();
     std::thread::scope(|s| {
         let h = &sc.h;
         s.spawn(move || h.publish_many(load));
-        let deadline = Instant::now() + T;
-        while sc.upstream.count() < total && Instant::now() < deadline {
-            // Fault timing, not synchronisation: the kill lands wherever the runner is.
-            std::thread::sleep(Duration::from_millis(rng.between(500, 2_000)));
+        for point in points {
+            wait_until(T, &format!("{point} of {total} effect calls before a kill"), || sc.upstream.count() >= point);
+            // Fault timing, not synchronisation.
+            std::thread::sleep(Duration::from_millis(rng.between(0, 300)));
             p.sigkill();
-            crashes.push(Instant::now());
+            crashes.push((Instant::now(), sc.upstream.count()));
             p = RunnerProcess::start(&cfg, port, &[], &dir.join(format!("run-{}.log", crashes.len())));
             p.wait_ready(&sc.h, T);
         }
     });
-    sc.crashes = crashes;
-    assert!(sc.crashes.len() >= 3, "only {} kills landed during the load", sc.crashes.len());
+    let during = crashes.iter().filter(|(_, calls)| *calls < total).count();
+    assert!(during >= 3, "only {during} of {kills} kills landed before the last effect call ({crashes:?})");
+    sc.crashes = crashes.into_iter().map(|(at, _)| at).collect();
     sc.wait_complete(&[port], T);
     let report = sc.finish(&mut [&mut p], &[dir.join("data-a")]);
     assert_eq!(report.events, total);
