@@ -125,6 +125,13 @@ impl Js {
         Ok((b - a) as f64 / ((tb - ta).max(1) as f64 / 1e9))
     }
 
+    /// Rate from the first to the last of `n` messages of `name` (nothing left out): a check
+    /// that the steady rate is not a burst.
+    pub fn whole_rate(&self, name: &str, n: u64) -> Result<f64, String> {
+        let (ta, tb) = (self.stored_at_ns(name, 1)?, self.stored_at_ns(name, n.max(2))?);
+        Ok((n.max(2) - 1) as f64 / ((tb - ta).max(1) as f64 / 1e9))
+    }
+
     /// Every message of `name` (payload and store time in ns), read with an ephemeral
     /// consumer after a run.
     pub fn read_all(&self, name: &str, n: u64, pb: &ProgressBar) -> Result<Vec<(Bytes, i128)>, String> {

@@ -107,7 +107,7 @@ async fn step_loop(url: String, total: u64, window: Window, pb: ProgressBar) -> 
 }
 
 /// Raw step throughput: `n` messages preloaded into `RAW_IN`, then the loop drains them.
-/// Returns steps/s over the steady part (see [`Js::steady_rate`]) and the CPU used.
+/// Returns steps/s from the first output to the last (see [`Js::whole_rate`]) and the CPU used.
 pub fn throughput(js: &Js, n: u64, window: Window) -> Result<(f64, Snapshot), String> {
     js.reset();
     create_streams(js)?;
@@ -138,5 +138,5 @@ pub fn throughput(js: &Js, n: u64, window: Window) -> Result<(f64, Snapshot), St
     if out != n || acked != (n, 0) {
         return Err(format!("raw step: {out} outputs, ack floor {} with {} pending, for {n} inputs", acked.0, acked.1));
     }
-    Ok((js.steady_rate("RAW_OUT", n)?, cpu))
+    Ok((js.whole_rate("RAW_OUT", n)?, cpu))
 }

@@ -16,7 +16,7 @@ use crate::keys::OutboxKey;
 use crate::record::OutboxItem;
 use crate::store::{Store, StoreError};
 use ahash::{AHashMap, AHashSet};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Relay settings (validated by the runner's config).
 #[derive(Debug, Clone)]
@@ -69,7 +69,12 @@ pub struct RelayState {
     pending: VecDeque<(OutboxKey, OutboxItem)>,
     known: AHashSet<OutboxKey>,
     in_flight: AHashMap<OutboxKey, (OutboxItem, u64)>,
+    /// The in-flight items by confirmation deadline (expiry is found without walking them all).
+    deadlines: BTreeSet<(u64, OutboxKey)>,
     delayed: BTreeMap<(u64, OutboxKey), OutboxItem>,
+    /// Items of tenants that were at their in-flight limit when reached, in order per tenant:
+    /// stepped over once (not re-queued on every call), served first when the tenant has room.
+    parked: AHashMap<String, VecDeque<(OutboxKey, OutboxItem)>>,
     per_tenant: AHashMap<String, usize>,
     needs_scan: bool,
     /// Where the next scan starts: `None` from the first key (a fresh shard, a rolled-back
@@ -85,7 +90,9 @@ impl RelayState {
             pending: VecDeque::new(),
             known: AHashSet::new(),
             in_flight: AHashMap::new(),
+            deadlines: BTreeSet::new(),
             delayed: BTreeMap::new(),
+            parked: AHashMap::new(),
             per_tenant: AHashMap::new(),
             // A fresh shard may have items left from before a restart.
             needs_scan: true,
@@ -162,19 +169,21 @@ impl RelayState {
             None => std::ops::Bound::Unbounded,
         };
         loop {
+            let room = self.cfg.window.saturating_sub(self.known.len());
             let known = &self.known;
-            let (page, last, done) = view.outbox_where(from, 4_096, |k| !known.contains(k))?;
+            let (page, last, done) = view.outbox_where(from, 4_096, room, |k| !known.contains(k))?;
             for (key, item) in page {
-                if self.known.len() >= self.cfg.window {
-                    // Full again: the next scan starts at the first item left out.
-                    self.scan_from = Some(key);
-                    return Ok(());
-                }
                 self.admit(key, item, now);
             }
             if done {
                 self.needs_scan = false;
                 self.scan_from = None;
+                return Ok(());
+            }
+            if self.known.len() >= self.cfg.window {
+                // Full again: the next scan starts at the last key walked (everything before
+                // it is in the window, and it is skipped without decoding).
+                self.scan_from = last;
                 return Ok(());
             }
             if let Some(k) = last {
@@ -193,37 +202,63 @@ impl RelayState {
             let ((_, key), item) = entry.remove_entry();
             self.pending.push_back((key, item));
         }
-        let expired: Vec<OutboxKey> = self.in_flight.iter().filter(|(_, (_, d))| *d <= now).map(|(k, _)| *k).collect();
-        for key in expired {
+        while let Some(&(deadline, key)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
             if let Some((item, _)) = self.in_flight.remove(&key) {
                 tracing::warn!(work_id = %item.work_id, tenant = %item.tenant, "dispatch not confirmed in time; sending again");
-                self.dec_tenant(&item.tenant);
+                if !item.suppressed {
+                    self.dec_tenant(&item.tenant);
+                }
                 self.pending.push_front((key, item));
             }
         }
         let mut ready = Ready::default();
-        let mut skipped = VecDeque::new();
+        let deadline = now + self.cfg.confirm_timeout_ms;
+        // Parked items of tenants with room again go first (they are older than the tenant's
+        // items still in `pending`).
+        if !self.parked.is_empty() {
+            let mut tenants: Vec<String> = self.parked.keys().cloned().collect();
+            tenants.sort_unstable();
+            for tenant in tenants {
+                while self.in_flight.len() < self.cfg.max_in_flight && ready.dispatch.len() < self.cfg.batch {
+                    if self.per_tenant.get(&tenant).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_tenant {
+                        break;
+                    }
+                    let Some((key, item)) = self.parked.get_mut(&tenant).and_then(|q| q.pop_front()) else { break };
+                    self.send(&mut ready, key, item, deadline);
+                }
+                if self.parked.get(&tenant).is_some_and(|q| q.is_empty()) {
+                    self.parked.remove(&tenant);
+                }
+            }
+        }
         while self.in_flight.len() < self.cfg.max_in_flight && ready.dispatch.len() < self.cfg.batch {
             let Some((key, item)) = self.pending.pop_front() else { break };
             if item.suppressed {
                 ready.suppressed.push(key);
-                self.in_flight.insert(key, (item, now + self.cfg.confirm_timeout_ms));
+                self.deadlines.insert((deadline, key));
+                self.in_flight.insert(key, (item, deadline));
                 continue;
             }
-            let count = self.per_tenant.get(&item.tenant).copied().unwrap_or(0);
-            if count >= self.cfg.max_in_flight_per_tenant {
-                skipped.push_back((key, item));
+            let at_limit = self.per_tenant.get(&item.tenant).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_tenant;
+            if at_limit || self.parked.contains_key(&item.tenant) {
+                // Stepped over once, in order behind the tenant's other parked items.
+                self.parked.entry(item.tenant.clone()).or_default().push_back((key, item));
                 continue;
             }
-            *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
-            self.in_flight.insert(key, (item.clone(), now + self.cfg.confirm_timeout_ms));
-            ready.dispatch.push((key, item));
-        }
-        // Items of tenants at their limit keep their place, in order, at the front.
-        while let Some(x) = skipped.pop_back() {
-            self.pending.push_front(x);
+            self.send(&mut ready, key, item, deadline);
         }
         ready
+    }
+
+    fn send(&mut self, ready: &mut Ready, key: OutboxKey, item: OutboxItem, deadline: u64) {
+        *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
+        self.deadlines.insert((deadline, key));
+        self.in_flight.insert(key, (item.clone(), deadline));
+        ready.dispatch.push((key, item));
     }
 
     fn dec_tenant(&mut self, tenant: &str) {
@@ -242,18 +277,22 @@ impl RelayState {
 
     /// The committer durably deleted `key`.
     pub fn delivered(&mut self, key: OutboxKey) {
-        if let Some((item, _)) = self.in_flight.remove(&key)
-            && !item.suppressed
-        {
-            self.dec_tenant(&item.tenant);
+        if let Some((item, deadline)) = self.in_flight.remove(&key) {
+            self.deadlines.remove(&(deadline, key));
+            if !item.suppressed {
+                self.dec_tenant(&item.tenant);
+            }
         }
         self.known.remove(&key);
     }
 
     /// The committer re-stored `key` with a later `next_attempt_at`.
     pub fn retry_later(&mut self, key: OutboxKey, item: OutboxItem) {
-        if let Some((old, _)) = self.in_flight.remove(&key) {
-            self.dec_tenant(&old.tenant);
+        if let Some((old, deadline)) = self.in_flight.remove(&key) {
+            self.deadlines.remove(&(deadline, key));
+            if !old.suppressed {
+                self.dec_tenant(&old.tenant);
+            }
         }
         self.known.insert(key);
         self.delayed.insert((item.next_attempt_at, key), item);
@@ -263,7 +302,7 @@ impl RelayState {
     /// confirmation deadline.
     pub fn next_deadline(&self) -> Option<u64> {
         let delayed = self.delayed.keys().next().map(|(t, _)| *t);
-        let confirm = self.in_flight.values().map(|(_, d)| *d).min();
+        let confirm = self.deadlines.first().map(|(d, _)| *d);
         match (delayed, confirm) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -272,7 +311,7 @@ impl RelayState {
 
     /// Whether anything is waiting that could be dispatched right now.
     pub fn has_ready(&self, now: u64) -> bool {
-        (!self.pending.is_empty() && self.in_flight.len() < self.cfg.max_in_flight)
+        ((!self.pending.is_empty() || !self.parked.is_empty()) && self.in_flight.len() < self.cfg.max_in_flight)
             || self.delayed.keys().next().is_some_and(|(t, _)| *t <= now)
     }
 }
@@ -372,6 +411,35 @@ mod tests {
         let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
         assert_eq!(ready, [3]);
         assert_eq!(r.depth(), 3);
+    }
+
+    #[test]
+    fn a_tenant_at_its_limit_does_not_hold_back_others_and_keeps_its_own_order() {
+        let cfg = RelayConfig {
+            max_in_flight: 100,
+            max_in_flight_per_tenant: 2,
+            batch: 10,
+            window: 1_000,
+            confirm_timeout_ms: 100,
+            ..RelayConfig::default()
+        };
+        let mut r = RelayState::new(cfg);
+        for seq in 1..=500 {
+            r.offer(key(seq), item("a", &seq.to_string()), 0);
+        }
+        r.offer(key(501), item("b", "501"), 0);
+        let seqs = |r: &mut RelayState| r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&mut r), [1, 2, 501]);
+        r.offer(key(502), item("b", "502"), 0);
+        assert_eq!(seqs(&mut r), [502]);
+        r.delivered(key(2));
+        r.offer(key(503), item("a", "503"), 0);
+        assert_eq!(seqs(&mut r), [3], "tenant a goes on in its own order");
+        for seq in [1, 3] {
+            r.delivered(key(seq));
+        }
+        assert_eq!(seqs(&mut r), [4, 5]);
+        assert_eq!(r.depth(), 500);
     }
 
     #[test]

@@ -637,13 +637,15 @@ impl<'s> ReadView<'s> {
     }
 
     /// Walks up to `walk` outbox keys from `from` in key order and decodes only the items
-    /// `want` accepts (the relay skips the ones it already holds without decoding them).
+    /// `want` accepts (the relay skips the ones it already holds without decoding them), at
+    /// most `max` of them (the relay's free room: nothing is decoded only to be dropped).
     /// Returns those items, the last key walked, and whether the end was reached.
     #[allow(clippy::type_complexity)]
     pub fn outbox_where(
         &self,
         from: std::ops::Bound<OutboxKey>,
         walk: usize,
+        max: usize,
         want: impl Fn(&OutboxKey) -> bool,
     ) -> Result<(Vec<(OutboxKey, OutboxItem)>, Option<OutboxKey>, bool), StoreError> {
         let db = self.store.db(Db::Outbox);
@@ -658,24 +660,29 @@ impl<'s> ReadView<'s> {
             (Bound::Excluded(_), Some(e)) => Bound::Excluded(&e[..]),
             _ => Bound::Unbounded,
         };
-        let iter = db.range(&self.txn, &(start, Bound::Unbounded)).map_err(lmdb)?;
-        let (mut out, mut last, mut walked) = (Vec::new(), None, 0);
-        for entry in iter.take(walk) {
+        let mut iter = db.range(&self.txn, &(start, Bound::Unbounded)).map_err(lmdb)?;
+        let (mut out, mut last) = (Vec::new(), None);
+        for _ in 0..walk {
+            if out.len() >= max {
+                return Ok((out, last, false));
+            }
+            let Some(entry) = iter.next() else { return Ok((out, last, true)) };
             let (k, v) = entry.map_err(lmdb)?;
-            walked += 1;
             let key = OutboxKey::decode(k).map_err(|e| self.corrupt(Db::Outbox, e))?;
             last = Some(key);
             if want(&key) {
                 out.push((key, self.decode(Db::Outbox, v)?));
             }
         }
-        Ok((out, last, walked < walk))
+        // Walked `walk` keys: the end is reached only if nothing follows.
+        let done = iter.next().is_none();
+        Ok((out, last, done))
     }
 
     /// Outbox items in key order (per partition, in creation order), starting after `after`.
     pub fn outbox(&self, after: Option<OutboxKey>, limit: usize) -> Result<Vec<(OutboxKey, OutboxItem)>, StoreError> {
         let from = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        Ok(self.outbox_where(from, limit, |_| true)?.0)
+        Ok(self.outbox_where(from, limit, limit, |_| true)?.0)
     }
 
     /// The highest outbox sequence stored (to keep new sequences above it after a restart).

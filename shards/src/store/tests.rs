@@ -300,6 +300,31 @@ fn to_batch(ops: &[TestOp]) -> Batch {
 }
 
 #[test]
+fn an_outbox_walk_decodes_at_most_what_was_asked_and_resumes_after_its_last_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreConfig::default());
+    let mut b = Batch::new();
+    for seq in 1..=10 {
+        b.put_outbox(OutboxKey { partition: 0, seq }, &outbox_item(&seq.to_string()));
+    }
+    store.commit(&b).unwrap();
+    let v = store.read().unwrap();
+    let odd = |k: &OutboxKey| k.seq % 2 == 1;
+    let (page, last, done) = v.outbox_where(std::ops::Bound::Unbounded, 100, 2, odd).unwrap();
+    assert_eq!(page.iter().map(|(k, _)| k.seq).collect::<Vec<_>>(), [1, 3]);
+    assert_eq!((last.map(|k| k.seq), done), (Some(3), false));
+    let from = std::ops::Bound::Excluded(last.unwrap());
+    let (page, last, done) = v.outbox_where(from, 100, 100, odd).unwrap();
+    assert_eq!(page.iter().map(|(k, _)| k.seq).collect::<Vec<_>>(), [5, 7, 9]);
+    assert_eq!((last.map(|k| k.seq), done), (Some(10), true));
+    // A walk that stops exactly at the last key still reports the end.
+    let (page, _, done) = v.outbox_where(std::ops::Bound::Unbounded, 10, 100, |_| true).unwrap();
+    assert_eq!((page.len(), done), (10, true));
+    let (_, _, done) = v.outbox_where(std::ops::Bound::Unbounded, 9, 100, |_| true).unwrap();
+    assert!(!done);
+}
+
+#[test]
 fn advances_of_one_checkpoint_in_a_batch_are_one_write_until_the_checkpoint_is_set() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), &StoreConfig::default());
