@@ -9,6 +9,8 @@ use crate::envelope::{
 };
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -63,29 +65,29 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
         let ctx2 = ctx.clone();
         let latency = latency.clone();
         tokio::task::spawn_local(async move {
-            let mut results = Vec::with_capacity(waits.len());
-            for (key, p) in waits {
-                let outcome = match p {
-                    Pending::Done(o) => o,
-                    Pending::Ack(fut) => match fut.await {
-                        Ok(_) => DispatchOutcome::Delivered,
-                        Err(e) => DispatchOutcome::Retry { error: format!("publish not acknowledged: {e}") },
-                    },
-                    Pending::Http(h) => h
-                        .await
-                        .unwrap_or_else(|e| DispatchOutcome::Retry { error: format!("gateway call aborted: {e}") }),
-                };
-                results.push(DispatchResult { key, outcome });
+            // Results go to the shard as they complete, in chunks of whatever is done: a
+            // publish stuck on a NATS outage does not hold back the confirmation of a Gateway
+            // call made in the same request (held past the relay's confirmation timeout, the
+            // call would be made again).
+            let mut waiting: FuturesUnordered<_> = waits
+                .into_iter()
+                .map(|(key, p)| async move { DispatchResult { key, outcome: p.resolve().await } })
+                .collect();
+            while let Some(first) = waiting.next().await {
+                let mut results = vec![first];
+                while let Some(Some(r)) = waiting.next().now_or_never() {
+                    results.push(r);
+                }
+                if results.iter().any(|r| r.outcome == DispatchOutcome::Delivered) {
+                    fail::fail_point!("dispatch.after_confirm_before_delete");
+                }
+                ctx2.shared.dispatching.fetch_sub(results.len() as i64, Ordering::SeqCst);
+                if let Err(e) = ctx2.shard(shard).control(Control::Dispatched(results)) {
+                    // The relay re-dispatches after its confirmation timeout; dedupe absorbs it.
+                    tracing::warn!(shard, error = %e, "cannot hand dispatch results to the shard");
+                }
             }
             latency.record(started.elapsed().as_secs_f64());
-            if results.iter().any(|r| r.outcome == DispatchOutcome::Delivered) {
-                fail::fail_point!("dispatch.after_confirm_before_delete");
-            }
-            ctx2.shared.dispatching.fetch_sub(n, Ordering::SeqCst);
-            if let Err(e) = ctx2.shard(shard).control(Control::Dispatched(results)) {
-                // The relay re-dispatches after its confirmation timeout; dedupe absorbs it.
-                tracing::warn!(shard, error = %e, "cannot hand dispatch results to the shard");
-            }
         });
     }
 }
@@ -94,6 +96,21 @@ enum Pending {
     Done(DispatchOutcome),
     Ack(async_nats::jetstream::context::PublishAckFuture),
     Http(tokio::task::JoinHandle<DispatchOutcome>),
+}
+
+impl Pending {
+    async fn resolve(self) -> DispatchOutcome {
+        match self {
+            Pending::Done(o) => o,
+            Pending::Ack(fut) => match fut.await {
+                Ok(_) => DispatchOutcome::Delivered,
+                Err(e) => DispatchOutcome::Retry { error: format!("publish not acknowledged: {e}") },
+            },
+            Pending::Http(h) => {
+                h.await.unwrap_or_else(|e| DispatchOutcome::Retry { error: format!("gateway call aborted: {e}") })
+            }
+        }
+    }
 }
 
 async fn publish_command(ctx: &Ctx, item: &OutboxItem, effect: &str) -> Pending {

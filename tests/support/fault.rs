@@ -357,17 +357,26 @@ pub fn check(
     crashes: &[Instant],
 ) -> Report {
     let mut r = Report { events: sent.len(), crashes: crashes.len(), ..Default::default() };
-    let mut calls: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
-    for rec in gateway.iter().chain(upstream) {
-        calls.entry(rec.header("idempotency-key").unwrap_or("").to_owned()).or_default().push(rec.at);
+    let mut calls: BTreeMap<String, Vec<(Instant, &str)>> = BTreeMap::new();
+    let sourced = gateway.iter().map(|r| (r, "gateway")).chain(upstream.iter().map(|r| (r, "upstream")));
+    for (rec, source) in sourced {
+        calls.entry(rec.header("idempotency-key").unwrap_or("").to_owned()).or_default().push((rec.at, source));
     }
-    for (key, times) in &calls {
-        if times.len() > 1 {
-            let (first, last) = (times.iter().min().unwrap(), times.iter().max().unwrap());
-            if crashes.iter().any(|c| c >= first && c <= last) {
-                r.calls_retried_across_crash += times.len() - 1;
+    let origin = crashes.first().copied();
+    for (key, calls) in &calls {
+        if calls.len() > 1 {
+            let (first, last) = (calls.iter().map(|c| c.0).min().unwrap(), calls.iter().map(|c| c.0).max().unwrap());
+            if crashes.iter().any(|c| *c >= first && *c <= last) {
+                r.calls_retried_across_crash += calls.len() - 1;
             } else {
-                r.calls_duplicated.push(key.clone());
+                // Which fixture, and when (ms after the first crash mark), for the report.
+                let at = |t: Instant| match origin {
+                    Some(o) if t >= o => format!("+{}", (t - o).as_millis()),
+                    Some(o) => format!("-{}", (o - t).as_millis()),
+                    None => "-".into(),
+                };
+                let when: Vec<String> = calls.iter().map(|(t, src)| format!("{src}@{}ms", at(*t))).collect();
+                r.calls_duplicated.push(format!("{key} ({})", when.join(", ")));
             }
         }
     }
