@@ -1,5 +1,6 @@
 //! The bridge against a real nats-server: no ack without a commit, dispatch across a NATS
-//! outage, Gateway retries and duplicates, per-key order under interleaving with a poisoned
+//! outage, a Gateway call not held back by a publish stuck on a frozen server, Gateway
+//! retries and duplicates, per-key order under interleaving with a poisoned
 //! key, and undecodable messages quarantined while the consumer keeps going.
 
 mod support;
@@ -112,6 +113,63 @@ fn a_publish_failure_keeps_the_outbox_item_until_the_server_is_back_then_deliver
 }
 
 use shards::clock::Clock;
+
+const TWO_KINDS_PROGRAM: &str = r#"
+fn on_event(state, event) {
+    if event.type == "timer" {
+        #{ state: #{ fired: true }, work: [
+            #{ effect: "e", payload: #{ k: event.correlation_id } },
+            #{ command: "Reserve", aggregate: "inventory", aggregate_id: "a-1", payload: #{ k: event.correlation_id } }
+        ] }
+    } else {
+        #{ state: #{ fired: false }, schedules: [ #{ name: "go", after_ms: 1000, payload: #{} } ] }
+    }
+}
+"#;
+
+/// One transition emits an effect command (a JetStream publish) and a Gateway command; they
+/// go to the bridge in the same dispatch request. With the server frozen (SIGSTOP) the
+/// publish's ack cannot come, yet the Gateway call's confirmation must reach the shard at
+/// once: held behind the ack (up to the 5 s publish timeout, or the whole outage), it would
+/// pass the relay's confirmation timeout and the Gateway would be called again.
+#[test]
+fn a_publish_stuck_on_a_frozen_server_does_not_hold_back_the_gateway_call_sent_with_it() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![custom_saga(&dir, TWO_KINDS_PROGRAM, "", "")];
+    cfg.effect_manifests = vec![];
+    cfg.gateway_url = Some(gateway.url());
+    let app = h.start(cfg);
+    let now = shards::clock::SystemClock.now_ms();
+    let body = serde_json::json!({"type": "Start", "tenant_id": "t", "timestamp": now, "data": {"k": "k1"}});
+    h.publish("events.t.x.Start", &[], &body);
+    wait_until(T, "instance started", || saga_state(&app, "t", "s", "k1")["version"] == 1);
+    let pid = h.nats.pid().expect("nats-server running") as libc::pid_t;
+    // SAFETY: signals the test's own nats-server child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    wait_until(T, "the timer fired with the server frozen", || {
+        saga_state(&app, "t", "s", "k1")["state"]["fired"] == true
+    });
+    let kinds = || -> Vec<String> {
+        saga_state(&app, "t", "s", "k1")["pending_outbox"]
+            .as_array()
+            .map(|a| a.iter().map(|i| i["kind"].as_str().unwrap_or("").to_owned()).collect())
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_millis(2_500), "the Gateway command confirmed while the publish waits", || {
+        kinds() == ["effect"]
+    });
+    assert_eq!(gateway.records().len(), 1);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    wait_until(T, "the outbox drains", || kinds().is_empty());
+    assert_eq!(h.read_stream("WORKFLOW_COMMANDS").len(), 1);
+    assert_eq!(gateway.records().len(), 1, "the Gateway was called again");
+    app.shutdown();
+}
 
 #[test]
 fn gateway_failures_are_retried_and_a_409_counts_as_delivered() {
