@@ -75,6 +75,8 @@ pub struct RelayState {
     /// Items of tenants that were at their in-flight limit when reached, in order per tenant:
     /// stepped over once (not re-queued on every call), served first when the tenant has room.
     parked: AHashMap<String, VecDeque<(OutboxKey, OutboxItem)>>,
+    /// The parked tenant served last (the next call starts after it).
+    parked_last: Option<String>,
     per_tenant: AHashMap<String, usize>,
     needs_scan: bool,
     /// Where the next scan starts: `None` from the first key (a fresh shard, a rolled-back
@@ -93,6 +95,7 @@ impl RelayState {
             deadlines: BTreeSet::new(),
             delayed: BTreeMap::new(),
             parked: AHashMap::new(),
+            parked_last: None,
             per_tenant: AHashMap::new(),
             // A fresh shard may have items left from before a restart.
             needs_scan: true,
@@ -207,12 +210,19 @@ impl RelayState {
                 break;
             }
             self.deadlines.pop_first();
-            if let Some((item, _)) = self.in_flight.remove(&key) {
+            // Only the deadline of the item's current send counts.
+            if self.in_flight.get(&key).is_some_and(|(_, d)| *d == deadline)
+                && let Some((item, _)) = self.in_flight.remove(&key)
+            {
                 tracing::warn!(work_id = %item.work_id, tenant = %item.tenant, "dispatch not confirmed in time; sending again");
                 if !item.suppressed {
                     self.dec_tenant(&item.tenant);
                 }
-                self.pending.push_front((key, item));
+                // Sent again before the tenant's newer items, parked or not.
+                match self.parked.get_mut(&item.tenant) {
+                    Some(q) if !item.suppressed => q.push_front((key, item)),
+                    _ => self.pending.push_front((key, item)),
+                }
             }
         }
         let mut ready = Ready::default();
@@ -220,9 +230,19 @@ impl RelayState {
         // Parked items of tenants with room again go first (they are older than the tenant's
         // items still in `pending`).
         if !self.parked.is_empty() {
+            // Round robin over the parked tenants, starting after the last one served, so that
+            // the first names do not take every free slot.
             let mut tenants: Vec<String> = self.parked.keys().cloned().collect();
             tenants.sort_unstable();
+            if let Some(last) = &self.parked_last {
+                let start = tenants.partition_point(|t| t <= last);
+                tenants.rotate_left(start);
+            }
             for tenant in tenants {
+                if self.in_flight.len() >= self.cfg.max_in_flight || ready.dispatch.len() >= self.cfg.batch {
+                    break;
+                }
+                let before = ready.dispatch.len();
                 while self.in_flight.len() < self.cfg.max_in_flight && ready.dispatch.len() < self.cfg.batch {
                     if self.per_tenant.get(&tenant).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_tenant {
                         break;
@@ -232,6 +252,9 @@ impl RelayState {
                 }
                 if self.parked.get(&tenant).is_some_and(|q| q.is_empty()) {
                     self.parked.remove(&tenant);
+                }
+                if ready.dispatch.len() > before {
+                    self.parked_last = Some(tenant);
                 }
             }
         }
@@ -257,7 +280,13 @@ impl RelayState {
     fn send(&mut self, ready: &mut Ready, key: OutboxKey, item: OutboxItem, deadline: u64) {
         *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
         self.deadlines.insert((deadline, key));
-        self.in_flight.insert(key, (item.clone(), deadline));
+        if let Some((old_item, old)) = self.in_flight.insert(key, (item.clone(), deadline)) {
+            // Sent again while in flight: one deadline and one tenant slot per key.
+            self.deadlines.remove(&(old, key));
+            if !old_item.suppressed {
+                self.dec_tenant(&old_item.tenant);
+            }
+        }
         ready.dispatch.push((key, item));
     }
 
@@ -440,6 +469,59 @@ mod tests {
         }
         assert_eq!(seqs(&mut r), [4, 5]);
         assert_eq!(r.depth(), 500);
+    }
+
+    #[test]
+    fn a_resend_keeps_its_place_before_the_tenants_parked_items() {
+        let cfg = RelayConfig {
+            max_in_flight: 10,
+            max_in_flight_per_tenant: 1,
+            batch: 10,
+            window: 100,
+            confirm_timeout_ms: 100,
+            ..RelayConfig::default()
+        };
+        let mut r = RelayState::new(cfg);
+        for seq in 1..=3 {
+            r.offer(key(seq), item("a", &seq.to_string()), 0);
+        }
+        let seqs =
+            |r: &mut RelayState, now| r.take_ready(now).dispatch.into_iter().map(|(k, _)| k.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&mut r, 0), [1]);
+        assert_eq!(seqs(&mut r, 50), Vec::<u64>::new());
+        assert_eq!(seqs(&mut r, 100), [1], "the unconfirmed item goes again, before 2 and 3");
+        r.delivered(key(1));
+        assert_eq!(seqs(&mut r, 110), [2]);
+    }
+
+    #[test]
+    fn parked_tenants_take_turns_for_free_slots() {
+        let cfg = RelayConfig {
+            max_in_flight: 5,
+            max_in_flight_per_tenant: 2,
+            batch: 1,
+            window: 100,
+            confirm_timeout_ms: 1_000,
+            ..RelayConfig::default()
+        };
+        let mut r = RelayState::new(cfg);
+        for seq in 1..=4 {
+            r.offer(key(seq), item("a", &seq.to_string()), 0);
+        }
+        for seq in 5..=8 {
+            r.offer(key(seq), item("b", &seq.to_string()), 0);
+        }
+        r.offer(key(9), item("c", "9"), 0);
+        let seqs = |r: &mut RelayState| r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect::<Vec<_>>();
+        // a1 a2, then a3 a4 are parked on the way to b1; b2, then b3 b4 parked on the way to c.
+        let sent: Vec<Vec<u64>> = (0..5).map(|_| seqs(&mut r)).collect();
+        assert_eq!(sent, [vec![1], vec![2], vec![5], vec![6], vec![9]]);
+        for seq in [1, 2, 5, 6, 9] {
+            r.delivered(key(seq));
+        }
+        // One slot per call: a and b alternate instead of a taking its turn twice.
+        let sent: Vec<Vec<u64>> = (0..4).map(|_| seqs(&mut r)).collect();
+        assert_eq!(sent, [vec![3], vec![7], vec![4], vec![8]]);
     }
 
     #[test]
