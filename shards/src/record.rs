@@ -183,48 +183,29 @@ impl TryFrom<OutboxItemWire> for OutboxItem {
     type Error = String;
 
     fn try_from(w: OutboxItemWire) -> Result<Self, String> {
-        let OutboxItemWire {
-            work_id,
-            kind,
-            effect,
-            command,
-            aggregate,
-            aggregate_id,
-            tenant,
-            saga,
-            correlation_id,
-            traceparent,
-            source_event_id,
-            payload,
-            created_at,
-            attempts,
-            next_attempt_at,
-            last_error,
-            suppressed,
-        } = w;
-        let missing = |field: &str| format!("outbox item {work_id}: missing field `{field}`");
-        let kind = match kind {
-            WireKind::Effect => WorkKind::Effect { effect: effect.ok_or_else(|| missing("effect"))? },
+        let missing = |field: &str| format!("outbox item {}: missing field `{field}`", w.work_id);
+        let kind = match w.kind {
+            WireKind::Effect => WorkKind::Effect { effect: w.effect.ok_or_else(|| missing("effect"))? },
             WireKind::Command => WorkKind::Command {
-                command: command.ok_or_else(|| missing("command"))?,
-                aggregate: aggregate.ok_or_else(|| missing("aggregate"))?,
-                aggregate_id: aggregate_id.ok_or_else(|| missing("aggregate_id"))?,
+                command: w.command.ok_or_else(|| missing("command"))?,
+                aggregate: w.aggregate.ok_or_else(|| missing("aggregate"))?,
+                aggregate_id: w.aggregate_id.ok_or_else(|| missing("aggregate_id"))?,
             },
         };
         Ok(OutboxItem {
-            work_id,
+            work_id: w.work_id,
             kind,
-            tenant,
-            saga,
-            correlation_id,
-            traceparent,
-            source_event_id,
-            payload,
-            created_at,
-            attempts,
-            next_attempt_at,
-            last_error,
-            suppressed,
+            tenant: w.tenant,
+            saga: w.saga,
+            correlation_id: w.correlation_id,
+            traceparent: w.traceparent,
+            source_event_id: w.source_event_id,
+            payload: w.payload,
+            created_at: w.created_at,
+            attempts: w.attempts,
+            next_attempt_at: w.next_attempt_at,
+            last_error: w.last_error,
+            suppressed: w.suppressed,
         })
     }
 }

@@ -212,12 +212,9 @@ impl RelayState {
             self.deadlines.pop_first();
             // Only the deadline of the item's current send counts.
             if self.in_flight.get(&key).is_some_and(|(_, d)| *d == deadline)
-                && let Some((item, _)) = self.in_flight.remove(&key)
+                && let Some(item) = self.untrack(&key)
             {
                 tracing::warn!(work_id = %item.work_id, tenant = %item.tenant, "dispatch not confirmed in time; sending again");
-                if !item.suppressed {
-                    self.dec_tenant(&item.tenant);
-                }
                 // Sent again before the tenant's newer items, parked or not.
                 match self.parked.get_mut(&item.tenant) {
                     Some(q) if !item.suppressed => q.push_front((key, item)),
@@ -262,8 +259,7 @@ impl RelayState {
             let Some((key, item)) = self.pending.pop_front() else { break };
             if item.suppressed {
                 ready.suppressed.push(key);
-                self.deadlines.insert((deadline, key));
-                self.in_flight.insert(key, (item, deadline));
+                self.track(key, item, deadline);
                 continue;
             }
             let at_limit = self.per_tenant.get(&item.tenant).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_tenant;
@@ -278,16 +274,30 @@ impl RelayState {
     }
 
     fn send(&mut self, ready: &mut Ready, key: OutboxKey, item: OutboxItem, deadline: u64) {
-        *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
-        self.deadlines.insert((deadline, key));
-        if let Some((old_item, old)) = self.in_flight.insert(key, (item.clone(), deadline)) {
-            // Sent again while in flight: one deadline and one tenant slot per key.
-            self.deadlines.remove(&(old, key));
-            if !old_item.suppressed {
-                self.dec_tenant(&old_item.tenant);
-            }
-        }
+        self.track(key, item.clone(), deadline);
         ready.dispatch.push((key, item));
+    }
+
+    /// Starts tracking a dispatch of `key` until `deadline`: in flight, by deadline, and (unless
+    /// suppressed) in its tenant's count. A send over a key already in flight replaces it, so
+    /// a key never holds two deadlines or two tenant slots.
+    fn track(&mut self, key: OutboxKey, item: OutboxItem, deadline: u64) {
+        self.untrack(&key);
+        if !item.suppressed {
+            *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
+        }
+        self.deadlines.insert((deadline, key));
+        self.in_flight.insert(key, (item, deadline));
+    }
+
+    /// Stops tracking `key`'s dispatch (the reverse of [`Self::track`]); returns its item.
+    fn untrack(&mut self, key: &OutboxKey) -> Option<OutboxItem> {
+        let (item, deadline) = self.in_flight.remove(key)?;
+        self.deadlines.remove(&(deadline, *key));
+        if !item.suppressed {
+            self.dec_tenant(&item.tenant);
+        }
+        Some(item)
     }
 
     fn dec_tenant(&mut self, tenant: &str) {
@@ -306,23 +316,13 @@ impl RelayState {
 
     /// The committer durably deleted `key`.
     pub fn delivered(&mut self, key: OutboxKey) {
-        if let Some((item, deadline)) = self.in_flight.remove(&key) {
-            self.deadlines.remove(&(deadline, key));
-            if !item.suppressed {
-                self.dec_tenant(&item.tenant);
-            }
-        }
+        self.untrack(&key);
         self.known.remove(&key);
     }
 
     /// The committer re-stored `key` with a later `next_attempt_at`.
     pub fn retry_later(&mut self, key: OutboxKey, item: OutboxItem) {
-        if let Some((old, deadline)) = self.in_flight.remove(&key) {
-            self.deadlines.remove(&(deadline, key));
-            if !old.suppressed {
-                self.dec_tenant(&old.tenant);
-            }
-        }
+        self.untrack(&key);
         self.known.insert(key);
         self.delayed.insert((item.next_attempt_at, key), item);
     }

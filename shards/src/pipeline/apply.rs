@@ -29,9 +29,7 @@ pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: &Pending, now: u64
         quarantine(core, st, p, &e.to_string(), 0, now);
         return Ok(());
     }
-    if !core.blocked.is_empty()
-        && let Some(mut b) = core.take_blocked(st, &key)
-    {
+    if let Some(mut b) = core.take_blocked(st, &key) {
         if let Some(sk) = p.origin.timer() {
             core.set_held_timer(st, sk.clone(), true);
         }

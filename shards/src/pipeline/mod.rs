@@ -583,6 +583,10 @@ impl ShardCore {
     }
 
     fn take_blocked(&mut self, st: &mut Staged, key: &SagaKey) -> Option<Blocked> {
+        // Nothing blocked is the common case: no hashing of the key then.
+        if self.blocked.is_empty() {
+            return None;
+        }
         let old = self.blocked.remove(key);
         if let Some(b) = &old {
             st.undo.push(Undo::Blocked(key.clone(), Some(Box::new(b.clone()))));
