@@ -218,13 +218,11 @@ pub fn run(config: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
         for &i in open.iter().take(2_000) {
             let v = rt.block_on(app.ops().saga(shards::keys::SagaKey::new(TENANT, SAGA, format!("order-{i}"))));
             if let Ok(v) = v
-                && v["status"] != "running"
+                && v.record.status.is_final()
             {
-                done.push((
-                    i,
-                    v["state"]["step"].as_str().unwrap_or_default().to_owned(),
-                    v["updated_at"].as_u64().unwrap_or(0),
-                ));
+                let state: serde_json::Value = serde_json::from_str(v.record.state.get())?;
+                let step = state["step"].as_str().unwrap_or("?").to_owned();
+                done.push((i, step, v.record.updated_at));
             }
         }
         for (i, step, at) in done {

@@ -96,7 +96,7 @@ pub struct GatewayCommand {
 
 /// The subject token for a tenant (`_` for the empty tenant).
 pub fn tenant_token(tenant: &str) -> &str {
-    shards::pipeline::subject_token(tenant)
+    shards::core::subject_token(tenant)
 }
 
 pub fn command_subject(tenant: &str, effect: &str) -> String {

@@ -42,8 +42,10 @@ fn error(status: u16, reason: impl Into<String>) -> Resp {
     json_response(status, &json!({ "error": reason.into() }))
 }
 
-fn from(r: Result<Value, OpsError>) -> Resp {
-    match r {
+fn from<T: serde::Serialize>(r: Result<T, OpsError>) -> Resp {
+    match r
+        .and_then(|v| serde_json::to_value(v).map_err(|e| OpsError::new(500, format!("cannot encode the answer: {e}"))))
+    {
         Ok(v) => json_response(200, &v),
         Err(e) => error(e.status, e.reason),
     }

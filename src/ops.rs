@@ -7,7 +7,10 @@ use crate::config::Config;
 use serde_json::{Value, json};
 use shards::keys::{DeadLetterKey, SagaKey};
 use shards::manifest::ManifestSet;
-use shards::message::{AdminOp, Query, Request, reply_channel};
+use shards::message::{
+    AdminAnswer, AdminOp, DeadLetterView, Query, Reply, Request, SagaView, ShardError, ShardStats, reply_channel,
+};
+use shards::record::AppliedRef;
 use shards::routing::Router;
 use shards::runtime::ShardHandle;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +72,23 @@ impl OpsError {
 }
 
 type OpsResult = Result<Value, OpsError>;
+
+/// `/admin/stats`: every shard's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatsReport {
+    pub partitions: u32,
+    /// Outbox items stored, all shards.
+    pub outbox_total: u64,
+    pub shards: Vec<ShardStats>,
+}
+
+/// `/admin/deadletters`: a tenant's dead letters in the order they were written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetterList {
+    pub tenant: String,
+    pub count: usize,
+    pub deadletters: Vec<DeadLetterView>,
+}
 
 impl Ops {
     #[allow(clippy::too_many_arguments)]
@@ -232,73 +252,92 @@ impl Ops {
         self.report(started)
     }
 
-    async fn ask(&self, shard: usize, query: Query) -> OpsResult {
+    /// Asks shard `shard` a question and waits for its typed answer.
+    async fn ask<T>(
+        &self,
+        shard: usize,
+        query: impl FnOnce(Reply<Result<T, ShardError>>) -> Query,
+    ) -> Result<T, OpsError> {
         let (tx, rx) = reply_channel();
         let h = &self.shards[shard % self.shards.len()];
-        h.send(Request::Query { query, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+        h.send(Request::Query(query(tx))).await.map_err(|e| OpsError::new(503, e.to_string()))?;
         rx.await
             .map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?
-            .map_err(|e| OpsError::new(500, e))
+            .map_err(|e| OpsError::new(500, e.to_string()))
     }
 
-    async fn admin(&self, shard: usize, op: AdminOp) -> OpsResult {
+    async fn admin(&self, shard: usize, op: AdminOp) -> Result<AdminAnswer, OpsError> {
         let (tx, rx) = reply_channel();
         let h = &self.shards[shard % self.shards.len()];
         h.send(Request::Admin { op, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
-        rx.await
-            .map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?
-            .map_err(|e| OpsError::new(409, e))
+        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?.map_err(|e| {
+            let status = if e.is_not_found() { 404 } else { 409 };
+            OpsError::new(status, e.to_string())
+        })
     }
 
-    pub async fn saga(&self, key: SagaKey) -> OpsResult {
+    pub async fn saga(&self, key: SagaKey) -> Result<SagaView, OpsError> {
         key.validate().map_err(|e| OpsError::new(400, e.to_string()))?;
         let shard = self.router.shard(&key.tenant, key.route());
-        let v = self.ask(shard, Query::Saga(key.clone())).await?;
-        if v.is_null() {
-            return Err(OpsError::new(404, format!("no saga instance for {key}")));
-        }
-        Ok(v)
+        let k = key.clone();
+        self.ask(shard, |reply| Query::Saga { key: k, reply })
+            .await?
+            .ok_or_else(|| OpsError::new(404, format!("no saga instance for {key}")))
     }
 
     /// Store counts, outbox depth and blocked keys of every shard.
-    pub async fn stats(&self) -> OpsResult {
+    pub async fn stats(&self) -> Result<StatsReport, OpsError> {
         let mut shards = Vec::new();
-        let mut total = 0;
         for s in 0..self.shards.len() {
-            let v = self.ask(s, Query::Stats).await?;
-            total += v["store"]["outbox"].as_u64().unwrap_or(0);
-            shards.push(v);
+            shards.push(self.ask(s, |reply| Query::Stats { reply }).await?);
         }
-        Ok(json!({ "partitions": self.router.partitions(), "outbox_total": total, "shards": shards }))
+        let outbox_total = shards.iter().map(|s| s.store.outbox).sum();
+        Ok(StatsReport { partitions: self.router.partitions(), outbox_total, shards })
     }
 
-    pub async fn deadletters(&self, tenant: &str, limit: usize) -> OpsResult {
+    pub async fn deadletters(&self, tenant: &str, limit: usize) -> Result<DeadLetterList, OpsError> {
         let mut all = Vec::new();
         for s in 0..self.shards.len() {
-            if let Value::Array(a) =
-                self.ask(s, Query::DeadLetters { tenant: tenant.to_owned(), after: None, limit }).await?
-            {
-                all.extend(a);
-            }
+            let t = tenant.to_owned();
+            all.extend(self.ask(s, |reply| Query::DeadLetters { tenant: t, after: None, limit, reply }).await?);
         }
-        all.sort_by_key(|l| l["at"].as_u64().unwrap_or(0));
+        all.sort_by_key(|l| l.letter.at);
         all.truncate(limit);
-        Ok(json!({ "tenant": tenant, "count": all.len(), "deadletters": all }))
+        Ok(DeadLetterList { tenant: tenant.to_owned(), count: all.len(), deadletters: all })
     }
 
-    pub async fn requeue(&self, key: SagaKey, skip_poison: bool) -> OpsResult {
+    /// Correlation ids of every instance of `saga` for `tenant`, all shards, page by page.
+    async fn instances(&self, tenant: &str, saga: &str) -> Result<Vec<String>, OpsError> {
+        let mut out = Vec::new();
+        for s in 0..self.shards.len() {
+            let mut after = None;
+            loop {
+                let (t, g) = (tenant.to_owned(), saga.to_owned());
+                let page = self.ask(s, |reply| Query::Sagas { tenant: t, saga: g, after, limit: 1_000, reply }).await?;
+                out.extend(page.correlation_ids);
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn requeue(&self, key: SagaKey, skip_poison: bool) -> Result<AdminAnswer, OpsError> {
         key.validate().map_err(|e| OpsError::new(400, e.to_string()))?;
         let shard = self.router.shard(&key.tenant, key.route());
         self.admin(shard, AdminOp::Requeue { key, skip_poison }).await
     }
 
-    pub async fn discard(&self, key: DeadLetterKey) -> OpsResult {
-        // A dead letter lives in the shard of its partition; ask each (listings are cheap).
+    pub async fn discard(&self, key: DeadLetterKey) -> Result<AdminAnswer, OpsError> {
+        // A dead letter lives in the shard of its partition; ask each (a point lookup).
         let mut last = OpsError::new(404, format!("no dead letter {} for tenant {:?}", key.id, key.tenant));
         for s in 0..self.shards.len() {
             match self.admin(s, AdminOp::Discard { key: key.clone() }).await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.status == 409 => last = OpsError::new(404, e.reason),
+                Err(e) if e.status == 404 => last = e,
                 Err(e) => return Err(e),
             }
         }
@@ -320,7 +359,9 @@ impl Ops {
             h.send(Request::Reload { set: set.clone(), reply: tx })
                 .await
                 .map_err(|e| OpsError::new(503, e.to_string()))?;
-            rx.await.map_err(|_| OpsError::new(503, "a shard did not answer"))?.map_err(|e| OpsError::new(422, e))?;
+            rx.await
+                .map_err(|_| OpsError::new(503, "a shard did not answer"))?
+                .map_err(|e| OpsError::new(422, e.to_string()))?;
         }
         let _ = self.manifests_tx.send(set.clone());
         if let Ok(mut m) = self.manifests.lock() {
@@ -345,24 +386,14 @@ impl Ops {
             return Err(OpsError::new(404, format!("saga {saga:?} is not loaded")));
         }
         // What would be reset: instances of the saga for the tenant (or the one instance).
-        let mut instances = Vec::new();
-        match &correlation_id {
-            Some(cid) => {
-                if self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await.is_ok() {
-                    instances.push(cid.clone());
-                }
-            }
-            None => {
-                for s in 0..self.shards.len() {
-                    if let Value::Array(a) =
-                        self.ask(s, Query::Sagas { tenant: tenant.clone(), saga: saga.clone() }).await?
-                    {
-                        instances.extend(a.into_iter().filter_map(|v| v.as_str().map(str::to_owned)));
-                    }
-                }
-            }
-        }
-        instances.sort();
+        let instances = match &correlation_id {
+            Some(cid) => match self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await {
+                Ok(_) => vec![cid.clone()],
+                Err(e) if e.status == 404 => Vec::new(),
+                Err(e) => return Err(e),
+            },
+            None => self.instances(&tenant, &saga).await?,
+        };
         if !confirm {
             return Err(OpsError::new(
                 400,
@@ -376,18 +407,18 @@ impl Ops {
         // Refuse instances whose history was trimmed: they cannot be rebuilt exactly.
         for cid in &instances {
             let v = self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await?;
-            let applied = v["applied"].as_array().map(|a| a.len() as u64).unwrap_or(0);
-            if v["version"].as_u64().unwrap_or(0) > applied {
+            let remembered = v.record.applied.len() as u64;
+            if v.record.version > remembered {
                 return Err(OpsError::new(
                     409,
                     format!(
-                        "instance {cid:?} applied {} events but remembers the last {applied} only; it cannot be replayed exactly",
-                        v["version"]
+                        "instance {cid:?} applied {} events but remembers the last {remembered} only; it cannot be replayed exactly",
+                        v.record.version
                     ),
                 ));
             }
         }
-        let mut histories = Vec::new();
+        let mut reset = Vec::new();
         for s in 0..self.shards.len() {
             let op = AdminOp::Replay {
                 tenant: tenant.clone(),
@@ -395,35 +426,31 @@ impl Ops {
                 correlation_id: correlation_id.clone(),
                 from_seq,
             };
-            let answer = self.admin(s, op).await?;
-            if let Value::Array(list) = &answer["instances"] {
-                histories.extend(list.iter().cloned());
+            if let AdminAnswer::Reset(r) = self.admin(s, op).await? {
+                reset.extend(r.instances);
             }
         }
-        tracing::warn!(tenant = %tenant, saga = %saga, correlation_id = ?correlation_id, from_seq, instances = histories.len(), "controlled replay: instances reset, re-applying their events");
+        tracing::warn!(tenant = %tenant, saga = %saga, correlation_id = ?correlation_id, from_seq, instances = reset.len(), "controlled replay: instances reset, re-applying their events");
         let mut report = Vec::new();
-        for h in histories {
-            let cid = h["correlation_id"].as_str().unwrap_or_default().to_owned();
-            let key = SagaKey::new(tenant.clone(), saga.clone(), cid.clone());
-            let applied = self.refeed(&key, h["applied"].as_array().cloned().unwrap_or_default(), from_seq).await?;
+        for instance in reset {
+            let key = SagaKey::new(tenant.clone(), saga.clone(), instance.correlation_id.clone());
+            let applied = self.refeed(&key, instance.applied, from_seq).await?;
             self.admin(self.router.shard(&key.tenant, key.route()), AdminOp::EndReplay { key: key.clone() }).await?;
-            report.push(json!({ "correlation_id": cid, "re_applied": applied }));
+            report.push(json!({ "correlation_id": instance.correlation_id, "re_applied": applied }));
         }
         Ok(json!({ "replayed": report, "from_seq": from_seq }))
     }
 
     /// Applies an instance's recorded events again, in their original order: stream events
     /// read back from JetStream by sequence, timers fired at their place.
-    async fn refeed(&self, key: &SagaKey, applied: Vec<Value>, from_seq: u64) -> Result<usize, OpsError> {
+    async fn refeed(&self, key: &SagaKey, applied: Vec<AppliedRef>, from_seq: u64) -> Result<usize, OpsError> {
         let js = self.js.get().ok_or_else(|| OpsError::new(503, "not connected to JetStream"))?;
         let shard = self.router.shard(&key.tenant, key.route());
         let mut n = 0;
         for r in applied {
-            let stream = r["stream"].as_str().unwrap_or_default();
-            let seq = r["seq"].as_u64().unwrap_or(0);
-            let id = r["id"].as_str().unwrap_or_default();
+            let (stream, seq) = (r.stream.as_str(), r.seq);
             if stream == "timers" {
-                self.admin(shard, AdminOp::FireTimer { key: key.clone(), timer_id: id.to_owned() }).await?;
+                self.admin(shard, AdminOp::FireTimer { key: key.clone(), timer_id: r.id }).await?;
                 n += 1;
                 continue;
             }

@@ -42,8 +42,8 @@ fn gate(app: &runner::app::App, id: &str) -> serde_json::Value {
     let key = EffectKey::new("acme", id);
     let shard = app.runtime().router().shard("acme", key.route());
     let (tx, rx) = reply_channel();
-    app.runtime().handle(shard).send_blocking(Request::Query { query: Query::Effect(key), reply: tx }).unwrap();
-    futures::executor::block_on(rx).unwrap().unwrap()
+    app.runtime().handle(shard).send_blocking(Request::Query(Query::Effect { key, reply: tx })).unwrap();
+    serde_json::to_value(futures::executor::block_on(rx).unwrap().unwrap()).unwrap()
 }
 
 fn settled(h: &Harness) -> bool {

@@ -10,6 +10,7 @@ use crate::report::{Report, fmt_rate};
 use futures_lite::future::block_on;
 use hdrhistogram::Histogram;
 use shards::clock;
+use shards::core::event_dynamic;
 use shards::ids;
 use shards::keys::SagaKey;
 use shards::layout::DataDir;
@@ -17,7 +18,6 @@ use shards::manifest::ManifestSet;
 use shards::message::{
     ApplyOutcome, Control, DispatchOutcome, DispatchResult, Event, Request, ResultInfo, Target, reply_channel,
 };
-use shards::pipeline::event_dynamic;
 use shards::program::{Entry, Programs};
 use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
 use shards::store::Durability;
@@ -126,7 +126,7 @@ pub fn order_events(i: usize, seq: &mut u64) -> Vec<Arc<Event>> {
 }
 
 fn transition_cost(set: &ManifestSet, quick: bool) -> Result<Vec<(String, Histogram<u64>)>, String> {
-    let programs = Programs::build(set)?;
+    let programs = Programs::build(set).map_err(|e| e.to_string())?;
     let n = if quick { 2_000 } else { 50_000 };
     let mut hists: Vec<(String, Histogram<u64>)> = Vec::new();
     let mut seq = 0;

@@ -21,6 +21,7 @@ use runner::app::{App, AppOptions};
 use runner::config::Mode;
 use runner::fixture::HttpFixture;
 use shards::keys::SagaKey;
+use shards::record::InstanceStatus;
 use shards::store::Durability;
 use std::cell::RefCell;
 use std::path::Path;
@@ -172,12 +173,12 @@ fn completions(js: &Js, app: &App, count: u64, pb: &indicatif::ProgressBar) -> R
             ));
             for (i, a) in chunk.iter().zip(answers) {
                 match a {
-                    Ok(v) if v["status"] == "completed" => {
-                        done[*i as usize] = v["updated_at"].as_u64().unwrap_or(0);
+                    Ok(v) if v.record.status == InstanceStatus::Completed => {
+                        done[*i as usize] = v.record.updated_at;
                         pb.inc(1);
                     }
-                    Ok(v) if v["status"] != "running" => {
-                        return Err(format!("order-{i} ended {} ({})", v["status"], v["state"]["step"]));
+                    Ok(v) if v.record.status.is_final() => {
+                        return Err(format!("order-{i} ended {} ({})", v.record.status.as_str(), v.record.state.get()));
                     }
                     _ => still.push(*i),
                 }

@@ -144,6 +144,11 @@ pub fn saga_tenant_prefix(tenant: &str) -> Vec<u8> {
     KeyBuf::new().str(tenant).0
 }
 
+/// Prefix of all saga keys of one saga of one tenant (instance listings).
+pub fn saga_prefix(tenant: &str, saga: &str) -> Vec<u8> {
+    KeyBuf::new().str(tenant).str(saga).0
+}
+
 /// `(partition, seq)`: one outbox item; `seq` is time-ordered and monotonic per shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OutboxKey {
@@ -259,7 +264,7 @@ impl CheckpointKey {
 }
 
 /// `(tenant, at, id)`: one dead letter, listed per tenant in time order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetterKey {
     pub tenant: String,
     pub at: u64,

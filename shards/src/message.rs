@@ -4,7 +4,9 @@
 
 use crate::keys::{DeadLetterKey, EffectKey, OutboxKey, SagaKey};
 use crate::manifest::ManifestSet;
-use crate::record::OutboxItem;
+use crate::program::ProgramError;
+use crate::record::{AppliedRef, DeadLetter, EffectRecord, Json, OutboxItem, SagaRecord};
+use crate::store::{StoreError, StoreStats};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -95,27 +97,121 @@ pub struct RawLetter {
     pub error: String,
 }
 
-/// Read-only questions (inspection, admin listings).
-#[derive(Debug, Clone)]
+/// Read-only questions (inspection, admin listings), each with its typed answer channel.
+/// Answered by the shard at once from committed state, between batches.
 pub enum Query {
-    Saga(SagaKey),
+    /// One instance with its pending timers, outbox items and retry state.
+    Saga {
+        key: SagaKey,
+        reply: Reply<Result<Option<SagaView>, ShardError>>,
+    },
     /// The effect gate record of one command.
-    Effect(EffectKey),
+    Effect {
+        key: EffectKey,
+        reply: Reply<Result<Option<EffectRecord>, ShardError>>,
+    },
+    /// Dead letters of a tenant in the order they were written, after `after`, at most `limit`.
     DeadLetters {
         tenant: String,
         after: Option<DeadLetterKey>,
         limit: usize,
+        reply: Reply<Result<Vec<DeadLetterView>, ShardError>>,
     },
-    /// Correlation ids of every instance of `saga` for `tenant` on this shard.
+    /// Correlation ids of the instances of `saga` for `tenant` on this shard, in key order,
+    /// after `after`, at most `limit` (a page; `next` continues it).
     Sagas {
         tenant: String,
         saga: String,
+        after: Option<String>,
+        limit: usize,
+        reply: Reply<Result<SagaPage, ShardError>>,
     },
-    Stats,
+    Stats {
+        reply: Reply<Result<ShardStats, ShardError>>,
+    },
 }
 
-/// Answers to [`Query`], as JSON (what the HTTP and CLI layers print).
-pub type QueryAnswer = Result<serde_json::Value, String>;
+impl std::fmt::Debug for Query {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Query::Saga { key, .. } => write!(f, "Saga({key})"),
+            Query::Effect { key, .. } => write!(f, "Effect({}/{})", key.tenant, key.command_id),
+            Query::DeadLetters { tenant, limit, .. } => write!(f, "DeadLetters({tenant:?}, {limit})"),
+            Query::Sagas { tenant, saga, limit, .. } => write!(f, "Sagas({tenant:?}, {saga:?}, {limit})"),
+            Query::Stats { .. } => write!(f, "Stats"),
+        }
+    }
+}
+
+/// One saga instance as an operator sees it (`GET /sagas/...`): the stored record plus what
+/// is pending for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SagaView {
+    pub tenant: String,
+    pub saga: String,
+    pub correlation_id: String,
+    pub shard: usize,
+    #[serde(flatten)]
+    pub record: SagaRecord,
+    pub pending_timers: Vec<TimerView>,
+    pub pending_outbox: Vec<OutboxItem>,
+    /// Set when the outbox of the instance's partition was larger than one query reads.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pending_outbox_truncated: bool,
+    /// The key's head event failed and waits for its retry.
+    pub blocked: Option<BlockedView>,
+}
+
+/// A timer of an instance that has not fired yet.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimerView {
+    pub timer_id: String,
+    pub due_at: u64,
+    pub name: String,
+    pub payload: Json,
+}
+
+/// A key whose head event failed and waits for a retry in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedView {
+    pub attempts: u32,
+    pub retry_at: u64,
+    pub error: String,
+    /// Later events of the key waiting behind the head one.
+    pub queued: usize,
+    pub event_id: String,
+}
+
+/// A dead letter with the key it is stored under and the shard that holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterView {
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    pub key: DeadLetterKey,
+    pub shard: usize,
+}
+
+/// A page of instance correlation ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SagaPage {
+    pub correlation_ids: Vec<String>,
+    /// Where the next page starts (`after`), when there may be more.
+    pub next: Option<String>,
+}
+
+/// What one shard holds and is doing (`/admin/stats`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardStats {
+    pub shard: usize,
+    pub store: StoreStats,
+    pub map_size: usize,
+    /// Outbox items the relay holds in memory (at most its window).
+    pub outbox_window: usize,
+    pub outbox_in_flight: usize,
+    pub blocked_keys: usize,
+    pub effects_in_flight: usize,
+    pub next_timer_due: Option<u64>,
+}
 
 /// Operator actions that write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,13 +224,86 @@ pub enum AdminOp {
     /// Reset instances of a saga so their events can be applied again (controlled replay):
     /// every instance of `saga` for `tenant` (or only `correlation_id`) is cleared, its
     /// dispatched work ids remembered so nothing is dispatched twice, and the checkpoint set
-    /// to `from_seq`. Answers, per reset instance, the events it had applied, in order
-    /// (`applied`: stream, seq, id), so the caller can apply them again in that order.
+    /// to `from_seq`. Answers, per reset instance, the events it had applied, in order, so
+    /// the caller can apply them again in that order.
     Replay { tenant: String, saga: String, correlation_id: Option<String>, from_seq: u64 },
     /// During a replay: apply the instance's timer `timer_id` now (its place in the history).
     FireTimer { key: SagaKey, timer_id: String },
     /// The replay of an instance is over: its timers fire normally again.
     EndReplay { key: SagaKey },
+}
+
+/// What an [`AdminOp`] did (serialised as the admin API's answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum AdminAnswer {
+    Requeued { requeued: usize, skipped: Option<String> },
+    Discarded { discarded: String },
+    Reset(ReplayReset),
+    TimerFired { fired: String },
+    ReplayEnded { replay_ended: String },
+}
+
+/// The instances a replay reset, with the events each had applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplayReset {
+    pub instances: Vec<ResetInstance>,
+    pub count: usize,
+    pub from_seq: u64,
+    pub streams: Vec<String>,
+}
+
+/// One instance reset by a replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResetInstance {
+    pub correlation_id: String,
+    /// The events it had applied, oldest first.
+    pub applied: Vec<AppliedRef>,
+    /// It applied more events than it remembers: it cannot be rebuilt exactly.
+    pub truncated: bool,
+}
+
+/// Why an operator action was refused (nothing was written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("{key} is retrying its head event; requeue after it is quarantined")]
+    RequeueWhileRetrying { key: SagaKey },
+    #[error("no dead letters to requeue for {key}")]
+    NothingToRequeue { key: SagaKey },
+    #[error("dead letter {id} of {key} holds an unreadable event: {error}")]
+    UnreadableLetter { key: SagaKey, id: String, error: String },
+    #[error("no dead letter {id} for tenant {tenant:?}")]
+    NoSuchLetter { tenant: String, id: String },
+    #[error("no pending timer {timer_id} for {key}")]
+    NoSuchTimer { key: SagaKey, timer_id: String },
+    #[error("{key} is retrying an event; replay it after that settles")]
+    ReplayWhileRetrying { key: SagaKey },
+}
+
+impl AdminError {
+    /// The thing the action names does not exist (as opposed to a conflict with its state).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            AdminError::NoSuchLetter { .. } | AdminError::NoSuchTimer { .. } | AdminError::NothingToRequeue { .. }
+        )
+    }
+}
+
+/// Failures a shard reports across the thread boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+}
+
+/// Why an effect's completion was not recorded (the command is redelivered).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FinishError {
+    #[error("the result of command {command_id:?} of tenant {tenant:?} is not JSON")]
+    ResultNotJson { tenant: String, command_id: String },
 }
 
 /// Requests into a shard's inbox.
@@ -159,29 +328,26 @@ pub enum Request {
         subject: String,
         outcome: String,
         result: Vec<u8>,
-        reply: Reply<Result<(), String>>,
+        reply: Reply<Result<(), FinishError>>,
     },
     /// A started run ended without a result (it will be redelivered): forget it in memory.
     EffectRelease {
         key: EffectKey,
     },
-    /// Quarantine an undecodable message.
+    /// Quarantine an undecodable message; answered once the dead letter is committed.
     Quarantine {
         letter: RawLetter,
-        reply: Reply<Result<(), String>>,
+        reply: Reply<()>,
     },
-    Query {
-        query: Query,
-        reply: Reply<QueryAnswer>,
-    },
+    Query(Query),
     Admin {
         op: AdminOp,
-        reply: Reply<Result<serde_json::Value, String>>,
+        reply: Reply<Result<AdminAnswer, AdminError>>,
     },
     /// Swap the manifests between batches.
     Reload {
         set: Arc<ManifestSet>,
-        reply: Reply<Result<(), String>>,
+        reply: Reply<Result<(), ShardError>>,
     },
 }
 
@@ -193,7 +359,7 @@ impl std::fmt::Debug for Request {
             Request::EffectFinish { key, .. } => write!(f, "EffectFinish({})", key.command_id),
             Request::EffectRelease { key } => write!(f, "EffectRelease({})", key.command_id),
             Request::Quarantine { letter, .. } => write!(f, "Quarantine({}#{})", letter.stream, letter.seq),
-            Request::Query { query, .. } => write!(f, "Query({query:?})"),
+            Request::Query(query) => write!(f, "Query({query:?})"),
             Request::Admin { op, .. } => write!(f, "Admin({op:?})"),
             Request::Reload { .. } => write!(f, "Reload"),
         }

@@ -60,6 +60,8 @@ pub enum ProgramError {
     BadOutput { saga: String, program: String, event_id: String, message: String },
     #[error("saga {saga:?} is not in the loaded manifests")]
     UnknownSaga { saga: String },
+    #[error("saga {saga:?}: program {program} does not compile: {message}")]
+    Compile { saga: String, program: String, message: String },
 }
 
 /// What a transition asks for, validated.
@@ -228,12 +230,16 @@ pub struct Programs {
 
 impl Programs {
     /// Compiles every saga of the set with this shard's own engine.
-    pub fn build(set: &ManifestSet) -> Result<Self, String> {
+    pub fn build(set: &ManifestSet) -> Result<Self, ProgramError> {
         let guard = Rc::new(Guard { gas: Cell::new(0), deadline: Cell::new(Instant::now()), stopped: Cell::new(None) });
         let engine = sandboxed_engine(Some(guard.clone()));
         let mut sagas = HashMap::new();
         for (name, saga) in &set.sagas {
-            let ast = engine.compile(&saga.source).map_err(|e| format!("saga {name:?}: {e}"))?;
+            let ast = engine.compile(&saga.source).map_err(|e| ProgramError::Compile {
+                saga: name.clone(),
+                program: saga.program_path.display().to_string(),
+                message: e.to_string(),
+            })?;
             sagas.insert(
                 name.clone(),
                 Compiled {

@@ -84,6 +84,13 @@ pub struct SagaRecord<S = Json> {
     /// when the replay reaches them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replaying: bool,
+    /// Timers this instance set that may still be pending: timer id → due time (the
+    /// schedule table is ordered by due time; this finds an instance's timers without a
+    /// scan). An entry leaves when its timer is applied; one dropped unapplied (the
+    /// instance had finished) may linger, so readers check the schedule table. `None` in
+    /// records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timers: Option<BTreeMap<String, u64>>,
     /// The program's state (JSON).
     pub state: S,
 }

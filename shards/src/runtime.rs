@@ -10,7 +10,7 @@ use crate::layout::DataDir;
 use crate::manifest::ManifestSet;
 use crate::message::{Control, DispatchRequest, Request};
 use crate::routing::Router;
-use crate::shard::{ShardChannels, ShardConfig, ShardHealth, run_shard};
+use crate::shell::{ShardChannels, ShardConfig, ShardHealth, run_shard};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +24,12 @@ pub enum RuntimeError {
         #[source]
         source: glommio::GlommioError<()>,
     },
-    #[error("{0}")]
-    Setup(String),
+    #[error("shard {shard}: {source}")]
+    Setup {
+        shard: usize,
+        #[source]
+        source: crate::message::ShardError,
+    },
     #[error("shard {0} stopped before it was ready")]
     Lost(usize),
     #[error("shard {shard} is gone (its thread ended): {why}")]
@@ -172,7 +176,7 @@ impl ShardRuntime {
         for (index, ready) in readies.into_iter().enumerate() {
             match ready.recv() {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = failure.or(Some(RuntimeError::Setup(e))),
+                Ok(Err(source)) => failure = failure.or(Some(RuntimeError::Setup { shard: index, source })),
                 Err(_) => failure = failure.or(Some(RuntimeError::Lost(index))),
             }
         }

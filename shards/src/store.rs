@@ -722,7 +722,8 @@ impl<'s> ReadView<'s> {
         }
     }
 
-    /// All timers of one saga instance (inspection; scans the schedule table).
+    /// All timers of one saga instance, by a scan of the whole schedule table (records
+    /// written before instances listed their timers; tests).
     pub fn schedules_of(&self, key: &SagaKey) -> Result<Vec<(ScheduleKey, ScheduleEntry)>, StoreError> {
         let db = self.store.db(Db::Schedules);
         let lmdb = |e| self.store.lmdb(e);
@@ -747,17 +748,79 @@ impl<'s> ReadView<'s> {
         let db = self.store.db(Db::DeadLetter);
         let lmdb = |e| self.store.lmdb(e);
         let prefix = deadletter_tenant_prefix(tenant);
+        let start = after.filter(|a| a.tenant == tenant).map(|a| a.encode());
+        let lower = match &start {
+            Some(s) => std::ops::Bound::Excluded(&s[..]),
+            None => std::ops::Bound::Included(&prefix[..]),
+        };
         let mut out = Vec::new();
-        for item in db.prefix_iter(&self.txn, &prefix).map_err(lmdb)? {
+        for item in db.range(&self.txn, &(lower, std::ops::Bound::Unbounded)).map_err(lmdb)? {
             if out.len() >= limit {
                 break;
             }
             let (k, v) = item.map_err(lmdb)?;
-            let dk = DeadLetterKey::decode(k).map_err(|e| self.corrupt(Db::DeadLetter, e))?;
-            if after.is_some_and(|a| &dk <= a) {
-                continue;
+            if !k.starts_with(&prefix) {
+                break;
             }
+            let dk = DeadLetterKey::decode(k).map_err(|e| self.corrupt(Db::DeadLetter, e))?;
             out.push((dk, self.decode(Db::DeadLetter, v)?));
+        }
+        Ok(out)
+    }
+
+    /// One dead letter.
+    pub fn deadletter(&self, key: &DeadLetterKey) -> Result<Option<DeadLetter>, StoreError> {
+        self.get_raw(Db::DeadLetter, &key.encode())?.map(|b| self.decode(Db::DeadLetter, b)).transpose()
+    }
+
+    /// One timer.
+    pub fn schedule(&self, key: &ScheduleKey) -> Result<Option<ScheduleEntry>, StoreError> {
+        self.get_raw(Db::Schedules, &key.encode())?.map(|b| self.decode(Db::Schedules, b)).transpose()
+    }
+
+    /// Outbox items of one partition in creation order, at most `limit`; `true` when the
+    /// partition holds more.
+    pub fn outbox_of_partition(
+        &self,
+        partition: u32,
+        limit: usize,
+    ) -> Result<(Vec<(OutboxKey, OutboxItem)>, bool), StoreError> {
+        let from = std::ops::Bound::Included(OutboxKey { partition, seq: 0 });
+        let (mut page, _, _) =
+            self.outbox_where(from, limit.saturating_add(1), limit.saturating_add(1), |k| k.partition == partition)?;
+        page.retain(|(k, _)| k.partition == partition);
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
+    }
+
+    /// Instances of one saga of one tenant in key order, after the correlation id `after`,
+    /// at most `limit`, decoded as `T` (a partial view is fine: unknown fields are ignored).
+    pub fn sagas_of<T: serde::de::DeserializeOwned>(
+        &self,
+        tenant: &str,
+        saga: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(SagaKey, T)>, StoreError> {
+        let db = self.store.db(Db::Sagas);
+        let lmdb = |e| self.store.lmdb(e);
+        let prefix = crate::keys::saga_prefix(tenant, saga);
+        let start = after.map(|cid| SagaKey::new(tenant, saga, cid).encode());
+        let lower = match &start {
+            Some(s) => std::ops::Bound::Excluded(&s[..]),
+            None => std::ops::Bound::Included(&prefix[..]),
+        };
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &(lower, std::ops::Bound::Unbounded)).map_err(lmdb)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(lmdb)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push((SagaKey::decode(k).map_err(|e| self.corrupt(Db::Sagas, e))?, self.decode(Db::Sagas, v)?));
         }
         Ok(out)
     }

@@ -30,6 +30,7 @@ fn record(i: usize) -> SagaRecord {
         applied: vec![],
         replay_suppress: Default::default(),
         replaying: false,
+        timers: None,
         state: serde_json::value::to_raw_value(&serde_json::json!({ "i": i, "pad": "x".repeat(200) })).unwrap(),
     }
 }

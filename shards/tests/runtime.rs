@@ -8,7 +8,8 @@ use shards::keys::SagaKey;
 use shards::layout::DataDir;
 use shards::manifest::ManifestSet;
 use shards::message::{
-    ApplyOutcome, Control, DispatchOutcome, DispatchResult, Event, Query, Request, Target, reply_channel,
+    ApplyOutcome, Control, DispatchOutcome, DispatchResult, Event, Query, Reply, Request, ShardError, Target,
+    reply_channel,
 };
 use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
 use shards::store::{Db, Durability};
@@ -82,17 +83,25 @@ fn event(k: usize, n: usize, seq: u64) -> Arc<Event> {
     })
 }
 
-fn query(rt: &ShardRuntime, shard: usize, q: Query) -> serde_json::Value {
+fn query<T>(rt: &ShardRuntime, shard: usize, q: impl FnOnce(Reply<Result<T, ShardError>>) -> Query) -> T {
     let (tx, rx) = reply_channel();
-    rt.handle(shard).send_blocking(Request::Query { query: q, reply: tx }).unwrap();
+    rt.handle(shard).send_blocking(Request::Query(q(tx))).unwrap();
     block_on(rx).unwrap().unwrap()
+}
+
+fn stats(rt: &ShardRuntime, shard: usize) -> shards::message::ShardStats {
+    query(rt, shard, |reply| Query::Stats { reply })
+}
+
+fn saga(rt: &ShardRuntime, shard: usize, key: &SagaKey) -> Option<serde_json::Value> {
+    let key = key.clone();
+    query(rt, shard, |reply| Query::Saga { key, reply }).map(|v| serde_json::to_value(v).unwrap())
 }
 
 fn wait_outbox_empty(rt: &ShardRuntime) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let depth: u64 =
-            (0..rt.router().shards()).map(|s| query(rt, s, Query::Stats)["store"]["outbox"].as_u64().unwrap()).sum();
+        let depth: u64 = (0..rt.router().shards()).map(|s| stats(rt, s).store.outbox).sum();
         if depth == 0 {
             return;
         }
@@ -136,7 +145,7 @@ fn shards_commit_concurrently_shut_down_in_order_and_restart_with_every_key_in_i
     }
     // Every shard took part.
     for s in 0..3 {
-        assert!(query(&run.rt, s, Query::Stats)["store"]["sagas"].as_u64().unwrap() > 20, "shard {s} got too few keys");
+        assert!(stats(&run.rt, s).store.sagas > 20, "shard {s} got too few keys");
     }
     wait_outbox_empty(&run.rt);
     run.rt.shutdown();
@@ -150,12 +159,12 @@ fn shards_commit_concurrently_shut_down_in_order_and_restart_with_every_key_in_i
     for k in 0..KEYS {
         let key = SagaKey::new("t", "s", format!("k{k}"));
         let shard = router.shard("t", key.route());
-        let v = query(&run.rt, shard, Query::Saga(key.clone()));
+        let v = saga(&run.rt, shard, &key).unwrap();
         let expected: Vec<usize> = (0..PER_KEY).collect();
         assert_eq!(v["state"]["seen"], serde_json::json!(expected), "{key}");
         assert_eq!(v["version"], PER_KEY as u64);
         let other = 1 - shard;
-        assert_eq!(query(&run.rt, other, Query::Saga(key)), serde_json::Value::Null, "a key in two shards");
+        assert_eq!(saga(&run.rt, other, &key), None, "a key in two shards");
     }
     run.rt.shutdown();
     run.bridge.join().unwrap();

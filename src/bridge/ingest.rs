@@ -242,7 +242,7 @@ pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: T
     ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let shared = ctx.shared.clone();
     tokio::task::spawn_local(async move {
-        if let Ok(Ok(())) = rx.await {
+        if let Ok(()) = rx.await {
             let _ = msg.ack_with(AckKind::Term).await;
             metrics::counter!("runner_messages_settled_total", "outcome" => "term").increment(1);
         }
@@ -257,7 +257,7 @@ pub async fn file_raw_letter(
     t: Transport,
     raw: Vec<u8>,
     error: String,
-) -> Option<shards::message::ReplyRx<Result<(), String>>> {
+) -> Option<shards::message::ReplyRx<()>> {
     let tenant = t.claimed_tenant(&raw);
     let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
     let (tx, rx) = reply_channel();

@@ -183,28 +183,30 @@ impl Harness {
     }
 }
 
-/// One instance as the shard reports it (`null` when absent).
+/// One instance as the shard reports it, as the operations API serves it (`null` when
+/// absent).
 pub fn saga_state(app: &App, tenant: &str, saga: &str, cid: &str) -> serde_json::Value {
     let key = SagaKey::new(tenant, saga, cid);
     let shard = app.runtime().router().shard(tenant, key.route());
     let (tx, rx) = reply_channel();
-    app.runtime().handle(shard).send_blocking(Request::Query { query: Query::Saga(key), reply: tx }).unwrap();
-    futures::executor::block_on(rx).unwrap().unwrap()
+    app.runtime().handle(shard).send_blocking(Request::Query(Query::Saga { key, reply: tx })).unwrap();
+    serde_json::to_value(futures::executor::block_on(rx).unwrap().unwrap()).unwrap()
 }
 
-/// Dead letters of a tenant across all shards.
+/// Dead letters of a tenant across all shards, as the operations API serves them.
 pub fn deadletters(app: &App, tenant: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for h in app.runtime().handles() {
         let (tx, rx) = reply_channel();
-        h.send_blocking(Request::Query {
-            query: Query::DeadLetters { tenant: tenant.into(), after: None, limit: 100_000 },
+        h.send_blocking(Request::Query(Query::DeadLetters {
+            tenant: tenant.into(),
+            after: None,
+            limit: 100_000,
             reply: tx,
-        })
+        }))
         .unwrap();
-        if let serde_json::Value::Array(a) = futures::executor::block_on(rx).unwrap().unwrap() {
-            out.extend(a);
-        }
+        let letters = futures::executor::block_on(rx).unwrap().unwrap();
+        out.extend(letters.into_iter().map(|l| serde_json::to_value(l).unwrap()));
     }
     out
 }

@@ -23,6 +23,7 @@ fn saga_record(state: &str, version: u64) -> SagaRecord {
         applied: vec![],
         replay_suppress: Default::default(),
         replaying: false,
+        timers: None,
         state: json(state),
     }
 }

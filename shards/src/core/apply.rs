@@ -2,7 +2,7 @@
 //! timers and checkpoints; blocked keys, retries in place and quarantine (invariants 3, 5,
 //! 7).
 
-use super::{After, Blocked, CoreError, Instance, Origin, Pending, ShardCore, Source, Staged};
+use super::{Action, Blocked, CoreError, Instance, Origin, Pending, ShardCore, Staged};
 use crate::ids;
 use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, SagaKey, ScheduleKey};
 use crate::manifest::PoisonPolicy;
@@ -21,20 +21,22 @@ use std::time::Instant;
 const MAX_RAW: usize = 64 << 10;
 
 /// Routes one event: behind its key's blocked head if there is one, else applied now.
-/// Borrows `p`: the batch keeps its work for a redo, so only a key that blocks keeps a copy.
-pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: &Pending, now: u64) -> Result<(), CoreError> {
+/// Borrows `p`: the shell keeps the batch's work for a redo, so only a key that blocks
+/// keeps a copy.
+pub(super) fn route(core: &ShardCore, st: &mut Staged, p: &Pending, now: u64) -> Result<(), CoreError> {
     let key = p.key();
     if let Err(e) = key.validate() {
         // Cannot be stored under this key at all: quarantine at once.
         quarantine(core, st, p, &e.to_string(), 0, now);
         return Ok(());
     }
-    if let Some(mut b) = core.take_blocked(st, &key) {
+    if core.is_blocked(st, &key) {
         if let Some(sk) = p.origin.timer() {
-            core.set_held_timer(st, sk.clone(), true);
+            core.set_held(st, sk.clone(), true);
         }
-        b.queue.push_back(p.clone());
-        core.set_blocked(st, key, Some(b));
+        if let Some(b) = blocked_mut(core, st, &key) {
+            b.queue.push_back(p.clone());
+        }
         return Ok(());
     }
     if let Err(error) = apply_one(core, st, &key, p, now)? {
@@ -43,9 +45,30 @@ pub(super) fn route(core: &mut ShardCore, st: &mut Staged, p: &Pending, now: u64
     Ok(())
 }
 
+/// The batch's own copy of a blocked key's state (copied from the shard's once per batch).
+fn blocked_mut<'a>(core: &ShardCore, st: &'a mut Staged, key: &SagaKey) -> Option<&'a mut Blocked> {
+    if !st.overlay.blocked.contains_key(key) {
+        let b = core.blocked.get(key)?.clone();
+        st.overlay.blocked.insert(key.clone(), Some(b));
+    }
+    st.overlay.blocked.get_mut(key).and_then(Option::as_mut)
+}
+
+/// Takes a key's blocked state out (the key is unblocked unless it is set again).
+fn take_blocked(core: &ShardCore, st: &mut Staged, key: &SagaKey) -> Option<Blocked> {
+    let b = match st.overlay.blocked.get_mut(key) {
+        Some(b) => b.take(),
+        None => core.blocked(st, key),
+    };
+    if b.is_some() {
+        core.set_blocked(st, key.clone(), None);
+    }
+    b
+}
+
 /// Applies a key's events in order until one fails; that one blocks the key.
 fn drive(
-    core: &mut ShardCore,
+    core: &ShardCore,
     st: &mut Staged,
     key: SagaKey,
     mut queue: VecDeque<Pending>,
@@ -61,7 +84,7 @@ fn drive(
 
 /// Applies requeued dead letters of one key in order (they pass the sequence gate).
 pub(super) fn drive_requeued(
-    core: &mut ShardCore,
+    core: &ShardCore,
     st: &mut Staged,
     key: SagaKey,
     queue: VecDeque<Pending>,
@@ -71,10 +94,12 @@ pub(super) fn drive_requeued(
 }
 
 /// Retries the heads of blocked keys whose time has come.
-pub(super) fn retry_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
-    let due: Vec<SagaKey> = core.blocked.iter().filter(|(_, b)| b.retry_at <= now).map(|(k, _)| k.clone()).collect();
-    for key in due {
-        let Some(b) = core.take_blocked(st, &key) else { continue };
+pub(super) fn retry_due(core: &ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+    if core.blocked.is_empty() && st.overlay.blocked.is_empty() {
+        return Ok(());
+    }
+    for key in core.due_retries(st, now) {
+        let Some(b) = take_blocked(core, st, &key) else { continue };
         match apply_one(core, st, &key, &b.head, now)? {
             Ok(()) => {
                 tracing::info!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, attempts = b.attempts + 1, "blocked key recovered");
@@ -88,7 +113,7 @@ pub(super) fn retry_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Resu
 
 #[allow(clippy::too_many_arguments)]
 fn on_failure(
-    core: &mut ShardCore,
+    core: &ShardCore,
     st: &mut Staged,
     key: SagaKey,
     head: Pending,
@@ -107,7 +132,7 @@ fn on_failure(
         tracing::warn!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, retry_in_ms = retry_at - now, error = %error, "transition failed; key blocked, will retry");
         for p in std::iter::once(&head).chain(rest.iter()) {
             if let Some(sk) = p.origin.timer() {
-                core.set_held_timer(st, sk.clone(), true);
+                core.set_held(st, sk.clone(), true);
             }
         }
         core.set_blocked(st, key, Some(Blocked { head, attempts, retry_at, queue: rest, error }));
@@ -116,13 +141,17 @@ fn on_failure(
     tracing::error!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, error = %error, policy = ?policy, "event quarantined");
     let letter_id = quarantine(core, st, &head, &error, attempts, now);
     if policy == PoisonPolicy::Park {
-        let (mut inst, source) = match core.take(st, &key)? {
-            Some(x) => x,
-            None => (new_instance(&head.event, now), Source::Staged),
-        };
-        inst.parked = Some(Parked { poison_event_id: letter_id, since: now, error });
-        inst.updated_at = now;
-        core.put_back(st, key.clone(), inst, source, true);
+        let parked = Parked { poison_event_id: letter_id, since: now, error };
+        if core.instance(st, &key)?.is_some() {
+            if let Some(inst) = core.instance_mut(st, &key, false) {
+                inst.parked = Some(parked);
+                inst.updated_at = now;
+            }
+        } else {
+            let mut inst = new_instance(&head.event, now);
+            inst.parked = Some(parked);
+            st.overlay.instances.insert(key.clone(), inst);
+        }
     }
     // Parked: the rest become dead letters in order (apply_one sees the mark). Skip: they
     // apply normally.
@@ -142,14 +171,66 @@ fn new_instance(event: &Event, now: u64) -> Instance {
         applied: Vec::new(),
         replay_suppress: Default::default(),
         replaying: false,
+        timers: Some(BTreeMap::new()),
         state: Dynamic::UNIT,
     }
+}
+
+/// What the gate decided for one event and its instance.
+enum Gate {
+    /// Run the program; `state` is the instance's state (`None`: a new instance).
+    Apply { state: Option<Dynamic>, traceparent: Option<String>, suppressed: bool },
+    /// Nothing to apply: acked and counted.
+    Skip { duplicate: bool },
+    /// A replay re-applies this instance's history: its timer waits for its place.
+    HoldTimer,
+    /// The key is parked: the event becomes a dead letter behind the poison one.
+    Park { why: String },
+}
+
+fn gate(core: &ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending) -> Result<Gate, CoreError> {
+    let event = &p.event;
+    let Some(inst) = core.instance(st, key)? else {
+        let may_start = p.target.may_start && event.result.is_none() && p.origin.timer().is_none();
+        return Ok(if may_start {
+            Gate::Apply { state: None, traceparent: event.traceparent.clone(), suppressed: false }
+        } else {
+            Gate::Skip { duplicate: false }
+        });
+    };
+    // During an operator's replay, timers fire only at their place in the history.
+    if inst.replaying && matches!(p.origin, Origin::Timer(_)) {
+        return Ok(Gate::HoldTimer);
+    }
+    // A parked key: later events wait behind the poison one, in order.
+    if let Some(parked) = &inst.parked {
+        return Ok(Gate::Park { why: format!("key parked behind dead letter {}", parked.poison_event_id) });
+    }
+    if inst.status.is_final() {
+        return Ok(Gate::Skip { duplicate: false });
+    }
+    // The sequence gate (invariant 3).
+    let requeued = matches!(p.origin, Origin::Requeue(_));
+    if !requeued && event.seq > 0 && inst.last_seq.get(&event.stream).is_some_and(|&last| last >= event.seq) {
+        return Ok(Gate::Skip { duplicate: true });
+    }
+    // A result is applied only for an outstanding command, once (invariant 4).
+    if let Some(r) = &event.result
+        && !inst.outstanding.contains(&r.command_id)
+    {
+        return Ok(Gate::Skip { duplicate: true });
+    }
+    Ok(Gate::Apply {
+        state: Some(inst.state.clone()),
+        traceparent: event.traceparent.clone().or_else(|| inst.traceparent.clone()),
+        suppressed: inst.replay_suppress.contains(&event.id),
+    })
 }
 
 /// Applies one event to its instance. `Ok(Err(message))` is a program failure (retried by
 /// policy); `Err` aborts the batch.
 fn apply_one(
-    core: &mut ShardCore,
+    core: &ShardCore,
     st: &mut Staged,
     key: &SagaKey,
     p: &Pending,
@@ -161,109 +242,69 @@ fn apply_one(
         quarantine(core, st, p, &format!("saga {:?} is not in the loaded manifests", key.saga), 0, now);
         return Ok(Ok(()));
     };
-    let has_compensation = saga.spec.compensation.is_some();
-    let requeued = matches!(p.origin, Origin::Requeue(_));
-    let taken = core.take(st, key)?;
-
-    let (mut inst, source, is_new) = match taken {
-        Some((inst, source)) => (inst, source, false),
-        None => {
-            let may_start = p.target.may_start && event.result.is_none() && p.origin.timer().is_none();
-            if !may_start {
+    let (state, traceparent, suppressed) = match gate(core, st, key, p)? {
+        Gate::Apply { state, traceparent, suppressed } => (state, traceparent, suppressed),
+        Gate::Skip { duplicate } => {
+            if duplicate {
+                st.stats.duplicates += 1;
+            } else {
                 st.stats.skipped += 1;
                 if p.origin.timer().is_some() {
                     st.stats.timers_dropped += 1;
                 }
-                settle(core, st, p, None);
-                return Ok(Ok(()));
             }
-            (new_instance(event, now), Source::Staged, true)
+            settle(core, st, p, None);
+            return Ok(Ok(()));
+        }
+        Gate::HoldTimer => {
+            if let Some(sk) = p.origin.timer() {
+                core.set_held(st, sk.clone(), true);
+            }
+            return Ok(Ok(()));
+        }
+        Gate::Park { why } => {
+            st.stats.parked += 1;
+            write_deadletter(core, st, p, DeadLetterKind::Parked, &why, 0, now);
+            settle(core, st, p, None);
+            return Ok(Ok(()));
         }
     };
-
-    // During an operator's replay, timers fire only at their place in the history.
-    if inst.replaying
-        && let Origin::Timer(sk) = &p.origin
-    {
-        let sk = sk.clone();
-        core.put_back(st, key.clone(), inst, source, false);
-        core.set_held_timer(st, sk, true);
-        return Ok(Ok(()));
-    }
-    // A parked key: later events wait behind the poison one, in order.
-    if let Some(parked) = &inst.parked {
-        let why = format!("key parked behind dead letter {}", parked.poison_event_id);
-        core.put_back(st, key.clone(), inst, source, false);
-        st.stats.parked += 1;
-        write_deadletter(core, st, p, DeadLetterKind::Parked, &why, 0, now);
-        settle(core, st, p, None);
-        return Ok(Ok(()));
-    }
-    if inst.status.is_final() {
-        core.put_back(st, key.clone(), inst, source, false);
-        st.stats.skipped += 1;
-        if p.origin.timer().is_some() {
-            st.stats.timers_dropped += 1;
-        }
-        settle(core, st, p, None);
-        return Ok(Ok(()));
-    }
-    // The sequence gate (invariant 3).
-    if !requeued && event.seq > 0 && inst.last_seq.get(&event.stream).is_some_and(|&last| last >= event.seq) {
-        core.put_back(st, key.clone(), inst, source, false);
-        st.stats.duplicates += 1;
-        settle(core, st, p, None);
-        return Ok(Ok(()));
-    }
-    // A result is applied only for an outstanding command, once (invariant 4).
-    if let Some(r) = &event.result
-        && !inst.outstanding.contains(&r.command_id)
-    {
-        core.put_back(st, key.clone(), inst, source, false);
-        st.stats.duplicates += 1;
-        settle(core, st, p, None);
-        return Ok(Ok(()));
-    }
 
     let entry = match &event.result {
-        Some(r) if r.outcome == "failed" && has_compensation => Entry::Compensation,
+        Some(r) if r.outcome == "failed" && saga.spec.compensation.is_some() => Entry::Compensation,
         _ => Entry::OnEvent,
     };
+    let is_new = state.is_none();
     let input_event = event_dynamic(event, &key.correlation_id);
     let started = Instant::now();
-    let result = core.programs.run(&key.saga, entry, inst.state.clone(), input_event, &event.id);
+    let result = core.programs.run(&key.saga, entry, state.unwrap_or(Dynamic::UNIT), input_event, &event.id);
     st.stats.program_ns += started.elapsed().as_nanos() as u64;
     let t: Transition = match result {
         Ok(t) => t,
-        Err(e) => {
-            if !is_new {
-                core.put_back(st, key.clone(), inst, source, false);
-            }
-            return Ok(Err(e.to_string()));
-        }
+        Err(e) => return Ok(Err(e.to_string())),
     };
 
-    // Stage the transition.
+    // Stage the transition: outbox items, timers, then the instance.
     let partition = core.router.partition(&key.tenant, key.route());
+    let mut outstanding = Vec::new();
     for (i, w) in t.work.into_iter().enumerate() {
         let work_id = ids::work_id(&key.tenant, &key.saga, &key.correlation_id, &event.id, i);
         let (kind, payload) = match w {
             WorkSpec::Effect { effect, payload } => {
-                inst.outstanding.insert(work_id.clone());
+                outstanding.push(work_id.clone());
                 (WorkKind::Effect { effect }, payload)
             }
             WorkSpec::Command { command, aggregate, aggregate_id, payload } => {
                 (WorkKind::Command { command, aggregate, aggregate_id }, payload)
             }
         };
-        let suppressed = inst.replay_suppress.contains(&event.id);
         let item = OutboxItem {
             work_id,
             kind,
             tenant: key.tenant.clone(),
             saga: key.saga.clone(),
             correlation_id: key.correlation_id.clone(),
-            traceparent: event.traceparent.clone().or_else(|| inst.traceparent.clone()),
+            traceparent: traceparent.clone(),
             source_event_id: event.id.clone(),
             payload: to_json(&payload),
             created_at: now,
@@ -272,15 +313,15 @@ fn apply_one(
             last_error: None,
             suppressed,
         };
-        let okey = OutboxKey { partition, seq: core.next_outbox_seq(now) };
+        let okey = OutboxKey { partition, seq: core.next_outbox_seq(st, now) };
         st.batch.put_outbox(okey, &item);
-        st.new_outbox.push((okey, item));
+        st.actions.push(Action::Offer { key: okey, item });
         st.stats.outbox_written += 1;
     }
+    let mut timers = Vec::new();
     for (i, ScheduleSpec { name, after_ms, payload }) in t.schedules.into_iter().enumerate() {
         let timer_id = ids::timer_id(&key.tenant, &key.saga, &key.correlation_id, &event.id, i);
         let due_at = event.timestamp.saturating_add(after_ms);
-        let sk = ScheduleKey { due_at, saga: key.clone(), timer_id };
         let entry = ScheduleEntry {
             name,
             payload: to_json(&payload),
@@ -288,8 +329,32 @@ fn apply_one(
             scheduled_at: event.timestamp,
             traceparent: event.traceparent.clone(),
         };
+        let sk = ScheduleKey { due_at, saga: key.clone(), timer_id };
         st.batch.put_schedule(&sk, &entry);
-        st.schedules_changed = true;
+        timers.push((sk.timer_id, due_at));
+        st.overlay.schedules_changed = true;
+    }
+    if event.seq > 0 {
+        st.batch.advance_checkpoint(
+            &CheckpointKey { tenant: key.tenant.clone(), saga: key.saga.clone(), stream: event.stream.clone() },
+            event.seq,
+        );
+    }
+    if is_new {
+        st.overlay.instances.insert(key.clone(), new_instance(event, now));
+    }
+    let Some(inst) = core.instance_mut(st, key, true) else {
+        // Unreachable: the gate found the instance (or it was just inserted).
+        return Ok(Err(format!("{key}: instance vanished within its batch")));
+    };
+    inst.outstanding.extend(outstanding);
+    let fired = p.origin.timer().map(|sk| &sk.timer_id);
+    if !timers.is_empty() || fired.is_some() {
+        let list = inst.timers.get_or_insert_with(BTreeMap::new);
+        if let Some(id) = fired {
+            list.remove(id);
+        }
+        list.extend(timers);
     }
     inst.replay_suppress.remove(&event.id);
     if let Some(r) = &event.result {
@@ -298,10 +363,6 @@ fn apply_one(
     if event.seq > 0 {
         let last = inst.last_seq.entry(event.stream.clone()).or_insert(0);
         *last = (*last).max(event.seq);
-        st.batch.advance_checkpoint(
-            &CheckpointKey { tenant: key.tenant.clone(), saga: key.saga.clone(), stream: event.stream.clone() },
-            event.seq,
-        );
     }
     inst.applied.push(AppliedRef { stream: event.stream.clone(), seq: event.seq, id: event.id.clone() });
     if inst.applied.len() > APPLIED_HISTORY {
@@ -312,7 +373,6 @@ fn apply_one(
     inst.status = t.status;
     inst.version += 1;
     inst.updated_at = now;
-    core.put_back(st, key.clone(), inst, source, true);
     st.stats.applied += 1;
     settle(core, st, p, None);
     Ok(Ok(()))
@@ -366,17 +426,15 @@ fn to_json(v: &Dynamic) -> Json {
     serde_json::value::to_raw_value(v).unwrap_or_else(|_| crate::record::json_null())
 }
 
-/// Marks `p` done: answers its message after the commit, deletes its timer entry or its
+/// Marks `p` done: settles its message after the commit, deletes its timer entry or its
 /// requeued dead letter in the same transaction.
-fn settle(core: &mut ShardCore, st: &mut Staged, p: &Pending, term: Option<String>) {
+fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>) {
     match &p.origin {
-        Origin::Delivery(d) => st.after.push(After::Resolved { delivery: d.clone(), term }),
+        Origin::Delivery(request) => st.actions.push(Action::Settle { request: *request, term }),
         Origin::Timer(sk) | Origin::ReplayTimer(sk) => {
             st.batch.delete_schedule(sk);
-            st.schedules_changed = true;
-            if core.held_timers.contains(sk) {
-                core.set_held_timer(st, sk.clone(), false);
-            }
+            st.overlay.schedules_changed = true;
+            core.set_held(st, sk.clone(), false);
         }
         Origin::Requeue(dk) => st.batch.delete_deadletter(dk),
     }
@@ -384,7 +442,7 @@ fn settle(core: &mut ShardCore, st: &mut Staged, p: &Pending, term: Option<Strin
 
 /// Writes `p` as a dead letter; returns its id.
 fn write_deadletter(
-    core: &mut ShardCore,
+    core: &ShardCore,
     st: &mut Staged,
     p: &Pending,
     kind: DeadLetterKind,
@@ -395,7 +453,7 @@ fn write_deadletter(
     let event = &p.event;
     let key = p.key();
     let id = ids::deadletter_id(&event.stream, event.seq, &event.id, &key.saga, &key.correlation_id);
-    let at = core.next_deadletter_at(now);
+    let at = core.next_deadletter_at(st, now);
     let letter = DeadLetter {
         id: id.clone(),
         kind,
@@ -422,7 +480,7 @@ fn write_deadletter(
 }
 
 /// Quarantines `p`: a dead letter with the decoded context and the error, and a `TERM`.
-fn quarantine(core: &mut ShardCore, st: &mut Staged, p: &Pending, error: &str, attempts: u32, now: u64) -> String {
+fn quarantine(core: &ShardCore, st: &mut Staged, p: &Pending, error: &str, attempts: u32, now: u64) -> String {
     st.stats.quarantined += 1;
     let id = write_deadletter(core, st, p, DeadLetterKind::Poison, error, attempts, now);
     settle(core, st, p, Some(error.to_owned()));
@@ -430,10 +488,10 @@ fn quarantine(core: &mut ShardCore, st: &mut Staged, p: &Pending, error: &str, a
 }
 
 /// Quarantines a message the bridge could not decode.
-pub(super) fn quarantine_raw(core: &mut ShardCore, st: &mut Staged, letter: &RawLetter, now: u64) {
+pub(super) fn quarantine_raw(core: &ShardCore, st: &mut Staged, letter: &RawLetter, now: u64) {
     let raw = &letter.raw[..letter.raw.len().min(MAX_RAW)];
     let id = ids::deadletter_id(&letter.stream, letter.seq, "", "", "");
-    let at = core.next_deadletter_at(now);
+    let at = core.next_deadletter_at(st, now);
     let tenant = if crate::keys::check_len("tenant", &letter.tenant, crate::keys::MAX_TENANT).is_ok() {
         letter.tenant.clone()
     } else {

@@ -1,13 +1,17 @@
-//! The core on a temp-dir store with a manual clock: apply events, assert the returned
-//! answers and the stored state. No NATS, no executor.
+//! The core on a temp-dir store with a manual clock: apply events, assert the actions the
+//! core returns and the stored state. No NATS, no executor.
 
 use super::*;
 use crate::ids;
-use crate::keys::OutboxKey;
+use crate::keys::{DeadLetterKey, OutboxKey};
 use crate::manifest::ManifestSet;
-use crate::message::{ApplyOutcome, DispatchOutcome, GateDecision, Query, RawLetter, ResultInfo, reply_channel};
+use crate::message::{
+    AdminAnswer, AdminError, ApplyOutcome, Control, DispatchResult, GateDecision, Query, RawLetter, Request,
+    ResultInfo, reply_channel,
+};
 use crate::record::{DeadLetterKind, InstanceStatus, WorkKind};
-use crate::relay::RelayConfig;
+use crate::relay::{RelayConfig, RelayState};
+use crate::shell::Shell;
 use crate::store::{Durability, StoreConfig};
 use std::path::{Path, PathBuf};
 
@@ -39,9 +43,12 @@ pub(crate) fn custom_manifests(dir: &Path, program: &str, policy: &str, attempts
     Arc::new(ManifestSet::load(&[m], &crate::program::check_program).unwrap())
 }
 
+/// A shard on a temp-dir store with a manual clock, driven through the shell's
+/// [`Shell::step`] (the production commit protocol). Each step returns the actions the core
+/// decided.
 pub(crate) struct TestEnv {
     pub dir: tempfile::TempDir,
-    pub core: Option<ShardCore>,
+    pub shell: Option<Shell>,
     pub now: u64,
     manifests: Arc<ManifestSet>,
     seq: u64,
@@ -51,7 +58,7 @@ impl TestEnv {
     pub fn new(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manifests = manifests(dir.path());
-        let mut env = Self { dir, core: None, now: T0, manifests, seq: 0 };
+        let mut env = Self { dir, shell: None, now: T0, manifests, seq: 0 };
         env.open();
         env
     }
@@ -68,50 +75,48 @@ impl TestEnv {
             &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() },
         )
         .unwrap();
-        let relay = Rc::new(RefCell::new(RelayState::new(RelayConfig { max_attempts: 3, ..RelayConfig::default() })));
-        let cfg = CoreConfig { retention_ms: Some(60_000), ..CoreConfig::default() };
-        self.core = Some(ShardCore::new(0, Router::new(64, 1), cfg, store, self.manifests.clone(), relay).unwrap());
+        let cfg = CoreConfig { retention_ms: Some(60_000), dispatch_attempts: 3, ..CoreConfig::default() };
+        let core = ShardCore::new(0, Router::new(64, 1), cfg, store, self.manifests.clone()).unwrap();
+        self.shell = Some(Shell::new(core, RelayState::new(RelayConfig::default())));
     }
 
-    /// Drops the core (as a crash after the last commit would) and opens it again.
+    /// Drops the shard (as a crash after the last commit would) and opens it again.
     pub fn restart(&mut self) {
-        self.core = None;
+        self.shell = None;
         self.open();
     }
 
-    pub fn core(&mut self) -> &mut ShardCore {
-        self.core.as_mut().unwrap()
+    pub fn shell(&mut self) -> &mut Shell {
+        self.shell.as_mut().unwrap()
+    }
+
+    pub fn core(&mut self) -> &ShardCore {
+        self.shell().core()
     }
 
     pub fn reload(&mut self, set: Arc<ManifestSet>) {
         self.manifests = set.clone();
-        self.core().reload(set).unwrap();
+        let (tx, mut rx) = reply_channel();
+        self.shell().take(Request::Reload { set, reply: tx });
+        self.shell().run_reloads();
+        rx.try_recv().unwrap().unwrap().unwrap();
     }
 
-    /// Runs one batch of requests and commits it; returns whether the commit succeeded.
-    pub fn run(&mut self, reqs: Vec<Request>) -> bool {
+    /// Takes the requests in and runs one step; the actions it carried out, or why the
+    /// commit failed (the work then stays for the next step).
+    pub fn run(&mut self, reqs: Vec<Request>) -> Result<Vec<Action>, crate::shell::StepError> {
         let now = self.now;
-        let core = self.core.as_mut().unwrap();
-        let mut work = Vec::new();
+        let shell = self.shell();
         for r in reqs {
-            assert!(core.intake(r, &mut work).is_none());
+            shell.take(r);
         }
-        let (st, r) = core.run_batch(work, now);
-        r.unwrap();
-        match core.store.commit(&st.batch) {
-            Ok(_) => {
-                core.after_commit(st, now);
-                true
-            }
-            Err(_) => {
-                core.rollback(st);
-                false
-            }
-        }
+        let mut seen = Vec::new();
+        shell.step_observed(now, &mut |a| seen.push(a.clone()))?;
+        Ok(seen)
     }
 
-    pub fn tick(&mut self) {
-        self.run(vec![]);
+    pub fn tick(&mut self) -> Vec<Action> {
+        self.run(vec![]).unwrap()
     }
 
     pub fn event(&mut self, subject_kind: &str, ty: &str, data: serde_json::Value) -> Arc<Event> {
@@ -154,16 +159,22 @@ impl TestEnv {
         })
     }
 
-    /// Applies one event to `(saga, cid)`; returns the answer if one came.
-    pub fn apply(&mut self, event: Arc<Event>, saga: &str, cid: &str, may_start: bool) -> Option<ApplyOutcome> {
-        let (tx, mut rx) = reply_channel();
+    /// Applies one event to `(saga, cid)` in one step; the step's actions.
+    pub fn apply(&mut self, event: Arc<Event>, saga: &str, cid: &str, may_start: bool) -> Vec<Action> {
+        let (tx, _rx) = reply_channel();
         let target = Target { saga: saga.into(), correlation_id: cid.into(), may_start };
-        self.run(vec![Request::Apply { event, targets: vec![target], reply: tx }]);
-        rx.try_recv().ok().flatten()
+        self.run(vec![Request::Apply { event, targets: vec![target], reply: tx }]).unwrap()
+    }
+
+    /// One admin action in one step; its answer.
+    pub fn admin(&mut self, op: AdminOp) -> Result<AdminAnswer, AdminError> {
+        let (tx, mut rx) = reply_channel();
+        self.run(vec![Request::Admin { op, reply: tx }]).unwrap();
+        rx.try_recv().unwrap().unwrap()
     }
 
     pub fn record(&mut self, saga: &str, cid: &str) -> Option<crate::record::SagaRecord> {
-        self.core().store.read().unwrap().saga(&SagaKey::new("acme", saga, cid)).unwrap()
+        self.core().store().read().unwrap().saga(&SagaKey::new("acme", saga, cid)).unwrap()
     }
 
     pub fn state(&mut self, saga: &str, cid: &str) -> serde_json::Value {
@@ -171,32 +182,70 @@ impl TestEnv {
     }
 
     pub fn outbox(&mut self) -> Vec<(OutboxKey, crate::record::OutboxItem)> {
-        self.core().store.read().unwrap().outbox(None, 10_000).unwrap()
+        self.core().store().read().unwrap().outbox(None, 10_000).unwrap()
     }
 
-    pub fn confirm_all(&mut self) {
+    pub fn timers(&mut self, cid: &str) -> Vec<crate::keys::ScheduleKey> {
+        let key = SagaKey::new("acme", SAGA, cid);
+        self.core().store().read().unwrap().schedules_of(&key).unwrap().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Hands whatever the relay has ready to a bridge that answers `outcome` for each, and
+    /// runs the step that takes the answers in.
+    pub fn dispatch(&mut self, outcome: DispatchOutcome) -> Vec<Action> {
         let now = self.now;
-        let ready = self.core().relay.borrow_mut().take_ready(now);
-        let results: Vec<Request> = vec![];
-        let core = self.core.as_mut().unwrap();
-        let mut work: Vec<Work> = ready
+        let ready = self.shell().relay_mut().take_ready(now);
+        let results = ready
             .dispatch
             .into_iter()
-            .map(|(key, _)| Work::Dispatched(DispatchResult { key, outcome: DispatchOutcome::Delivered }))
+            .map(|(key, _)| key)
+            .chain(ready.suppressed)
+            .map(|key| DispatchResult { key, outcome: outcome.clone() })
             .collect();
-        for r in results {
-            core.intake(r, &mut work);
-        }
-        let (st, r) = core.run_batch(work, now);
-        r.unwrap();
-        core.store.commit(&st.batch).unwrap();
-        core.after_commit(st, now);
+        assert!(!self.shell().take_control(Control::Dispatched(results)));
+        self.tick()
+    }
+
+    pub fn confirm_all(&mut self) -> Vec<Action> {
+        self.dispatch(DispatchOutcome::Delivered)
     }
 
     pub fn deadletters(&mut self) -> Vec<crate::record::DeadLetter> {
-        self.core().store.read().unwrap().deadletters("acme", None, 1000).unwrap().into_iter().map(|(_, l)| l).collect()
+        self.core()
+            .store()
+            .read()
+            .unwrap()
+            .deadletters("acme", None, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect()
     }
 }
+
+/// The settlements in `actions`: `None` for an ack, `Some(reason)` for a `TERM`.
+fn settles(actions: &[Action]) -> Vec<Option<String>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Settle { term, .. } => Some(term.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The outbox items `actions` offer to the relay.
+fn offers(actions: &[Action]) -> Vec<crate::record::OutboxItem> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Offer { item, .. } => Some(item.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+const ACK: [Option<String>; 1] = [None];
 
 fn order_placed(env: &mut TestEnv, cid: &str) -> Arc<Event> {
     env.event(
@@ -209,12 +258,42 @@ fn order_placed(env: &mut TestEnv, cid: &str) -> Arc<Event> {
 /// Drives an order to the charging step; returns the charge command id.
 fn to_charging(env: &mut TestEnv, cid: &str) -> String {
     let e = order_placed(env, cid);
-    assert_eq!(env.apply(e, SAGA, cid, true), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(e, SAGA, cid, true)), ACK);
     env.confirm_all();
     let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": cid}));
     let reserved_id = e.id.clone();
-    assert_eq!(env.apply(e, SAGA, cid, false), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(e, SAGA, cid, false)), ACK);
     ids::work_id("acme", SAGA, cid, &reserved_id, 0)
+}
+
+#[test]
+fn run_batch_decides_without_changing_anything_and_decides_the_same_twice() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-0");
+    let work = vec![Work::Apply(Pending {
+        event: placed.clone(),
+        target: Target { saga: SAGA.into(), correlation_id: "o-0".into(), may_start: true },
+        origin: Origin::Delivery(RequestId(7)),
+    })];
+    let now = env.now;
+    let core = env.core();
+    let first = core.run_batch(&work, now).unwrap();
+    // The decision, as data: one outbox item offered to the relay, then the message acked.
+    match &first.actions[..] {
+        [Action::Offer { item, .. }, Action::Settle { request: RequestId(7), term: None }] => {
+            assert_eq!(item.work_id, ids::work_id("acme", SAGA, "o-0", &placed.id, 0));
+        }
+        other => panic!("unexpected actions {other:?}"),
+    }
+    assert_eq!(first.stats.applied, 1);
+    assert_eq!(first.stats.outbox_written, 1);
+    // Nothing was written or changed: the same work decides the same again.
+    let second = core.run_batch(&work, now).unwrap();
+    assert_eq!(format!("{:?}", first.actions), format!("{:?}", second.actions));
+    assert_eq!(first.batch.len(), second.batch.len());
+    drop((first, second));
+    assert!(env.record(SAGA, "o-0").is_none(), "a staged batch that was dropped left a trace");
+    assert!(env.outbox().is_empty());
 }
 
 #[test]
@@ -222,7 +301,11 @@ fn happy_path_emits_exact_work_items_and_completes() {
     let mut env = TestEnv::new(example_manifests);
     let placed = order_placed(&mut env, "o-1");
     let placed_id = placed.id.clone();
-    assert_eq!(env.apply(placed, SAGA, "o-1", true), Some(ApplyOutcome::Ack));
+    let actions = env.apply(placed, SAGA, "o-1", true);
+    assert_eq!(settles(&actions), ACK);
+    let offered = offers(&actions);
+    assert_eq!(offered.len(), 1);
+    assert_eq!(offered[0].work_id, ids::work_id("acme", SAGA, "o-1", &placed_id, 0));
     let outbox = env.outbox();
     assert_eq!(outbox.len(), 1);
     let item = &outbox[0].1;
@@ -234,7 +317,8 @@ fn happy_path_emits_exact_work_items_and_completes() {
     assert_eq!(item.payload.get(), r#"{"order_id":"o-1","qty":2,"sku":"sku-1"}"#);
     assert_eq!(item.traceparent.as_deref(), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
     assert_eq!(env.state(SAGA, "o-1")["step"], "reserving");
-    env.confirm_all();
+    let actions = env.confirm_all();
+    assert!(matches!(actions[..], [Action::Delivered { key }] if key == outbox[0].0));
     assert!(env.outbox().is_empty(), "confirmed item was not deleted");
 
     let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-1"}));
@@ -247,16 +331,18 @@ fn happy_path_emits_exact_work_items_and_completes() {
     assert_eq!(outbox[0].1.work_id, charge_id);
     assert_eq!(outbox[0].1.kind, WorkKind::Effect { effect: "charge_payment".into() });
     assert_eq!(outbox[0].1.payload.get(), r#"{"amount":40,"customer":"c-1","order_id":"o-1"}"#);
-    let timers = env.core().store.read().unwrap().schedules_of(&SagaKey::new("acme", SAGA, "o-1")).unwrap();
+    let timers = env.timers("o-1");
     assert_eq!(timers.len(), 1);
-    assert_eq!(timers[0].0.due_at, reserved_at + 30_000);
-    assert_eq!(timers[0].0.timer_id, ids::timer_id("acme", SAGA, "o-1", &reserved_id, 0));
-    assert!(env.record(SAGA, "o-1").unwrap().outstanding.contains(&charge_id));
+    assert_eq!(timers[0].due_at, reserved_at + 30_000);
+    assert_eq!(timers[0].timer_id, ids::timer_id("acme", SAGA, "o-1", &reserved_id, 0));
+    let rec = env.record(SAGA, "o-1").unwrap();
+    assert!(rec.outstanding.contains(&charge_id));
+    assert_eq!(rec.timers.unwrap().get(&timers[0].timer_id), Some(&timers[0].due_at), "the instance lists its timer");
     env.confirm_all();
 
     let r = env.result_event(&charge_id, "charge_payment", "succeeded", serde_json::json!({"payment_id": "p-9"}));
     let r_id = r.id.clone();
-    assert_eq!(env.apply(r, SAGA, "o-1", false), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(r, SAGA, "o-1", false)), ACK);
     let ship_id = ids::work_id("acme", SAGA, "o-1", &r_id, 0);
     let outbox = env.outbox();
     assert_eq!(outbox.len(), 1);
@@ -276,8 +362,9 @@ fn happy_path_emits_exact_work_items_and_completes() {
     assert!(env.outbox().is_empty());
     // The payment timer of a completed saga is dropped, not applied.
     env.now = reserved_at + 30_000;
-    env.tick();
-    assert!(env.core().store.read().unwrap().schedules_of(&SagaKey::new("acme", SAGA, "o-1")).unwrap().is_empty());
+    let actions = env.tick();
+    assert!(actions.is_empty(), "a dropped timer decides nothing to carry out: {actions:?}");
+    assert!(env.timers("o-1").is_empty());
     assert_eq!(env.record(SAGA, "o-1").unwrap().version, 4);
 }
 
@@ -288,19 +375,20 @@ fn payment_failure_compensates_by_releasing_inventory() {
     env.confirm_all();
     let r = env.result_event(&charge, "charge_payment", "failed", serde_json::json!({"reason": "card declined"}));
     let rid = r.id.clone();
-    env.apply(r, SAGA, "o-2", false);
+    let actions = env.apply(r, SAGA, "o-2", false);
+    let offered = offers(&actions);
+    assert_eq!(offered.len(), 1);
+    assert_eq!(offered[0].work_id, ids::work_id("acme", SAGA, "o-2", &rid, 0));
+    assert_eq!(
+        offered[0].kind,
+        WorkKind::Command { command: "Release".into(), aggregate: "inventory".into(), aggregate_id: "sku-1".into() }
+    );
     let rec = env.record(SAGA, "o-2").unwrap();
     assert_eq!(rec.status, InstanceStatus::Failed);
     let state = env.state(SAGA, "o-2");
     assert_eq!(state["step"], "payment_failed");
     assert_eq!(state["payment_error"], "card declined");
-    let outbox = env.outbox();
-    assert_eq!(outbox.len(), 1);
-    assert_eq!(outbox[0].1.work_id, ids::work_id("acme", SAGA, "o-2", &rid, 0));
-    assert_eq!(
-        outbox[0].1.kind,
-        WorkKind::Command { command: "Release".into(), aggregate: "inventory".into(), aggregate_id: "sku-1".into() }
-    );
+    assert_eq!(env.outbox().len(), 1);
 }
 
 #[test]
@@ -339,23 +427,24 @@ fn payment_timeout_compensates_and_a_late_result_changes_nothing() {
     let mut env = TestEnv::new(example_manifests);
     let charge = to_charging(&mut env, "o-4");
     env.confirm_all();
-    let key = SagaKey::new("acme", SAGA, "o-4");
-    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.clone();
+    let due = env.timers("o-4")[0].clone();
     env.now = due.due_at - 1;
-    env.tick();
-    assert_eq!(env.state(SAGA, "o-4")["step"], "charging", "fired early");
+    assert!(env.tick().is_empty(), "fired early");
+    assert_eq!(env.state(SAGA, "o-4")["step"], "charging");
     env.now = due.due_at;
-    env.tick();
+    let actions = env.tick();
+    let offered: Vec<_> = offers(&actions).into_iter().map(|i| (i.kind, i.work_id)).collect();
+    assert_eq!(offered.len(), 2);
+    assert_eq!(offered[0].1, ids::work_id("acme", SAGA, "o-4", &due.timer_id, 0));
+    assert_eq!(offered[1].0, WorkKind::Effect { effect: "refund_payment".into() });
+    assert!(settles(&actions).is_empty(), "a timer is not a message: nothing to settle");
     assert_eq!(env.state(SAGA, "o-4")["step"], "payment_timed_out");
     assert_eq!(env.record(SAGA, "o-4").unwrap().status, InstanceStatus::Failed);
-    assert!(env.core().store.read().unwrap().schedules_of(&key).unwrap().is_empty(), "timer entry left behind");
-    let kinds: Vec<_> = env.outbox().into_iter().map(|(_, i)| (i.kind, i.work_id)).collect();
-    assert_eq!(kinds.len(), 2);
-    assert_eq!(kinds[0].1, ids::work_id("acme", SAGA, "o-4", &due.timer_id, 0));
-    assert_eq!(kinds[1].0, WorkKind::Effect { effect: "refund_payment".into() });
+    assert!(env.timers("o-4").is_empty(), "timer entry left behind");
+    assert_eq!(env.outbox().len(), 2);
     let version = env.record(SAGA, "o-4").unwrap().version;
     let late = env.result_event(&charge, "charge_payment", "succeeded", serde_json::json!({}));
-    assert_eq!(env.apply(late, SAGA, "o-4", false), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(late, SAGA, "o-4", false)), ACK);
     assert_eq!(env.record(SAGA, "o-4").unwrap().version, version);
 }
 
@@ -367,7 +456,8 @@ fn redelivered_and_replayed_events_change_nothing() {
     let before = env.record(SAGA, "o-5").unwrap();
     let outbox_before = env.outbox().len();
     for _ in 0..3 {
-        assert_eq!(env.apply(placed.clone(), SAGA, "o-5", true), Some(ApplyOutcome::Ack));
+        let actions = env.apply(placed.clone(), SAGA, "o-5", true);
+        assert!(matches!(actions[..], [Action::Settle { term: None, .. }]), "{actions:?}");
     }
     // The same event twice within one batch, too.
     let (tx1, mut rx1) = reply_channel();
@@ -376,7 +466,8 @@ fn redelivered_and_replayed_events_change_nothing() {
     env.run(vec![
         Request::Apply { event: placed.clone(), targets: vec![t.clone()], reply: tx1 },
         Request::Apply { event: placed, targets: vec![t], reply: tx2 },
-    ]);
+    ])
+    .unwrap();
     assert_eq!(rx1.try_recv().unwrap(), Some(ApplyOutcome::Ack));
     assert_eq!(rx2.try_recv().unwrap(), Some(ApplyOutcome::Ack));
     let after = env.record(SAGA, "o-5").unwrap();
@@ -385,11 +476,11 @@ fn redelivered_and_replayed_events_change_nothing() {
     assert_eq!(env.outbox().len(), outbox_before);
     // A result for a command that is not outstanding is skipped.
     let stray = env.result_event("not-a-command", "charge_payment", "succeeded", serde_json::json!({}));
-    assert_eq!(env.apply(stray, SAGA, "o-5", false), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(stray, SAGA, "o-5", false)), ACK);
     assert_eq!(env.record(SAGA, "o-5").unwrap().version, before.version);
     // An event that may not start an instance does not create one.
     let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "nobody"}));
-    assert_eq!(env.apply(e, SAGA, "nobody", false), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(e, SAGA, "nobody", false)), ACK);
     assert!(env.record(SAGA, "nobody").is_none());
 }
 
@@ -399,17 +490,20 @@ fn a_failed_commit_leaves_no_trace_answers_nothing_and_runs_again() {
     let placed = order_placed(&mut env, "o-6");
     let (tx, mut rx) = reply_channel();
     let t = Target { saga: SAGA.into(), correlation_id: "o-6".into(), may_start: true };
-    env.core().store.inject_commit_failure_after(1);
-    assert!(!env.run(vec![Request::Apply { event: placed, targets: vec![t], reply: tx }]));
+    env.core().store().inject_commit_failure_after(1);
+    assert!(env.run(vec![Request::Apply { event: placed, targets: vec![t], reply: tx }]).is_err());
     assert_eq!(rx.try_recv().unwrap(), None, "answered although the commit failed");
     assert!(env.record(SAGA, "o-6").is_none());
     assert!(env.outbox().is_empty());
-    assert_eq!(env.core().relay.borrow().depth(), 0);
-    // The next batch (no new input) runs the same work again and answers.
-    assert!(env.run(vec![]));
+    assert_eq!(env.shell().relay().depth(), 0);
+    assert!(env.shell().has_work(), "the failed batch's work was not kept");
+    // The next step (no new input) runs the same work again and answers.
+    let actions = env.tick();
+    assert_eq!(settles(&actions), ACK);
     assert_eq!(rx.try_recv().unwrap(), Some(ApplyOutcome::Ack));
     assert_eq!(env.record(SAGA, "o-6").unwrap().version, 1);
     assert_eq!(env.outbox().len(), 1);
+    assert_eq!(env.shell().relay().depth(), 1);
 }
 
 const BOMB: &str = r#"
@@ -438,22 +532,28 @@ fn a_gas_bomb_is_quarantined_after_its_retries_and_a_neighbour_commits() {
     let t = |c: &str| Target { saga: "s".into(), correlation_id: c.into(), may_start: true };
     let (tx1, mut rx1) = reply_channel();
     let (tx2, mut rx2) = reply_channel();
-    env.run(vec![
-        Request::Apply { event: bomb, targets: vec![t("k-bad")], reply: tx1 },
-        Request::Apply { event: good, targets: vec![t("k-good")], reply: tx2 },
-    ]);
+    let actions = env
+        .run(vec![
+            Request::Apply { event: bomb, targets: vec![t("k-bad")], reply: tx1 },
+            Request::Apply { event: good, targets: vec![t("k-good")], reply: tx2 },
+        ])
+        .unwrap();
+    assert_eq!(settles(&actions), ACK, "only the neighbour settles while the bomb retries");
     assert_eq!(rx2.try_recv().unwrap(), Some(ApplyOutcome::Ack), "the neighbour waited for the bomb");
     assert_eq!(env.state("s", "k-good")["seen"], serde_json::json!([1]));
     assert_eq!(rx1.try_recv().unwrap(), None, "bomb answered before its retries");
+    assert_eq!(env.core().blocked_keys(), 1);
     // Retries in place: 3 attempts in all, 100 ms apart.
-    for _ in 0..2 {
-        env.now += 100;
-        env.tick();
-    }
+    env.now += 100;
+    assert!(settles(&env.tick()).is_empty());
+    env.now += 100;
+    let last = settles(&env.tick());
+    assert!(matches!(&last[..], [Some(reason)] if reason.contains("ran out of gas")), "{last:?}");
     match rx1.try_recv().unwrap() {
         Some(ApplyOutcome::Term { reason }) => assert!(reason.contains("ran out of gas"), "{reason}"),
         other => panic!("expected TERM, got {other:?}"),
     }
+    assert_eq!(env.core().blocked_keys(), 0);
     let letters = env.deadletters();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].kind, DeadLetterKind::Poison);
@@ -479,7 +579,7 @@ fn a_poisoned_key_blocks_only_itself_parks_in_order_and_requeues_after_a_fix() {
             rxs.push((k, n, rx));
         }
     }
-    env.run(reqs);
+    env.run(reqs).unwrap();
     assert_eq!(env.state("s", "B")["seen"], serde_json::json!([1, 2, 3, 4]));
     assert_eq!(env.state("s", "A")["seen"], serde_json::json!([1]), "A applied out of order");
     env.now += 100;
@@ -496,7 +596,7 @@ fn a_poisoned_key_blocks_only_itself_parks_in_order_and_requeues_after_a_fix() {
     assert!(env.record("s", "A").unwrap().parked.is_some());
     // A later event for A parks too, in order.
     let a5 = ev(&mut env, "A", serde_json::json!({"n": 5}));
-    assert_eq!(env.apply(a5, "s", "A", true), Some(ApplyOutcome::Ack));
+    assert_eq!(settles(&env.apply(a5, "s", "A", true)), ACK);
     assert_eq!(env.deadletters().len(), 4);
     assert_eq!(env.state("s", "A")["seen"], serde_json::json!([1]));
 
@@ -504,23 +604,17 @@ fn a_poisoned_key_blocks_only_itself_parks_in_order_and_requeues_after_a_fix() {
     let fixed = BOMB.replace("throw \"poison event\";", "");
     let set = custom_manifests(env.dir.path(), &fixed, "park", 2);
     env.reload(set);
-    let (tx, mut rx) = reply_channel();
-    env.run(vec![Request::Admin {
-        op: AdminOp::Requeue { key: SagaKey::new("acme", "s", "A"), skip_poison: false },
-        reply: tx,
-    }]);
-    let answer = rx.try_recv().unwrap().unwrap().unwrap();
-    assert_eq!(answer["requeued"], 4);
+    let key = SagaKey::new("acme", "s", "A");
+    let answer = env.admin(AdminOp::Requeue { key: key.clone(), skip_poison: false });
+    assert_eq!(answer, Ok(AdminAnswer::Requeued { requeued: 4, skipped: None }));
     assert_eq!(env.state("s", "A")["seen"], serde_json::json!([1, 2, 3, 4, 5]));
     assert!(env.record("s", "A").unwrap().parked.is_none());
     assert!(env.deadletters().is_empty());
     // Requeued events passed the gate exactly once: requeue again finds nothing.
-    let (tx, mut rx) = reply_channel();
-    env.run(vec![Request::Admin {
-        op: AdminOp::Requeue { key: SagaKey::new("acme", "s", "A"), skip_poison: false },
-        reply: tx,
-    }]);
-    assert!(rx.try_recv().unwrap().unwrap().is_err());
+    assert_eq!(
+        env.admin(AdminOp::Requeue { key: key.clone(), skip_poison: false }),
+        Err(AdminError::NothingToRequeue { key })
+    );
 }
 
 #[test]
@@ -528,8 +622,9 @@ fn skip_policy_moves_the_key_past_the_poison_event() {
     let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "skip", 1));
     let e1 = ev(&mut env, "A", serde_json::json!({"n": 1, "poison": true}));
     let e2 = ev(&mut env, "A", serde_json::json!({"n": 2}));
-    assert!(matches!(env.apply(e1, "s", "A", true), Some(ApplyOutcome::Term { .. })));
-    assert_eq!(env.apply(e2, "s", "A", true), Some(ApplyOutcome::Ack));
+    let terms = settles(&env.apply(e1, "s", "A", true));
+    assert!(matches!(&terms[..], [Some(reason)] if reason.contains("poison event")), "{terms:?}");
+    assert_eq!(settles(&env.apply(e2, "s", "A", true)), ACK);
     assert_eq!(env.state("s", "A")["seen"], serde_json::json!([2]));
 }
 
@@ -537,8 +632,7 @@ fn skip_policy_moves_the_key_past_the_poison_event() {
 fn timers_survive_a_restart_and_fire_exactly_once() {
     let mut env = TestEnv::new(example_manifests);
     to_charging(&mut env, "o-7");
-    let key = SagaKey::new("acme", SAGA, "o-7");
-    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.due_at;
+    let due = env.timers("o-7")[0].due_at;
     env.restart();
     env.now = due - 10;
     env.tick();
@@ -562,16 +656,15 @@ fn timers_survive_a_restart_and_fire_exactly_once() {
 fn a_failing_timer_commit_keeps_the_timer() {
     let mut env = TestEnv::new(example_manifests);
     to_charging(&mut env, "o-8");
-    let key = SagaKey::new("acme", SAGA, "o-8");
-    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.due_at;
+    let due = env.timers("o-8")[0].due_at;
     env.now = due;
-    env.core().store.inject_commit_failure_after(0);
-    assert!(!env.run(vec![]));
-    assert_eq!(env.core().store.read().unwrap().schedules_of(&key).unwrap().len(), 1);
+    env.core().store().inject_commit_failure_after(0);
+    assert!(env.run(vec![]).is_err());
+    assert_eq!(env.timers("o-8").len(), 1);
     env.restart();
     env.tick();
     assert_eq!(env.state(SAGA, "o-8")["step"], "payment_timed_out");
-    assert!(env.core().store.read().unwrap().schedules_of(&key).unwrap().is_empty());
+    assert!(env.timers("o-8").is_empty());
 }
 
 #[test]
@@ -579,13 +672,17 @@ fn the_effect_gate_runs_once_and_replays_the_recorded_result() {
     let mut env = TestEnv::new(example_manifests);
     let key = EffectKey::new("acme", "cmd-1");
     let gate = |env: &mut TestEnv, seq: u64| {
-        let (tx, mut rx) = reply_channel();
-        env.run(vec![Request::EffectBegin { key: key.clone(), msg_seq: seq, reply: tx }]);
-        rx.try_recv().unwrap().unwrap()
+        let (tx, _rx) = reply_channel();
+        let actions = env.run(vec![Request::EffectBegin { key: key.clone(), msg_seq: seq, reply: tx }]).unwrap();
+        match &actions[..] {
+            [Action::Gate { decision, .. }] => decision.clone(),
+            other => panic!("expected one gate decision, got {other:?}"),
+        }
     };
     assert_eq!(gate(&mut env, 10), GateDecision::Run { attempt: 1 });
     assert_eq!(gate(&mut env, 10), GateDecision::Busy { same_message: true });
     assert_eq!(gate(&mut env, 11), GateDecision::Busy { same_message: false });
+    assert_eq!(env.core().effects_in_flight(), 1);
     // A crash while running: the next delivery runs attempt 2 (at least once).
     env.restart();
     assert_eq!(gate(&mut env, 10), GateDecision::Run { attempt: 2 });
@@ -598,8 +695,10 @@ fn the_effect_gate_runs_once_and_replays_the_recorded_result() {
         outcome: "succeeded".into(),
         result: result.clone(),
         reply: tx,
-    }]);
+    }])
+    .unwrap();
     assert_eq!(rx.try_recv().unwrap(), Some(Ok(())));
+    assert_eq!(env.core().effects_in_flight(), 0);
     for seq in [10, 12] {
         assert_eq!(
             gate(&mut env, seq),
@@ -614,8 +713,24 @@ fn the_effect_gate_runs_once_and_replays_the_recorded_result() {
     assert!(matches!(gate(&mut env, 13), GateDecision::Completed { .. }));
     let long = EffectKey::new("acme", "x".repeat(500));
     let (tx, mut rx) = reply_channel();
-    env.run(vec![Request::EffectBegin { key: long, msg_seq: 1, reply: tx }]);
+    env.run(vec![Request::EffectBegin { key: long, msg_seq: 1, reply: tx }]).unwrap();
     assert!(matches!(rx.try_recv().unwrap(), Some(GateDecision::Invalid { .. })));
+    // A result that is not JSON is refused, naming the command.
+    let (tx, mut rx) = reply_channel();
+    let bad = EffectKey::new("acme", "cmd-2");
+    env.run(vec![Request::EffectFinish {
+        key: bad,
+        attempts: 1,
+        subject: "s".into(),
+        outcome: "succeeded".into(),
+        result: b"\xffnot json".to_vec(),
+        reply: tx,
+    }])
+    .unwrap();
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        Some(Err(crate::message::FinishError::ResultNotJson { tenant: "acme".into(), command_id: "cmd-2".into() }))
+    );
 }
 
 #[test]
@@ -625,22 +740,21 @@ fn dispatch_failures_retry_then_dead_letter_and_are_never_dropped() {
     env.apply(e, SAGA, "o-9", true);
     let (key, _) = env.outbox()[0].clone();
     for attempt in 1..=3 {
-        let now = env.now;
-        let ready = env.core().relay.borrow_mut().take_ready(now);
-        assert_eq!(ready.dispatch.len(), 1, "attempt {attempt} not dispatched");
-        let core = env.core();
-        let mut work =
-            vec![Work::Dispatched(DispatchResult { key, outcome: DispatchOutcome::Retry { error: "503".into() } })];
-        let (st, r) = core.run_batch(std::mem::take(&mut work), now);
-        r.unwrap();
-        core.store.commit(&st.batch).unwrap();
-        core.after_commit(st, now);
+        let actions = env.dispatch(DispatchOutcome::Retry { error: "503".into() });
         if attempt < 3 {
+            let retried = match &actions[..] {
+                [Action::RetryLater { key: k, item }] if *k == key => item.clone(),
+                other => panic!("attempt {attempt}: expected a retry, got {other:?}"),
+            };
             let item = env.outbox()[0].1.clone();
             assert_eq!(item.attempts, attempt);
-            assert!(item.next_attempt_at > now);
-            assert!(env.core().relay.borrow_mut().take_ready(now).dispatch.is_empty(), "retried before its backoff");
+            assert_eq!(retried.attempts, attempt);
+            assert!(item.next_attempt_at > env.now);
+            let now = env.now;
+            assert!(env.shell().relay_mut().take_ready(now).dispatch.is_empty(), "retried before its backoff");
             env.now = item.next_attempt_at;
+        } else {
+            assert!(matches!(actions[..], [Action::Delivered { key: k }] if k == key), "{actions:?}");
         }
     }
     assert!(env.outbox().is_empty());
@@ -666,8 +780,9 @@ fn undecodable_messages_become_dead_letters() {
             error: "not JSON: expected value at line 1 column 1".into(),
         },
         reply: tx,
-    }]);
-    assert_eq!(rx.try_recv().unwrap(), Some(Ok(())));
+    }])
+    .unwrap();
+    assert_eq!(rx.try_recv().unwrap(), Some(()));
     let l = &env.deadletters()[0];
     assert_eq!((l.kind, l.seq), (DeadLetterKind::Undecodable, 77));
     assert!(l.raw.as_deref().unwrap().contains("not json"));
@@ -687,6 +802,10 @@ fn final_records_stay_readable_until_the_retention_removes_them() {
     env.now += 31_000;
     env.tick();
     assert!(env.record(SAGA, "o-10").is_none(), "kept past the retention");
+    // Gone from the cache too: a later event does not bring the old instance back.
+    let e = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-10"}));
+    env.apply(e, SAGA, "o-10", false);
+    assert!(env.record(SAGA, "o-10").is_none());
 }
 
 #[test]
@@ -696,14 +815,11 @@ fn replay_reset_rebuilds_state_without_dispatching_again() {
     env.apply(placed.clone(), SAGA, "o-11", true);
     env.confirm_all();
     let before = env.record(SAGA, "o-11").unwrap();
-    let (tx, mut rx) = reply_channel();
-    env.run(vec![Request::Admin {
-        op: AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: None, from_seq: 1 },
-        reply: tx,
-    }]);
-    let answer = rx.try_recv().unwrap().unwrap().unwrap();
-    assert_eq!(answer["instances"][0]["correlation_id"], "o-11");
-    assert_eq!(answer["instances"][0]["applied"][0]["id"], placed.id.as_str());
+    let answer =
+        env.admin(AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: None, from_seq: 1 });
+    let Ok(AdminAnswer::Reset(reset)) = answer else { panic!("{answer:?}") };
+    assert_eq!(reset.instances[0].correlation_id, "o-11");
+    assert_eq!(reset.instances[0].applied[0].id, placed.id);
     // The source event applied again: same state, its work suppressed (deleted undispatched).
     env.apply(placed, SAGA, "o-11", true);
     let after = env.record(SAGA, "o-11").unwrap();
@@ -712,7 +828,7 @@ fn replay_reset_rebuilds_state_without_dispatching_again() {
     assert_eq!(outbox.len(), 1);
     assert!(outbox[0].1.suppressed);
     let now = env.now;
-    let ready = env.core().relay.borrow_mut().take_ready(now);
+    let ready = env.shell().relay_mut().take_ready(now);
     assert!(ready.dispatch.is_empty());
     assert_eq!(ready.suppressed.len(), 1);
 }
@@ -721,14 +837,43 @@ fn replay_reset_rebuilds_state_without_dispatching_again() {
 fn queries_show_instance_timers_outbox_and_stats() {
     let mut env = TestEnv::new(example_manifests);
     to_charging(&mut env, "o-12");
-    let q = env.core().query(&Query::Saga(SagaKey::new("acme", SAGA, "o-12"))).unwrap();
-    assert_eq!(q["status"], "running");
-    assert_eq!(q["state"]["step"], "charging");
-    assert_eq!(q["pending_timers"].as_array().unwrap().len(), 1);
-    assert_eq!(q["pending_outbox"].as_array().unwrap().len(), 1);
-    let s = env.core().query(&Query::Stats).unwrap();
-    assert_eq!(s["store"]["sagas"], 1);
-    assert_eq!(env.core().query(&Query::Saga(SagaKey::new("acme", SAGA, "none"))).unwrap(), serde_json::Value::Null);
+    let q = env.core().saga_view(&SagaKey::new("acme", SAGA, "o-12")).unwrap().unwrap();
+    assert_eq!(q.record.status, InstanceStatus::Running);
+    let state: serde_json::Value = serde_json::from_str(q.record.state.get()).unwrap();
+    assert_eq!(state["step"], "charging");
+    assert_eq!(q.pending_timers.len(), 1);
+    assert_eq!(q.pending_outbox.len(), 1);
+    assert!(!q.pending_outbox_truncated);
+    // The JSON the operations API serves keeps the record's fields at the top level.
+    let json = serde_json::to_value(&q).unwrap();
+    assert_eq!(json["state"]["step"], "charging");
+    assert_eq!(json["correlation_id"], "o-12");
+    assert_eq!(json["pending_timers"][0]["name"], "payment_timeout");
+    let (tx, mut rx) = reply_channel();
+    env.shell().take(Request::Query(Query::Stats { reply: tx }));
+    let s = rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(s.store.sagas, 1);
+    assert_eq!(s.outbox_window, 1, "the relay's figures are filled in");
+    assert!(env.core().saga_view(&SagaKey::new("acme", SAGA, "none")).unwrap().is_none());
+}
+
+#[test]
+fn saga_listings_are_pages_of_one_saga_of_one_tenant() {
+    let mut env = TestEnv::new(example_manifests);
+    for i in 0..5 {
+        let e = order_placed(&mut env, &format!("o-{i}"));
+        env.apply(e, SAGA, &format!("o-{i}"), true);
+    }
+    let core = env.core();
+    let first = core.saga_page("acme", SAGA, None, 2).unwrap();
+    assert_eq!(first.correlation_ids, ["o-0", "o-1"]);
+    let second = core.saga_page("acme", SAGA, first.next.as_deref(), 2).unwrap();
+    assert_eq!(second.correlation_ids, ["o-2", "o-3"]);
+    let third = core.saga_page("acme", SAGA, second.next.as_deref(), 2).unwrap();
+    assert_eq!(third.correlation_ids, ["o-4"]);
+    assert_eq!(third.next, None);
+    assert!(core.saga_page("other", SAGA, None, 10).unwrap().correlation_ids.is_empty());
+    assert!(core.saga_page("acme", "other_saga", None, 10).unwrap().correlation_ids.is_empty());
 }
 
 #[test]
@@ -739,27 +884,20 @@ fn during_a_replay_timers_wait_for_their_place_in_the_history() {
     let reserved = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-13"}));
     env.apply(reserved.clone(), SAGA, "o-13", false);
     let key = SagaKey::new("acme", SAGA, "o-13");
-    let due = env.core().store.read().unwrap().schedules_of(&key).unwrap()[0].0.clone();
+    let due = env.timers("o-13")[0].clone();
     env.now = due.due_at;
     env.tick();
     assert_eq!(env.state(SAGA, "o-13")["step"], "payment_timed_out");
     let before = env.record(SAGA, "o-13").unwrap();
     let dispatchable_before = env.outbox().len();
-    let admin = |env: &mut TestEnv, op: AdminOp| {
-        let (tx, mut rx) = reply_channel();
-        env.run(vec![Request::Admin { op, reply: tx }]);
-        rx.try_recv().unwrap().unwrap().unwrap()
-    };
-    let answer = admin(
-        &mut env,
-        AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: Some("o-13".into()), from_seq: 0 },
-    );
-    let applied: Vec<String> = answer["instances"][0]["applied"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["stream"].as_str().unwrap().to_owned())
-        .collect();
+    let answer = env.admin(AdminOp::Replay {
+        tenant: "acme".into(),
+        saga: SAGA.into(),
+        correlation_id: Some("o-13".into()),
+        from_seq: 0,
+    });
+    let Ok(AdminAnswer::Reset(reset)) = answer else { panic!("{answer:?}") };
+    let applied: Vec<&str> = reset.instances[0].applied.iter().map(|a| a.stream.as_str()).collect();
     assert_eq!(applied, ["AGGREGATE_EVENTS", "AGGREGATE_EVENTS", "timers"]);
     env.apply(placed, SAGA, "o-13", true);
     env.apply(reserved, SAGA, "o-13", false);
@@ -767,8 +905,8 @@ fn during_a_replay_timers_wait_for_their_place_in_the_history() {
     env.tick();
     env.tick();
     assert_eq!(env.state(SAGA, "o-13")["step"], "charging");
-    admin(&mut env, AdminOp::FireTimer { key: key.clone(), timer_id: due.timer_id.clone() });
-    admin(&mut env, AdminOp::EndReplay { key: key.clone() });
+    env.admin(AdminOp::FireTimer { key: key.clone(), timer_id: due.timer_id.clone() }).unwrap();
+    env.admin(AdminOp::EndReplay { key: key.clone() }).unwrap();
     let after = env.record(SAGA, "o-13").unwrap();
     assert_eq!(after.state.get(), before.state.get(), "replay did not rebuild the same state");
     assert_eq!(after.status, before.status);
@@ -777,6 +915,62 @@ fn during_a_replay_timers_wait_for_their_place_in_the_history() {
     let outbox = env.outbox();
     assert_eq!(outbox.iter().filter(|(_, i)| !i.suppressed).count(), dispatchable_before);
     assert_eq!(outbox.iter().filter(|(_, i)| i.suppressed).count(), 4, "Reserve, charge, Release, refund again");
+}
+
+#[test]
+fn a_refused_admin_action_writes_nothing() {
+    let mut env = TestEnv::new(example_manifests);
+    let missing = DeadLetterKey { tenant: "acme".into(), at: 1, id: "nope".into() };
+    let actions = env.run(vec![]).unwrap();
+    assert!(actions.is_empty());
+    assert_eq!(
+        env.admin(AdminOp::Discard { key: missing }),
+        Err(AdminError::NoSuchLetter { tenant: "acme".into(), id: "nope".into() })
+    );
+    let key = SagaKey::new("acme", SAGA, "none");
+    assert_eq!(
+        env.admin(AdminOp::FireTimer { key: key.clone(), timer_id: "t".into() }),
+        Err(AdminError::NoSuchTimer { key, timer_id: "t".into() })
+    );
+    assert_eq!(env.core().stats().unwrap().store.deadletters, 0);
+}
+
+#[test]
+fn the_instance_cache_is_bounded_and_evicts_the_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = example_manifests(dir.path());
+    let store = Store::open(
+        &dir.path().join("shard-0"),
+        0,
+        64,
+        &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() },
+    )
+    .unwrap();
+    let cfg = CoreConfig { cache_capacity: 3, ..CoreConfig::default() };
+    let core = ShardCore::new(0, Router::new(64, 1), cfg, store, manifests).unwrap();
+    let mut shell = Shell::new(core, RelayState::new(RelayConfig::default()));
+    for i in 0..10u64 {
+        let event = Arc::new(Event {
+            id: format!("ev-{i}"),
+            event_type: "OrderPlaced".into(),
+            stream: "AGGREGATE_EVENTS".into(),
+            seq: i + 1,
+            subject: "events.acme.order.OrderPlaced".into(),
+            tenant: "acme".into(),
+            timestamp: T0,
+            data: serde_json::json!({"order_id": format!("o-{i}"), "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+            traceparent: None,
+            result: None,
+            headers: Default::default(),
+        });
+        let (tx, _rx) = reply_channel();
+        let target = Target { saga: SAGA.into(), correlation_id: format!("o-{i}"), may_start: true };
+        shell.take(Request::Apply { event, targets: vec![target], reply: tx });
+        shell.step(T0).unwrap();
+    }
+    assert_eq!(shell.core().cache.len(), 3, "the cache grew past its bound");
+    let cached: Vec<String> = shell.core().cache.iter().map(|(k, _)| k.correlation_id.clone()).collect();
+    assert_eq!(cached, ["o-9", "o-8", "o-7"], "not the most recently used");
 }
 
 mod json_dynamic {

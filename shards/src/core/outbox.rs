@@ -2,37 +2,36 @@
 //! dispatch was durably confirmed; a failed one is re-stored with its next attempt time,
 //! and past its limit becomes a dead letter — never silently dropped.
 
-use super::{After, ShardCore, Staged};
+use super::{Action, ShardCore, Staged};
 use crate::ids;
-use crate::keys::DeadLetterKey;
-use crate::message::{DispatchOutcome, DispatchResult};
-use crate::record::{DeadLetter, DeadLetterKind};
+use crate::keys::{DeadLetterKey, OutboxKey};
+use crate::message::DispatchOutcome;
+use crate::record::{DeadLetter, DeadLetterKind, OutboxItem};
 
-pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: &DispatchResult, now: u64) {
-    // The item is copied only for a failed dispatch (it is re-stored or dead-lettered).
-    let item = match r.outcome {
-        DispatchOutcome::Delivered => None,
-        _ => core.relay.borrow().in_flight_item(&r.key).cloned(),
-    };
-    match (&r.outcome, item) {
+/// `item` is the dispatched item as the relay tracks it; `None` for a late answer about an
+/// item no longer in flight (the store decides on the next scan).
+pub(super) fn dispatched(
+    core: &ShardCore,
+    st: &mut Staged,
+    key: OutboxKey,
+    outcome: &DispatchOutcome,
+    item: Option<&OutboxItem>,
+    now: u64,
+) {
+    match (outcome, item) {
         (DispatchOutcome::Delivered, _) => {
             // Deleting twice is harmless; an unknown key was confirmed after a re-dispatch.
-            st.batch.delete_outbox(r.key);
+            st.batch.delete_outbox(key);
             st.stats.outbox_deleted += 1;
-            st.after.push(After::RelayDelivered(r.key));
+            st.actions.push(Action::Delivered { key });
         }
-        (DispatchOutcome::Retry { error }, Some(mut item)) => {
+        (DispatchOutcome::Retry { error }, Some(item)) => {
+            let mut item = item.clone();
             item.attempts += 1;
-            let cfg = core.relay.borrow().config().clone();
-            if item.attempts >= cfg.max_attempts {
-                dead_letter(
-                    core,
-                    st,
-                    r.key,
-                    item,
-                    &format!("dispatch failed {} times, last: {error}", cfg.max_attempts),
-                    now,
-                );
+            let limit = core.cfg.dispatch_attempts;
+            if item.attempts >= limit {
+                let error = format!("dispatch failed {limit} times, last: {error}");
+                dead_letter(core, st, key, item, &error, now);
                 return;
             }
             let unit = (crate::routing::stable_hash(
@@ -40,30 +39,24 @@ pub(super) fn dispatched(core: &mut ShardCore, st: &mut Staged, r: &DispatchResu
                 crate::routing::RouteKey::Effect { command_id: &item.work_id },
             ) % 1000) as f64
                 / 1000.0;
-            item.next_attempt_at = now + cfg.retry.backoff_jittered(item.attempts, unit).max(1);
+            item.next_attempt_at = now + core.cfg.dispatch_retry.backoff_jittered(item.attempts, unit).max(1);
             tracing::warn!(shard = core.shard, tenant = %item.tenant, saga = %item.saga, correlation_id = %item.correlation_id, work_id = %item.work_id, attempts = item.attempts, error = %error, "dispatch failed; will retry");
             item.last_error = Some(error.clone());
-            st.batch.put_outbox(r.key, &item);
-            st.after.push(After::RelayRetry(r.key, item));
+            st.batch.put_outbox(key, &item);
+            st.actions.push(Action::RetryLater { key, item });
         }
-        (DispatchOutcome::Permanent { error }, Some(item)) => dead_letter(core, st, r.key, item, error, now),
+        (DispatchOutcome::Permanent { error }, Some(item)) => dead_letter(core, st, key, item.clone(), error, now),
         (_, None) => {
             // A late answer for an item no longer in flight: the store decides on the next scan.
         }
     }
 }
 
-fn dead_letter(
-    core: &mut ShardCore,
-    st: &mut Staged,
-    key: crate::keys::OutboxKey,
-    item: crate::record::OutboxItem,
-    error: &str,
-    now: u64,
-) {
+fn dead_letter(core: &ShardCore, st: &mut Staged, key: OutboxKey, item: OutboxItem, error: &str, now: u64) {
     tracing::error!(shard = core.shard, tenant = %item.tenant, saga = %item.saga, correlation_id = %item.correlation_id, work_id = %item.work_id, error = %error, "dispatch given up; item moved to dead letters");
-    let at = core.next_deadletter_at(now);
+    let at = core.next_deadletter_at(st, now);
     let id = ids::deadletter_id("outbox", key.seq, &item.work_id, &item.saga, &item.correlation_id);
+    let tenant = item.tenant.clone();
     let letter = DeadLetter {
         id: id.clone(),
         kind: DeadLetterKind::Dispatch,
@@ -80,11 +73,11 @@ fn dead_letter(
         raw: None,
         event: None,
         attempts: item.attempts,
-        work: Some(item.clone()),
+        work: Some(item),
     };
-    st.batch.put_deadletter(&DeadLetterKey { tenant: item.tenant.clone(), at, id }, &letter);
+    st.batch.put_deadletter(&DeadLetterKey { tenant, at, id }, &letter);
     st.batch.delete_outbox(key);
     st.stats.deadletters += 1;
     st.stats.outbox_deleted += 1;
-    st.after.push(After::RelayDelivered(key));
+    st.actions.push(Action::Delivered { key });
 }

@@ -7,20 +7,23 @@ use crate::message::{Event, Target};
 use crate::record::InstanceStatus;
 use std::sync::Arc;
 
-pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+pub(super) fn fire_due(core: &ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
     if core.next_due.is_none_or(|t| t > now) {
         return Ok(());
     }
-    let due = core.store.read()?.due_schedules(now, core.cfg.timer_batch + core.held_timers.len())?;
+    let due = core.store.read()?.due_schedules(now, core.cfg.timer_batch + core.held_count(st))?;
     for (sk, entry) in due {
-        if core.held_timers.contains(&sk) {
+        if core.is_held(st, &sk) {
             continue;
         }
         let event = timer_event(&sk, &entry);
         let target =
             Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };
+        let lag = now.saturating_sub(sk.due_at);
         st.stats.timers_fired += 1;
-        st.schedules_changed = true;
+        st.stats.timer_lag_ms_sum += lag;
+        st.stats.timer_lag_ms_max = st.stats.timer_lag_ms_max.max(lag);
+        st.overlay.schedules_changed = true;
         super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::Timer(sk) }, now)?;
     }
     Ok(())
@@ -28,9 +31,18 @@ pub(super) fn fire_due(core: &mut ShardCore, st: &mut Staged, now: u64) -> Resul
 
 /// The `timer` event a due schedule entry becomes.
 pub(super) fn timer_event(sk: &crate::keys::ScheduleKey, entry: &crate::record::ScheduleEntry) -> Event {
+    let payload = match serde_json::from_str::<serde_json::Value>(entry.payload.get()) {
+        Ok(v) => v,
+        Err(e) => {
+            // Written by this shard from a program's value, so it parses; if the file was
+            // damaged, the program sees `null` and the log says why.
+            tracing::error!(timer_id = %sk.timer_id, error = %e, "stored timer payload is not JSON; the program sees null");
+            serde_json::Value::Null
+        }
+    };
     let data = serde_json::json!({
         "name": entry.name,
-        "payload": serde_json::from_str::<serde_json::Value>(entry.payload.get()).unwrap_or_default(),
+        "payload": payload,
         "scheduled_at": entry.scheduled_at,
     });
     Event {
@@ -53,18 +65,19 @@ pub fn subject_token(tenant: &str) -> &str {
     if tenant.is_empty() { "_" } else { tenant }
 }
 
-/// The earliest timer not held behind a blocked key.
-pub(super) fn recompute_next_due(core: &mut ShardCore) {
+/// The earliest timer not held behind a blocked key (read after a commit changed the
+/// schedule table).
+pub(super) fn next_due(core: &ShardCore) -> Option<u64> {
     let next = core
         .store
         .read()
         .and_then(|v| v.due_schedules(u64::MAX, core.held_timers.len() + 1))
         .map(|due| due.into_iter().find(|(k, _)| !core.held_timers.contains(k)).map(|(k, _)| k.due_at));
     match next {
-        Ok(n) => core.next_due = n,
+        Ok(n) => n,
         Err(e) => {
-            tracing::error!(shard = core.shard, error = %e, "cannot read the schedule table; timers retried in 1 s");
-            core.next_due = Some(0);
+            tracing::error!(shard = core.shard, error = %e, "cannot read the schedule table; timers are looked at again at once");
+            Some(0)
         }
     }
 }
@@ -78,23 +91,23 @@ struct Final {
 }
 
 /// Removes completed and failed instances older than the retention, a page at a time.
-pub(super) fn sweep_retention(core: &mut ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+pub(super) fn sweep_retention(core: &ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
     let Some(retention) = core.cfg.retention_ms else { return Ok(()) };
     if core.cfg.retention_sweep == 0 || now < core.next_sweep {
         return Ok(());
     }
-    core.next_sweep = now + 10_000;
     let page = core.store.read()?.sagas_page::<Final>(core.retention_cursor.as_ref(), core.cfg.retention_sweep)?;
-    core.retention_cursor =
-        if page.len() < core.cfg.retention_sweep { None } else { page.last().map(|(k, _)| k.clone()) };
+    let cursor = if page.len() < core.cfg.retention_sweep { None } else { page.last().map(|(k, _)| k.clone()) };
+    st.overlay.retention = Some((cursor, now + 10_000));
     for (key, rec) in page {
         if rec.status.is_final()
             && rec.parked.is_none()
             && rec.updated_at.saturating_add(retention) < now
-            && !st.instances.contains_key(&key)
+            && !st.overlay.instances.contains_key(&key)
         {
             st.batch.delete_saga(&key);
-            core.cache.remove(&key);
+            st.overlay.loaded.remove(&key);
+            st.overlay.removed.push(key);
         }
     }
     Ok(())

@@ -1,0 +1,114 @@
+//! Read-only answers from committed state (inspection, listings, stats). Each reads a
+//! bounded amount: one instance, its timers by key, its partition's outbox up to a cap, a
+//! page of a listing.
+
+use super::ShardCore;
+use crate::keys::{DeadLetterKey, EffectKey, SagaKey, ScheduleKey};
+use crate::message::{BlockedView, DeadLetterView, SagaPage, SagaView, ShardStats, TimerView};
+use crate::record::EffectRecord;
+use crate::store::StoreError;
+
+/// Outbox items of an instance's partition read for one saga query at most.
+const OUTBOX_SCAN: usize = 4_096;
+
+impl ShardCore {
+    /// One instance with its pending timers, outbox items and retry state.
+    pub fn saga_view(&self, key: &SagaKey) -> Result<Option<SagaView>, StoreError> {
+        let view = self.store.read()?;
+        let Some(record) = view.saga(key)? else { return Ok(None) };
+        let timers: Vec<(ScheduleKey, crate::record::ScheduleEntry)> = match &record.timers {
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (timer_id, &due_at) in list {
+                    let sk = ScheduleKey { due_at, saga: key.clone(), timer_id: timer_id.clone() };
+                    if let Some(entry) = view.schedule(&sk)? {
+                        out.push((sk, entry));
+                    }
+                }
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                out
+            }
+            None => view.schedules_of(key)?,
+        };
+        let pending_timers = timers
+            .into_iter()
+            .map(|(k, e)| TimerView { timer_id: k.timer_id, due_at: k.due_at, name: e.name, payload: e.payload })
+            .collect();
+        let partition = self.router.partition(&key.tenant, key.route());
+        let (items, truncated) = view.outbox_of_partition(partition, OUTBOX_SCAN)?;
+        let pending_outbox = items
+            .into_iter()
+            .filter(|(_, i)| i.saga == key.saga && i.correlation_id == key.correlation_id && i.tenant == key.tenant)
+            .map(|(_, i)| i)
+            .collect();
+        let blocked = self.blocked.get(key).map(|b| BlockedView {
+            attempts: b.attempts,
+            retry_at: b.retry_at,
+            error: b.error.clone(),
+            queued: b.queue.len(),
+            event_id: b.head.event.id.clone(),
+        });
+        Ok(Some(SagaView {
+            tenant: key.tenant.clone(),
+            saga: key.saga.clone(),
+            correlation_id: key.correlation_id.clone(),
+            shard: self.shard,
+            record,
+            pending_timers,
+            pending_outbox,
+            pending_outbox_truncated: truncated,
+            blocked,
+        }))
+    }
+
+    /// The effect gate record of one command.
+    pub fn effect_record(&self, key: &EffectKey) -> Result<Option<EffectRecord>, StoreError> {
+        self.store.read()?.effect(key)
+    }
+
+    /// Dead letters of a tenant in the order they were written.
+    pub fn deadletter_views(
+        &self,
+        tenant: &str,
+        after: Option<&DeadLetterKey>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterView>, StoreError> {
+        Ok(self
+            .store
+            .read()?
+            .deadletters(tenant, after, limit)?
+            .into_iter()
+            .map(|(key, letter)| DeadLetterView { letter, key, shard: self.shard })
+            .collect())
+    }
+
+    /// A page of the instances of one saga of one tenant.
+    pub fn saga_page(
+        &self,
+        tenant: &str,
+        saga: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<SagaPage, StoreError> {
+        let limit = limit.max(1);
+        let found = self.store.read()?.sagas_of::<serde::de::IgnoredAny>(tenant, saga, after, limit)?;
+        let full = found.len() == limit;
+        let correlation_ids: Vec<String> = found.into_iter().map(|(k, _)| k.correlation_id).collect();
+        let next = if full { correlation_ids.last().cloned() } else { None };
+        Ok(SagaPage { correlation_ids, next })
+    }
+
+    /// Store counts and in-memory state; the shell adds the relay's figures.
+    pub fn stats(&self) -> Result<ShardStats, StoreError> {
+        Ok(ShardStats {
+            shard: self.shard,
+            store: self.store.read()?.stats()?,
+            map_size: self.store.map_size(),
+            outbox_window: 0,
+            outbox_in_flight: 0,
+            blocked_keys: self.blocked.len(),
+            effects_in_flight: self.in_flight_effects.len(),
+            next_timer_due: self.next_due,
+        })
+    }
+}
