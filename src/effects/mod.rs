@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// An effect's manifest entry and its provider.
 pub type Effect = Rc<(EffectSpec, Box<dyn Provider>)>;
@@ -212,7 +213,12 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
                 }
                 let _ = outcome;
             }
-            Ok(GateDecision::Run { attempt }) => run(&ctx, &entry, &upstream, cmd, key, shard, attempt, msg).await,
+            Ok(GateDecision::Run { attempt }) => {
+                // Instrumented, not entered: the span must not tag other tasks' lines while
+                // this one waits.
+                let span = run_span(&cmd, attempt);
+                run(&ctx, &entry, &upstream, cmd, key, shard, attempt, msg).instrument(span).await
+            }
         }
         ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     });
@@ -221,6 +227,12 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
 fn effects_of(ctx: &Ctx) -> &EffectsRuntime {
     // Only called from effect tasks, which exist only when effects run.
     ctx.effects.as_ref().unwrap_or_else(|| unreachable!("effects task without an effects runtime"))
+}
+
+/// The span of one gated run of a command: its log lines name the command.
+fn run_span(cmd: &CommandEnvelope, attempt: u32) -> tracing::Span {
+    let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
+    tracing::info_span!("effect", effect = %cmd.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, trace_id = %trace_id, gate_attempt = attempt)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -236,9 +248,6 @@ async fn run(
 ) {
     let effects = effects_of(ctx);
     let (spec, provider) = (&entry.0, &entry.1);
-    let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
-    let span = tracing::info_span!("effect", effect = %cmd.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, trace_id = %trace_id, gate_attempt = attempt);
-    let _enter = span.enter();
     let duration = metrics::histogram!("runner_effect_seconds", "effect" => cmd.effect.clone());
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
     let mut last_progress = Instant::now();
