@@ -40,8 +40,12 @@ pub struct AggregateEnvelope {
 }
 
 /// An effect command (published by the outbox relay, consumed by effect workers).
+///
+/// `P` is the payload: the outbox item's raw JSON (`&RawValue`) when the relay publishes, so
+/// its bytes go on the wire exactly as the saga wrote them; a [`serde_json::Value`] when an
+/// effect worker reads the command.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct CommandEnvelope {
+pub struct CommandEnvelope<P = serde_json::Value> {
     pub command_id: String,
     #[serde(default)]
     pub tenant_id: String,
@@ -49,7 +53,7 @@ pub struct CommandEnvelope {
     pub saga: String,
     pub correlation_id: String,
     #[serde(default)]
-    pub payload: serde_json::Value,
+    pub payload: P,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
     #[serde(default)]
@@ -81,15 +85,16 @@ pub struct ResultEnvelope {
     pub traceparent: Option<String>,
 }
 
-/// What the relay POSTs to `{gateway}/commands`.
+/// What the relay POSTs to `{gateway}/commands`. `P` is the payload, as for
+/// [`CommandEnvelope`]: the outbox item's raw JSON when sent.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct GatewayCommand {
+pub struct GatewayCommand<P = serde_json::Value> {
     pub command_id: String,
     pub tenant_id: String,
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub command: String,
-    pub payload: serde_json::Value,
+    pub payload: P,
     pub correlation_id: String,
     pub saga: String,
 }
