@@ -1,7 +1,7 @@
 //! `runner check` and read-only inspection: from a data directory (opened read-only, a
 //! stopped or running runner) or from a running runner's HTTP endpoints.
 
-use crate::cli::Source;
+use clap::Args;
 use serde_json::{Value, json};
 use shards::keys::SagaKey;
 use shards::layout::{DataDir, shard_path};
@@ -9,16 +9,30 @@ use shards::store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Where inspection reads from.
+#[derive(Args, Clone, Debug)]
+pub struct Source {
+    /// A stopped (or running) runner's data directory: read directly, read-only.
+    #[arg(long, conflicts_with = "url")]
+    pub data: Option<PathBuf>,
+    /// A running runner's HTTP address, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Bearer token for the admin endpoints (when reading over HTTP).
+    #[arg(long, env = "RUNNER_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
 /// Validates settings and manifests; prints every problem.
 pub fn check(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let cfg = match crate::cli::load_config(config) {
+    let cfg = match crate::config::load_from_process(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return Ok(ExitCode::FAILURE);
         }
     };
-    match crate::app::load_manifests(&cfg) {
+    match crate::config::load_manifests(&cfg) {
         Ok(set) => {
             println!(
                 "ok: mode {:?}, {} shard(s), data {}, nats {}, {} saga(s) [{}], {} effect(s) [{}]",
@@ -60,7 +74,7 @@ fn data_dir(config: Option<&Path>, source: &Source) -> anyhow::Result<PathBuf> {
     if let Some(d) = &source.data {
         return Ok(d.clone());
     }
-    let cfg = crate::cli::load_config(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = crate::config::load_from_process(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(cfg.data_dir)
 }
 

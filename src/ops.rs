@@ -153,9 +153,9 @@ impl Ops {
             "nats": self.nats_url,
             "streams": { "aggregate_events": cfg.aggregate_stream, "workflow_commands": cfg.commands_stream, "workflow_events": cfg.events_stream },
             "consumers": {
-                "aggregate": cfg.aggregate_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "events", f)})).collect::<Vec<_>>(),
-                "results": cfg.result_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "results", f)})).collect::<Vec<_>>(),
-                "commands": cfg.command_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "effects", f)})).collect::<Vec<_>>(),
+                "aggregate": cfg.aggregate_filters.iter().map(|f| json!({"filter": f, "durable": crate::config::durable_name(&cfg.durable_prefix, "events", f)})).collect::<Vec<_>>(),
+                "results": cfg.result_filters.iter().map(|f| json!({"filter": f, "durable": crate::config::durable_name(&cfg.durable_prefix, "results", f)})).collect::<Vec<_>>(),
+                "commands": cfg.command_filters.iter().map(|f| json!({"filter": f, "durable": crate::config::durable_name(&cfg.durable_prefix, "effects", f)})).collect::<Vec<_>>(),
             },
             "sagas": m.sagas.keys().collect::<Vec<_>>(),
             "effects": m.effects.keys().collect::<Vec<_>>(),
@@ -308,7 +308,7 @@ impl Ops {
     /// Loads the configured manifests; if they validate, every shard swaps them between
     /// batches, then the bridge. A bad set changes nothing and answers every problem.
     pub async fn reload(&self) -> OpsResult {
-        let set = match crate::app::load_manifests(&self.cfg) {
+        let set = match crate::config::load_manifests(&self.cfg) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; the running manifests stay");

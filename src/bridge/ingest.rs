@@ -44,7 +44,7 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
     let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
     let redelivered = metrics::counter!("runner_redeliveries_total", "consumer" => kind.label());
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
-    let durable = super::streams::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
+    let durable = crate::config::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
     let mut received = super::screen::Received::default();
     loop {
         if *stop.borrow() {
