@@ -7,8 +7,9 @@
 //! stop the embedded server. A deadline bounds the waiting; what is cut off is simply
 //! redelivered or re-dispatched later, never lost.
 
-use crate::bridge::{Bridge, BridgeInputs, BridgeShared};
+use crate::bridge::{Bridge, BridgeInputs};
 use crate::config::Config;
+use crate::context::BridgeShared;
 use crate::nats_server::NatsServer;
 use crate::ops::{DrainReport, Ops};
 use anyhow::Context;

@@ -124,6 +124,25 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// The transport facts of a JetStream message.
+    pub fn of(msg: &async_nats::jetstream::Message) -> Self {
+        let (stream, seq, published_ms) = match msg.info() {
+            Ok(i) => {
+                (i.stream.to_owned(), i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+            }
+            Err(_) => (String::new(), 0, 0),
+        };
+        let mut headers = BTreeMap::new();
+        if let Some(h) = &msg.headers {
+            for (k, values) in h.iter() {
+                if let Some(v) = values.first() {
+                    headers.insert(k.to_string(), v.as_str().to_owned());
+                }
+            }
+        }
+        Transport { stream, seq, subject: msg.subject.to_string(), headers, published_ms }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

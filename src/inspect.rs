@@ -84,7 +84,7 @@ fn http_get(source: &Source, path: &str) -> anyhow::Result<(u16, Value)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         use http_body_util::{BodyExt, Full};
-        let client = crate::bridge::dispatch::http_client();
+        let client = crate::http_client::http_client();
         let mut req = hyper::Request::get(&url);
         if let Some(t) = &source.token {
             req = req.header("authorization", format!("Bearer {t}"));

@@ -2,8 +2,8 @@
 //! saga inspection — what `/health`, `/ready`, `/metrics`, `/info`, `/admin/*` and `/sagas/*`
 //! serve. Shared (`Arc`) by the HTTP server on the bridge thread and the main thread.
 
-use crate::bridge::BridgeShared;
 use crate::config::Config;
+use crate::context::BridgeShared;
 use serde_json::{Value, json};
 use shards::keys::{DeadLetterKey, SagaKey};
 use shards::manifest::ManifestSet;

@@ -3,37 +3,22 @@
 //! pool, `Idempotency-Key = command id`). Each result goes back to the owning shard, which
 //! deletes the item only for a durable confirmation (invariant 2).
 
-use super::Ctx;
+use crate::context::Ctx;
 use crate::envelope::{
     self, CommandEnvelope, GatewayCommand, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT,
 };
+use crate::http_client::{HttpClient, http_client};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use shards::keys::OutboxKey;
 use shards::message::{Control, DispatchOutcome, DispatchRequest, DispatchResult};
 use shards::record::{OutboxItem, WorkKind};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// A keep-alive HTTP/1 client.
-pub fn http_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
-        .build(connector)
-}
 
 pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
     let http = http_client();

@@ -8,7 +8,7 @@
 //! headers and body kept, invariant: never silently dropped), then deletes it from the stream
 //! so that delivery can go on past it.
 
-use super::Ctx;
+use crate::context::Ctx;
 use crate::envelope::Transport;
 use base64::Engine as _;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -140,7 +140,7 @@ async fn quarantine(ctx: &Rc<Ctx>, stream: &str, seq: u64, raw: &RawMessage, pro
     headers.insert("x-runner-raw-headers".into(), String::from_utf8_lossy(block).into_owned());
     let t = Transport { stream: stream.to_owned(), seq, subject: raw.subject.clone(), headers, published_ms: 0 };
     tracing::warn!(stream, seq, subject = %raw.subject, error = problem, "unparseable message quarantined and removed from the stream");
-    match super::ingest::file_raw_letter(ctx, t, raw.payload.clone(), problem.to_owned()).await {
+    match crate::quarantine::file_raw_letter(ctx, t, raw.payload.clone(), problem.to_owned()).await {
         Some(rx) => matches!(rx.await, Ok(Ok(()))),
         None => false,
     }

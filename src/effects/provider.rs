@@ -9,8 +9,8 @@
 //! `{{correlation_id}}` are replaced; a body string that is exactly one placeholder becomes
 //! the JSON value itself (numbers stay numbers).
 
-use crate::bridge::dispatch::HttpClient;
 use crate::envelope::{CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
+use crate::http_client::HttpClient;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
