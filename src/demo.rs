@@ -175,7 +175,7 @@ pub fn run(config: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
             let body = serde_json::json!({"id": format!("reserved-{o}"), "type": "InventoryReserved", "tenant_id": TENANT, "timestamp": ts, "data": {"order_id": o}});
             let mut h = async_nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", format!("reserved-{o}").as_str());
-            if let Ok(ack) = js2.publish_with_headers(format!("events.{TENANT}.inventory.InventoryReserved"), h, serde_json::to_vec(&body).unwrap_or_default().into()).await {
+            if let Ok(ack) = js2.publish_with_headers(format!("events.{TENANT}.inventory.InventoryReserved"), h, body.to_string().into()).await {
                 acks.push(ack);
             }
             if acks.len() >= 256 || reserve_rx.is_empty() {
@@ -211,7 +211,7 @@ pub fn run(config: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
             h.insert("Nats-Msg-Id", format!("placed-{o}").as_str());
             *at = now_ms();
             acks.push(
-                js.publish_with_headers(format!("events.{TENANT}.order.OrderPlaced"), h, serde_json::to_vec(&body).unwrap_or_default().into())
+                js.publish_with_headers(format!("events.{TENANT}.order.OrderPlaced"), h, body.to_string().into())
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot publish order {i}: {e}"))?,
             );

@@ -95,7 +95,11 @@ fn http_get(source: &Source, path: &str) -> anyhow::Result<(u16, Value)> {
             .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+        let v = serde_json::from_slice(&body).map_err(|e| {
+            let text: String = String::from_utf8_lossy(&body).chars().take(500).collect();
+            anyhow::anyhow!("{url} answered {status} with a body that is not JSON ({e}): {text}")
+        })?;
+        Ok((status, v))
     })
 }
 
@@ -148,8 +152,8 @@ pub fn saga_get(
         .outbox(None, usize::MAX)?
         .into_iter()
         .filter(|(k, i)| k.partition == partition && i.saga == saga && i.correlation_id == cid)
-        .map(|(_, i)| serde_json::to_value(i).unwrap_or(Value::Null))
-        .collect();
+        .map(|(_, i)| serde_json::to_value(i))
+        .collect::<Result<_, _>>()?;
     let mut v = serde_json::to_value(&rec)?;
     if let Value::Object(m) = &mut v {
         m.insert("tenant".into(), tenant.into());

@@ -98,7 +98,9 @@ impl Ops {
     }
 
     pub fn manifests(&self) -> Arc<ManifestSet> {
-        self.manifests.lock().map(|m| m.clone()).unwrap_or_default()
+        // A panic elsewhere cannot leave the set half-written (it is swapped whole), so a
+        // poisoned lock still holds the running set; an empty default would hide it.
+        self.manifests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -163,8 +165,9 @@ impl Ops {
         })
     }
 
-    /// Prometheus text: everything recorded, plus gauges sampled now.
-    pub fn metrics(&self) -> String {
+    /// Prometheus text: everything recorded, plus gauges sampled now. An error when this
+    /// process has no Prometheus recorder (another metrics recorder was installed first).
+    pub fn metrics(&self) -> Result<String, OpsError> {
         let b = &self.bridge;
         metrics::gauge!("runner_messages_in_flight").set(b.in_flight.load(Ordering::SeqCst) as f64);
         metrics::gauge!("runner_dispatches_in_flight").set(b.dispatching.load(Ordering::SeqCst) as f64);
@@ -176,7 +179,9 @@ impl Ops {
             metrics::gauge!("runner_storage_writable", "shard" => shard)
                 .set(if s.health.writable.load(Ordering::SeqCst) { 1.0 } else { 0.0 });
         }
-        metrics_handle().map(|h| h.render()).unwrap_or_default()
+        metrics_handle().map(|h| h.render()).ok_or_else(|| {
+            OpsError::new(500, "no Prometheus recorder: another metrics recorder was installed in this process first")
+        })
     }
 
     fn drain_state(&self) -> (i64, u64, i64) {

@@ -180,8 +180,11 @@ async fn setup(
     if cfg.create_streams {
         streams::ensure_streams(&js, &cfg).await.map_err(|e| BridgeError::Setup(e.to_string()))?;
     }
-    let effects =
-        if cfg.mode.runs_effects() { Some(EffectsRuntime::new(&cfg, &manifests, client.clone())) } else { None };
+    let effects = if cfg.mode.runs_effects() {
+        Some(EffectsRuntime::new(&cfg, &manifests, client.clone()).map_err(|e| BridgeError::Setup(e.to_string()))?)
+    } else {
+        None
+    };
     tracing::info!(url = %url, "bridge connected");
     Ok((Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling }, effects))
 }
@@ -235,8 +238,11 @@ async fn run(
     let reload_ctx = ctx.clone();
     let reloader = tokio::task::spawn_local(async move {
         while let Ok(set) = manifests_rx.recv_async().await {
-            if let Some(e) = &effects {
-                e.reload(&set);
+            if let Some(e) = &effects
+                && let Err(err) = e.reload(&set)
+            {
+                // Validated manifests always build; keep the running providers otherwise.
+                tracing::error!(error = %err, "effect providers not reloaded; the previous ones stay");
             }
             *reload_ctx.manifests.borrow_mut() = set;
         }

@@ -116,13 +116,17 @@ async fn fetch(ctx: &Rc<Ctx>, stream: &str, seq: u64) -> Option<RawMessage> {
     let reply = ctx.client.request(subject, body.into()).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
     let m = v.get("message")?;
-    let b64 = |f: &str| {
-        m.get(f).and_then(|x| x.as_str()).and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+    // The server leaves empty fields out; one that is there but not base64 is a fault: skip
+    // the message rather than file (and delete) it without its bytes.
+    let b64 = |f: &str| match m.get(f) {
+        None | Some(serde_json::Value::Null) => Some(None),
+        Some(x) => x.as_str().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()).map(Some),
     };
     Some(RawMessage {
         subject: m.get("subject")?.as_str()?.to_owned(),
-        headers: b64("hdrs"),
-        payload: b64("data").unwrap_or_default(),
+        headers: b64("hdrs")?,
+        // No `data`: an empty body.
+        payload: b64("data")?.unwrap_or_default(),
     })
 }
 

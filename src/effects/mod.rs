@@ -26,7 +26,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use breaker::{Breaker, Permit};
 use bytes::Bytes;
-use provider::{Outcome, Provider, Secrets};
+use provider::{Outcome, Provider, ProviderError, Secrets};
 use shards::keys::EffectKey;
 use shards::manifest::{EffectSpec, ManifestSet};
 use shards::message::{GateDecision, Request, reply_channel};
@@ -60,7 +60,7 @@ fn now_ms() -> u64 {
 use shards::clock::Clock;
 
 impl EffectsRuntime {
-    pub fn new(cfg: &Config, set: &ManifestSet, nats: async_nats::Client) -> Self {
+    pub fn new(cfg: &Config, set: &ManifestSet, nats: async_nats::Client) -> Result<Self, ProviderError> {
         let rt = Self {
             effects: RefCell::new(BTreeMap::new()),
             breakers: RefCell::new(BTreeMap::new()),
@@ -70,21 +70,23 @@ impl EffectsRuntime {
             nats,
             concurrency: std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.effect_concurrency)),
         };
-        rt.reload(set);
-        rt
+        rt.reload(set)?;
+        Ok(rt)
     }
 
-    /// Takes a new manifest set (reload): providers are rebuilt; breakers stay.
-    pub fn reload(&self, set: &ManifestSet) {
+    /// Takes a new manifest set (reload): providers are rebuilt; breakers stay. If one
+    /// provider cannot be built, none is replaced.
+    pub fn reload(&self, set: &ManifestSet) -> Result<(), ProviderError> {
         let effects = set
             .effects
             .values()
             .map(|spec| {
-                let p = provider::build(spec, self.http.clone(), self.nats.clone(), self.secrets.clone());
-                (spec.name.clone(), Rc::new((spec.clone(), p)))
+                let p = provider::build(spec, self.http.clone(), self.nats.clone(), self.secrets.clone())?;
+                Ok((spec.name.clone(), Rc::new((spec.clone(), p))))
             })
-            .collect();
+            .collect::<Result<_, ProviderError>>()?;
         *self.effects.borrow_mut() = effects;
+        Ok(())
     }
 
     fn effect(&self, name: &str) -> Option<Effect> {
@@ -324,7 +326,9 @@ async fn run(
         traceparent: cmd.traceparent.clone(),
     };
     let subject = envelope::result_subject(&cmd.tenant_id, &cmd.effect, outcome);
-    let body = Bytes::from(serde_json::to_vec(&result).unwrap_or_default());
+    let body = Bytes::from(
+        serde_json::to_vec(&result).expect("a ResultEnvelope always encodes: strings, integers and a JSON value"),
+    );
     // Keep trying the publish (the server may be restarting) before giving the message back:
     // calling the provider again is the costlier way out.
     let deadline = Instant::now() + Duration::from_millis(ctx.cfg.ack_wait_ms.max(10_000) * 2);
