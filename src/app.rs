@@ -7,14 +7,15 @@
 //! stop the embedded server. A deadline bounds the waiting; what is cut off is simply
 //! redelivered or re-dispatched later, never lost.
 
-use crate::bridge::{Bridge, BridgeInputs, BridgeShared};
+use crate::bridge::{Bridge, BridgeInputs};
 use crate::config::Config;
+use crate::context::BridgeShared;
 use crate::nats_server::NatsServer;
 use crate::ops::{DrainReport, Ops};
 use anyhow::Context;
 use shards::clock::SharedClock;
 use shards::layout::{DataDir, MoveProgress};
-use shards::manifest::{ManifestErrors, ManifestSet};
+use shards::manifest::ManifestSet;
 use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,17 +36,6 @@ impl Default for AppOptions {
     }
 }
 
-/// Loads the manifests a mode needs, expanding `${VAR:-default}` from the environment.
-pub fn load_manifests(cfg: &Config) -> Result<ManifestSet, ManifestErrors> {
-    let mut files = Vec::new();
-    if cfg.mode.runs_sagas() {
-        files.extend(cfg.saga_manifests.iter().cloned());
-    }
-    // Saga-only runners still read effect manifests when given, to check effect names.
-    files.extend(cfg.effect_manifests.iter().cloned());
-    ManifestSet::load_with_vars(&files, &shards::program::check_program, &|name| std::env::var(name).ok())
-}
-
 pub struct App {
     cfg: Config,
     ops: Arc<Ops>,
@@ -63,7 +53,7 @@ impl App {
         let _ = crate::ops::metrics_handle();
         let manifests = match opts.manifests {
             Some(m) => m,
-            None => Arc::new(load_manifests(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?),
+            None => Arc::new(crate::config::load_manifests(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?),
         };
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;

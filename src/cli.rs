@@ -1,8 +1,11 @@
 //! The command line: `runner serve | demo | check | saga get | deadletter list | outbox stats
-//! | swarm render`. `main` only parses and calls one `run`.
+//! | swarm render`. `main` only parses and calls one `run`; this file parses and dispatches,
+//! each command's own arguments live beside it (`demo::DemoArgs`, `inspect::Source`).
 
-use crate::config::{self, Config};
-use clap::{Args, Parser, Subcommand};
+use crate::config;
+use crate::demo::DemoArgs;
+use crate::inspect::Source;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -44,42 +47,6 @@ pub enum Command {
     /// Docker Swarm deployment.
     #[command(subcommand)]
     Swarm(SwarmCmd),
-}
-
-#[derive(Args, Clone, Debug)]
-pub struct DemoArgs {
-    /// Orders to run.
-    #[arg(long, default_value_t = 10_000)]
-    pub orders: usize,
-    /// Percent of orders whose payment is declined (compensation).
-    #[arg(long, default_value_t = 5.0)]
-    pub payment_failures: f64,
-    /// Percent of orders whose payment is too slow (payment timeout, compensation).
-    #[arg(long, default_value_t = 1.0)]
-    pub timeouts: f64,
-    /// Orders published per second (0: as fast as the runner takes them).
-    #[arg(long, default_value_t = 0)]
-    pub rate: u64,
-    /// Keep the demo's data directory here (default: a temporary directory).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// No progress bar (plain log lines instead).
-    #[arg(long)]
-    pub no_progress: bool,
-}
-
-/// Where inspection reads from.
-#[derive(Args, Clone, Debug)]
-pub struct Source {
-    /// A stopped (or running) runner's data directory: read directly, read-only.
-    #[arg(long, conflicts_with = "url")]
-    pub data: Option<PathBuf>,
-    /// A running runner's HTTP address, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
-    pub url: Option<String>,
-    /// Bearer token for the admin endpoints (when reading over HTTP).
-    #[arg(long, env = "RUNNER_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -142,23 +109,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Variables the command line itself reads (not settings).
-const CLI_ONLY: &[&str] = &["RUNNER_CONFIG", "RUNNER_ADMIN_TOKEN", "RUNNER_FAILPOINTS"];
-
-fn env_vars() -> Vec<(String, String)> {
-    std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_") && !CLI_ONLY.contains(&k.as_str())).collect()
-}
-
-/// Loads the settings (file + environment).
-pub fn load_config(file: Option<&std::path::Path>) -> Result<Config, config::ConfigErrors> {
-    config::load(file, &env_vars())
-}
-
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     crate::failpoints::install_from_env();
     match cli.command {
         Command::Serve => {
-            let cfg = load_config(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let cfg = config::load_from_process(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
             crate::serve::run(cfg)
         }
         Command::Demo(args) => crate::demo::run(cli.config.as_deref(), args),

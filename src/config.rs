@@ -3,10 +3,11 @@
 //! [`Config`], reporting every problem at once with the field, the value and the rule.
 //!
 //! Every field has a default, so an empty file (or none) is a valid single-node setup: an
-//! embedded `nats-server`, the example manifests, `./data`.
+//! embedded `nats-server`, the example manifests, `./data`. The manifests the settings name
+//! are loaded here too ([`load_manifests`]).
 
 use serde::{Deserialize, Serialize};
-use shards::manifest::valid_name;
+use shards::manifest::{ManifestErrors, ManifestSet, valid_name};
 use shards::store::Durability;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -362,6 +363,34 @@ pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
             Err(ConfigErrors(errors))
         }
     }
+}
+
+/// Variables the command line itself reads (not settings).
+const CLI_ONLY: &[&str] = &["RUNNER_CONFIG", "RUNNER_ADMIN_TOKEN", "RUNNER_FAILPOINTS"];
+
+/// [`load`] with this process's `RUNNER_*` environment (the commands' entry point).
+pub fn load_from_process(file: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let env: Vec<(String, String)> =
+        std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_") && !CLI_ONLY.contains(&k.as_str())).collect();
+    load(file, &env)
+}
+
+/// Loads the manifests a mode needs, expanding `${VAR:-default}` from the environment.
+pub fn load_manifests(cfg: &Config) -> Result<ManifestSet, ManifestErrors> {
+    let mut files = Vec::new();
+    if cfg.mode.runs_sagas() {
+        files.extend(cfg.saga_manifests.iter().cloned());
+    }
+    // Saga-only runners still read effect manifests when given, to check effect names.
+    files.extend(cfg.effect_manifests.iter().cloned());
+    ManifestSet::load_with_vars(&files, &shards::program::check_program, &|name| std::env::var(name).ok())
+}
+
+/// The durable name of the consumer for `filter` in `role`: stable across restarts and
+/// distinct per filter, so each tenant range keeps its own position.
+pub fn durable_name(prefix: &str, role: &str, filter: &str) -> String {
+    let h = xxhash_rust::xxh3::xxh3_64(filter.as_bytes());
+    format!("{prefix}-{role}-{h:016x}")
 }
 
 /// Removes the value at `path` (dictionary keys) from `value`; false when it is not there.

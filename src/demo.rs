@@ -14,15 +14,37 @@
 //! the command stream: every command executed once, none missing. Exit code 1 if not.
 
 use crate::app::{App, AppOptions};
-use crate::cli::DemoArgs;
 use crate::fixture::{HttpFixture, Reply};
+use clap::Args;
 use shards::clock::Clock;
 use shards::manifest::ManifestSet;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[derive(Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Orders to run.
+    #[arg(long, default_value_t = 10_000)]
+    pub orders: usize,
+    /// Percent of orders whose payment is declined (compensation).
+    #[arg(long, default_value_t = 5.0)]
+    pub payment_failures: f64,
+    /// Percent of orders whose payment is too slow (payment timeout, compensation).
+    #[arg(long, default_value_t = 1.0)]
+    pub timeouts: f64,
+    /// Orders published per second (0: as fast as the runner takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Keep the demo's data directory here (default: a temporary directory).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// No progress bar (plain log lines instead).
+    #[arg(long)]
+    pub no_progress: bool,
+}
 
 const SAGAS: &str = include_str!("../examples/order/sagas.yaml");
 const PROGRAM: &str = include_str!("../examples/order/order.rhai");
@@ -57,7 +79,7 @@ fn kind_of(i: usize, args: &DemoArgs) -> Kind {
 }
 
 pub fn run(config: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let mut cfg = crate::cli::load_config(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut cfg = crate::config::load_from_process(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     crate::logging::init(cfg.log_format, if cfg.log_level == "info" { "warn" } else { &cfg.log_level });
     let _ = crate::ops::metrics_handle();
     let tmp = tempfile::tempdir()?;
@@ -153,7 +175,7 @@ pub fn run(config: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
             let body = serde_json::json!({"id": format!("reserved-{o}"), "type": "InventoryReserved", "tenant_id": TENANT, "timestamp": ts, "data": {"order_id": o}});
             let mut h = async_nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", format!("reserved-{o}").as_str());
-            if let Ok(ack) = js2.publish_with_headers(format!("events.{TENANT}.inventory.InventoryReserved"), h, serde_json::to_vec(&body).unwrap_or_default().into()).await {
+            if let Ok(ack) = js2.publish_with_headers(format!("events.{TENANT}.inventory.InventoryReserved"), h, body.to_string().into()).await {
                 acks.push(ack);
             }
             if acks.len() >= 256 || reserve_rx.is_empty() {
@@ -189,7 +211,7 @@ pub fn run(config: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
             h.insert("Nats-Msg-Id", format!("placed-{o}").as_str());
             *at = now_ms();
             acks.push(
-                js.publish_with_headers(format!("events.{TENANT}.order.OrderPlaced"), h, serde_json::to_vec(&body).unwrap_or_default().into())
+                js.publish_with_headers(format!("events.{TENANT}.order.OrderPlaced"), h, body.to_string().into())
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot publish order {i}: {e}"))?,
             );

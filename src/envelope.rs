@@ -40,8 +40,12 @@ pub struct AggregateEnvelope {
 }
 
 /// An effect command (published by the outbox relay, consumed by effect workers).
+///
+/// `P` is the payload: the outbox item's raw JSON (`&RawValue`) when the relay publishes, so
+/// its bytes go on the wire exactly as the saga wrote them; a [`serde_json::Value`] when an
+/// effect worker reads the command.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct CommandEnvelope {
+pub struct CommandEnvelope<P = serde_json::Value> {
     pub command_id: String,
     #[serde(default)]
     pub tenant_id: String,
@@ -49,7 +53,7 @@ pub struct CommandEnvelope {
     pub saga: String,
     pub correlation_id: String,
     #[serde(default)]
-    pub payload: serde_json::Value,
+    pub payload: P,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
     #[serde(default)]
@@ -81,15 +85,16 @@ pub struct ResultEnvelope {
     pub traceparent: Option<String>,
 }
 
-/// What the relay POSTs to `{gateway}/commands`.
+/// What the relay POSTs to `{gateway}/commands`. `P` is the payload, as for
+/// [`CommandEnvelope`]: the outbox item's raw JSON when sent.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct GatewayCommand {
+pub struct GatewayCommand<P = serde_json::Value> {
     pub command_id: String,
     pub tenant_id: String,
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub command: String,
-    pub payload: serde_json::Value,
+    pub payload: P,
     pub correlation_id: String,
     pub saga: String,
 }
@@ -119,6 +124,25 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// The transport facts of a JetStream message.
+    pub fn of(msg: &async_nats::jetstream::Message) -> Self {
+        let (stream, seq, published_ms) = match msg.info() {
+            Ok(i) => {
+                (i.stream.to_owned(), i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+            }
+            Err(_) => (String::new(), 0, 0),
+        };
+        let mut headers = BTreeMap::new();
+        if let Some(h) = &msg.headers {
+            for (k, values) in h.iter() {
+                if let Some(v) = values.first() {
+                    headers.insert(k.to_string(), v.as_str().to_owned());
+                }
+            }
+        }
+        Transport { stream, seq, subject: msg.subject.to_string(), headers, published_ms }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -165,70 +189,30 @@ pub enum DecodeError {
     NoTenant,
     #[error("{0}")]
     BadKey(String),
-    #[error("timestamp {0:?} is neither RFC 3339 nor milliseconds since the epoch")]
-    BadTimestamp(String),
+    #[error("timestamp {value:?} is neither an RFC 3339 date nor milliseconds since the epoch: {why}")]
+    BadTimestamp { value: String, why: String },
     #[error("missing field `{0}`")]
     Missing(&'static str),
 }
 
 fn parse_timestamp(v: &serde_json::Value) -> Result<u64, DecodeError> {
+    let bad = |value: String, why: &str| DecodeError::BadTimestamp { value, why: why.to_owned() };
     match v {
-        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| DecodeError::BadTimestamp(n.to_string())),
-        serde_json::Value::String(s) => parse_rfc3339_ms(s).ok_or_else(|| DecodeError::BadTimestamp(s.clone())),
-        other => Err(DecodeError::BadTimestamp(other.to_string())),
+        serde_json::Value::Number(n) => {
+            n.as_u64().ok_or_else(|| bad(n.to_string(), "a number must be whole milliseconds since the epoch"))
+        }
+        serde_json::Value::String(s) => parse_rfc3339_ms(s),
+        other => Err(bad(other.to_string(), "neither a string nor a number")),
     }
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into milliseconds since the epoch.
-pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut millis = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = s.get(start..i)?;
-        let first3: String = frac.chars().chain("000".chars()).take(3).collect();
-        millis = first3.parse().ok()?;
-    }
-    let offset_min = match b.get(i)? {
-        b'Z' | b'z' if i + 1 == b.len() => 0,
-        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
-            let oh = num(i + 1..i + 3)?;
-            let om = num(i + 4..i + 6)?;
-            let m = oh * 60 + om;
-            if *sign == b'+' { m } else { -m }
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3_600 + mi * 60 + se - offset_min * 60;
-    let ms = secs.checked_mul(1_000)? + millis;
-    u64::try_from(ms).ok()
+/// Parses an RFC 3339 date and time (`2026-11-28T10:00:00.250Z`, `…+01:00`) into
+/// milliseconds since the epoch (fractions below a millisecond are cut off). Dates that do
+/// not exist (`2023-02-31`), a missing offset and times before 1970 are errors.
+pub fn parse_rfc3339_ms(s: &str) -> Result<u64, DecodeError> {
+    let bad = |why: String| DecodeError::BadTimestamp { value: s.to_owned(), why };
+    let at = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| bad(e.to_string()))?;
+    u64::try_from(at.timestamp_millis()).map_err(|_| bad("before 1970-01-01T00:00:00Z".into()))
 }
 
 /// A decoded aggregate event: the shard event and the JSON the trigger paths look into.
@@ -398,16 +382,60 @@ mod tests {
         let e = decode_aggregate(&vec![b' '; 2048], &tr, false, 1024).unwrap_err();
         assert_eq!(e.to_string(), "event of 2048 bytes exceeds the limit of 1024 bytes (limits.max_event_bytes)");
         let e = decode_aggregate(br#"{"timestamp":"yesterday"}"#, &tr, false, 1 << 20).unwrap_err();
-        assert!(matches!(e, DecodeError::BadTimestamp(_)));
+        assert!(matches!(e, DecodeError::BadTimestamp { .. }));
     }
 
     #[test]
-    fn rfc3339_with_offsets() {
-        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339_ms("1970-01-01T01:00:00+01:00"), Some(0));
-        assert_eq!(parse_rfc3339_ms("2000-02-29T12:34:56.789Z"), Some(951_827_696_789));
-        assert_eq!(parse_rfc3339_ms("2000-13-01T00:00:00Z"), None);
-        assert_eq!(parse_rfc3339_ms("2000-01-01T00:00:00"), None);
+    fn rfc3339_with_offsets_and_fractions() {
+        let ok = |s: &str| parse_rfc3339_ms(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(ok("1970-01-01T00:00:00Z"), 0);
+        assert_eq!(ok("1970-01-01T01:00:00+01:00"), 0);
+        assert_eq!(ok("1969-12-31T19:00:00-05:00"), 0);
+        assert_eq!(ok("2000-02-29T12:34:56.789Z"), 951_827_696_789);
+        assert_eq!(ok("2000-02-29T14:04:56.789+01:30"), 951_827_696_789);
+        assert_eq!(ok("2000-02-29t12:34:56.789z"), 951_827_696_789, "lowercase t and z");
+        assert_eq!(ok("2026-11-28T10:00:00.2509999Z"), 1_795_860_000_250, "sub-millisecond digits cut off");
+        assert_eq!(ok("2026-11-28T10:00:00.25Z"), 1_795_860_000_250);
+        assert_eq!(ok("2024-02-29T00:00:00Z"), 1_709_164_800_000, "leap day");
+        assert_eq!(ok("2024-02-29 00:00:00Z"), 1_709_164_800_000, "space as separator");
+        assert_eq!(ok("2023-03-01T00:00:00Z"), 1_677_628_800_000);
+    }
+
+    #[test]
+    fn invalid_rfc3339_dates_are_rejected_naming_the_value() {
+        for bad in [
+            "2023-02-31T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2023-04-31T00:00:00Z",
+            "2023-13-01T00:00:00Z",
+            "2023-00-10T00:00:00Z",
+            "2023-01-01T24:00:00Z",
+            "2023-01-01T00:60:00Z",
+            "2023-01-01T00:00:00",
+            "2023-01-01T00:00:00+25:00",
+            "2023-01-01",
+            "1969-12-31T23:59:59Z",
+            "garbage",
+            "",
+        ] {
+            let e = parse_rfc3339_ms(bad).expect_err(bad);
+            assert!(matches!(&e, DecodeError::BadTimestamp { value, .. } if value == bad), "{bad}: {e:?}");
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_event_with_an_impossible_date_does_not_decode() {
+        let tr = t("events.acme.order.OrderPlaced");
+        let e =
+            decode_aggregate(br#"{"type":"X","timestamp":"2023-02-31T00:00:00Z"}"#, &tr, false, 1 << 20).unwrap_err();
+        assert!(matches!(&e, DecodeError::BadTimestamp { value, .. } if value == "2023-02-31T00:00:00Z"), "{e:?}");
+        let e = decode_aggregate(br#"{"type":"X","timestamp":-5}"#, &tr, false, 1 << 20).unwrap_err();
+        assert!(matches!(&e, DecodeError::BadTimestamp { value, .. } if value == "-5"), "{e:?}");
+        let e = decode_aggregate(br#"{"type":"X","timestamp":true}"#, &tr, false, 1 << 20).unwrap_err();
+        assert!(matches!(e, DecodeError::BadTimestamp { .. }), "{e:?}");
+        let d = decode_aggregate(br#"{"type":"X","timestamp":1700000000123}"#, &tr, false, 1 << 20).unwrap();
+        assert_eq!(d.event.timestamp, 1_700_000_000_123);
     }
 
     #[test]

@@ -123,7 +123,8 @@ impl HttpFixture {
     }
 
     pub fn records(&self) -> Vec<Recorded> {
-        self.state.records.lock().map(|r| r.clone()).unwrap_or_default()
+        // Records are only pushed whole, so a poisoned lock still holds every one of them.
+        self.state.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Requests whose path starts with `prefix`.
@@ -184,11 +185,13 @@ async fn answer(
         .iter()
         .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        // Not recorded: a test must not see an empty body the client never sent.
+        Err(e) => return Ok(respond(400, &serde_json::json!({ "error": format!("cannot read the body: {e}") }))),
+    };
     let rec = Recorded { method, path, headers, body, at: Instant::now() };
-    if let Ok(mut r) = st.records.lock() {
-        r.push(rec.clone());
-    }
+    st.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(rec.clone());
     let handler = st.handler.lock().ok().and_then(|h| h.clone());
     let (status, body, delay) = {
         let mut s = match st.script.lock() {
@@ -215,8 +218,12 @@ async fn answer(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let mut resp = hyper::Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default())));
+    Ok(respond(status, &body))
+}
+
+fn respond(status: u16, body: &serde_json::Value) -> hyper::Response<Full<Bytes>> {
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
-    Ok(resp)
+    resp
 }

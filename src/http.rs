@@ -32,7 +32,8 @@ use std::time::Duration;
 type Resp = Response<Full<Bytes>>;
 
 fn json_response(status: u16, v: &Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(v).unwrap_or_default())));
+    // `{:#}` is serde_json's pretty printing, which cannot fail for a `Value`.
+    let mut r = Response::new(Full::new(Bytes::from(format!("{v:#}"))));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
     r
@@ -140,6 +141,15 @@ fn str_field(v: &Value, field: &str) -> Result<String, OpsError> {
         .ok_or_else(|| OpsError::new(400, format!("field `{field}` (string) is required")))
 }
 
+/// An optional string field: `None` when absent or null, an error when of another type.
+fn opt_str_field(v: &Value, field: &str) -> Result<Option<String>, OpsError> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(OpsError::new(400, format!("field `{field}` must be a string, not {other}"))),
+    }
+}
+
 fn tenant_of(segment: &str) -> String {
     if segment == "_" { String::new() } else { segment.to_owned() }
 }
@@ -160,16 +170,20 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
             let (ok, v) = ops.ready();
             json_response(if ok { 200 } else { 503 }, &v)
         }
-        (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(ops.metrics())));
-            r.headers_mut()
-                .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
-            r
-        }
+        (&Method::GET, "/metrics") => match ops.metrics() {
+            Ok(text) => {
+                let mut r = Response::new(Full::new(Bytes::from(text)));
+                r.headers_mut()
+                    .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+                r
+            }
+            Err(e) => error(e.status, e.reason),
+        },
         (&Method::GET, "/info") => json_response(200, &ops.info()),
         (&Method::POST, "/admin/drain") => {
             let report = ops.drain(Duration::from_millis(ops.cfg.drain_deadline_ms)).await;
-            json_response(if report.drained { 200 } else { 503 }, &serde_json::to_value(&report).unwrap_or_default())
+            let v = serde_json::to_value(&report).expect("a DrainReport is a flag and numbers, always JSON");
+            json_response(if report.drained { 200 } else { 503 }, &v)
         }
         (&Method::POST, "/admin/reload") => from(ops.reload().await),
         (&Method::GET, "/admin/stats") => from(ops.stats().await),
@@ -183,7 +197,11 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
                 (None, _) => return error(400, "field `tenant` (string, \"\" for single-tenant) is required"),
                 (_, Err(e)) => return error(e.status, e.reason),
             };
-            let cid = body.get("correlation_id").and_then(|c| c.as_str()).map(str::to_owned);
+            // A correlation id of the wrong type must not widen the replay to every instance.
+            let cid = match opt_str_field(&body, "correlation_id") {
+                Ok(c) => c,
+                Err(e) => return error(e.status, e.reason),
+            };
             let from_seq = body.get("from_seq").and_then(|s| s.as_u64()).unwrap_or(0);
             let confirm = body.get("confirm").and_then(|c| c.as_bool()).unwrap_or(false);
             from(ops.replay(tenant, saga, cid, from_seq, confirm).await)
@@ -198,7 +216,11 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
                 Ok(b) => b,
                 Err(e) => return error(e.status, e.reason),
             };
-            let tenant = body.get("tenant").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
+            // Absent: the empty tenant (single-tenant); of the wrong type: refused.
+            let tenant = match opt_str_field(&body, "tenant") {
+                Ok(t) => t.unwrap_or_default(),
+                Err(e) => return error(e.status, e.reason),
+            };
             let (saga, cid) = match (str_field(&body, "saga"), str_field(&body, "correlation_id")) {
                 (Ok(s), Ok(c)) => (s, c),
                 (Err(e), _) | (_, Err(e)) => return error(e.status, e.reason),
@@ -211,7 +233,10 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
                 Ok(b) => b,
                 Err(e) => return error(e.status, e.reason),
             };
-            let tenant = body.get("tenant").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
+            let tenant = match opt_str_field(&body, "tenant") {
+                Ok(t) => t.unwrap_or_default(),
+                Err(e) => return error(e.status, e.reason),
+            };
             let (Some(at), Ok(id)) = (body.get("at").and_then(|a| a.as_u64()), str_field(&body, "id")) else {
                 return error(400, "fields `at` (number) and `id` (string) are required");
             };
@@ -255,5 +280,24 @@ mod tests {
         assert!(constant_time_eq(b"token-1234567890", b"token-1234567890"));
         assert!(!constant_time_eq(b"token-1234567890", b"token-1234567891"));
         assert!(!constant_time_eq(b"short", b"longer"));
+    }
+
+    #[test]
+    fn optional_string_fields_refuse_other_types() {
+        let body = json!({"tenant": "acme", "none": null, "n": 5});
+        assert_eq!(opt_str_field(&body, "tenant").unwrap().as_deref(), Some("acme"));
+        assert_eq!(opt_str_field(&body, "none").unwrap(), None);
+        assert_eq!(opt_str_field(&body, "absent").unwrap(), None);
+        let e = opt_str_field(&body, "n").unwrap_err();
+        assert_eq!((e.status, e.reason.as_str()), (400, "field `n` must be a string, not 5"));
+    }
+
+    #[test]
+    fn json_responses_are_pretty_printed_json() {
+        let v = json!({"b": [1, 2], "a": "x"});
+        let r = json_response(201, &v);
+        assert_eq!(r.status(), 201);
+        let body = futures::executor::block_on(r.into_body().collect()).unwrap().to_bytes();
+        assert_eq!(body, serde_json::to_vec_pretty(&v).unwrap());
     }
 }

@@ -1,7 +1,7 @@
 //! `runner check` and read-only inspection: from a data directory (opened read-only, a
 //! stopped or running runner) or from a running runner's HTTP endpoints.
 
-use crate::cli::Source;
+use clap::Args;
 use serde_json::{Value, json};
 use shards::keys::SagaKey;
 use shards::layout::{DataDir, shard_path};
@@ -9,16 +9,30 @@ use shards::store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Where inspection reads from.
+#[derive(Args, Clone, Debug)]
+pub struct Source {
+    /// A stopped (or running) runner's data directory: read directly, read-only.
+    #[arg(long, conflicts_with = "url")]
+    pub data: Option<PathBuf>,
+    /// A running runner's HTTP address, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Bearer token for the admin endpoints (when reading over HTTP).
+    #[arg(long, env = "RUNNER_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
 /// Validates settings and manifests; prints every problem.
 pub fn check(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let cfg = match crate::cli::load_config(config) {
+    let cfg = match crate::config::load_from_process(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return Ok(ExitCode::FAILURE);
         }
     };
-    match crate::app::load_manifests(&cfg) {
+    match crate::config::load_manifests(&cfg) {
         Ok(set) => {
             println!(
                 "ok: mode {:?}, {} shard(s), data {}, nats {}, {} saga(s) [{}], {} effect(s) [{}]",
@@ -60,7 +74,7 @@ fn data_dir(config: Option<&Path>, source: &Source) -> anyhow::Result<PathBuf> {
     if let Some(d) = &source.data {
         return Ok(d.clone());
     }
-    let cfg = crate::cli::load_config(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = crate::config::load_from_process(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(cfg.data_dir)
 }
 
@@ -70,7 +84,7 @@ fn http_get(source: &Source, path: &str) -> anyhow::Result<(u16, Value)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         use http_body_util::{BodyExt, Full};
-        let client = crate::bridge::dispatch::http_client();
+        let client = crate::http_client::http_client();
         let mut req = hyper::Request::get(&url);
         if let Some(t) = &source.token {
             req = req.header("authorization", format!("Bearer {t}"));
@@ -81,7 +95,11 @@ fn http_get(source: &Source, path: &str) -> anyhow::Result<(u16, Value)> {
             .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+        let v = serde_json::from_slice(&body).map_err(|e| {
+            let text: String = String::from_utf8_lossy(&body).chars().take(500).collect();
+            anyhow::anyhow!("{url} answered {status} with a body that is not JSON ({e}): {text}")
+        })?;
+        Ok((status, v))
     })
 }
 
@@ -134,8 +152,8 @@ pub fn saga_get(
         .outbox(None, usize::MAX)?
         .into_iter()
         .filter(|(k, i)| k.partition == partition && i.saga == saga && i.correlation_id == cid)
-        .map(|(_, i)| serde_json::to_value(i).unwrap_or(Value::Null))
-        .collect();
+        .map(|(_, i)| serde_json::to_value(i))
+        .collect::<Result<_, _>>()?;
     let mut v = serde_json::to_value(&rec)?;
     if let Value::Object(m) = &mut v {
         m.insert("tenant".into(), tenant.into());

@@ -2,8 +2,8 @@
 //! saga inspection — what `/health`, `/ready`, `/metrics`, `/info`, `/admin/*` and `/sagas/*`
 //! serve. Shared (`Arc`) by the HTTP server on the bridge thread and the main thread.
 
-use crate::bridge::BridgeShared;
 use crate::config::Config;
+use crate::context::BridgeShared;
 use serde_json::{Value, json};
 use shards::keys::{DeadLetterKey, SagaKey};
 use shards::manifest::ManifestSet;
@@ -118,7 +118,9 @@ impl Ops {
     }
 
     pub fn manifests(&self) -> Arc<ManifestSet> {
-        self.manifests.lock().map(|m| m.clone()).unwrap_or_default()
+        // A panic elsewhere cannot leave the set half-written (it is swapped whole), so a
+        // poisoned lock still holds the running set; an empty default would hide it.
+        self.manifests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -173,9 +175,9 @@ impl Ops {
             "nats": self.nats_url,
             "streams": { "aggregate_events": cfg.aggregate_stream, "workflow_commands": cfg.commands_stream, "workflow_events": cfg.events_stream },
             "consumers": {
-                "aggregate": cfg.aggregate_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "events", f)})).collect::<Vec<_>>(),
-                "results": cfg.result_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "results", f)})).collect::<Vec<_>>(),
-                "commands": cfg.command_filters.iter().map(|f| json!({"filter": f, "durable": crate::bridge::streams::durable_name(&cfg.durable_prefix, "effects", f)})).collect::<Vec<_>>(),
+                "aggregate": cfg.aggregate_filters.iter().map(|f| json!({"filter": f, "durable": crate::config::durable_name(&cfg.durable_prefix, "events", f)})).collect::<Vec<_>>(),
+                "results": cfg.result_filters.iter().map(|f| json!({"filter": f, "durable": crate::config::durable_name(&cfg.durable_prefix, "results", f)})).collect::<Vec<_>>(),
+                "commands": cfg.command_filters.iter().map(|f| json!({"filter": f, "durable": crate::config::durable_name(&cfg.durable_prefix, "effects", f)})).collect::<Vec<_>>(),
             },
             "sagas": m.sagas.keys().collect::<Vec<_>>(),
             "effects": m.effects.keys().collect::<Vec<_>>(),
@@ -183,8 +185,9 @@ impl Ops {
         })
     }
 
-    /// Prometheus text: everything recorded, plus gauges sampled now.
-    pub fn metrics(&self) -> String {
+    /// Prometheus text: everything recorded, plus gauges sampled now. An error when this
+    /// process has no Prometheus recorder (another metrics recorder was installed first).
+    pub fn metrics(&self) -> Result<String, OpsError> {
         let b = &self.bridge;
         metrics::gauge!("runner_messages_in_flight").set(b.in_flight.load(Ordering::SeqCst) as f64);
         metrics::gauge!("runner_dispatches_in_flight").set(b.dispatching.load(Ordering::SeqCst) as f64);
@@ -196,7 +199,9 @@ impl Ops {
             metrics::gauge!("runner_storage_writable", "shard" => shard)
                 .set(if s.health.writable.load(Ordering::SeqCst) { 1.0 } else { 0.0 });
         }
-        metrics_handle().map(|h| h.render()).unwrap_or_default()
+        metrics_handle().map(|h| h.render()).ok_or_else(|| {
+            OpsError::new(500, "no Prometheus recorder: another metrics recorder was installed in this process first")
+        })
     }
 
     fn drain_state(&self) -> (i64, u64, i64) {
@@ -347,7 +352,7 @@ impl Ops {
     /// Loads the configured manifests; if they validate, every shard swaps them between
     /// batches, then the bridge. A bad set changes nothing and answers every problem.
     pub async fn reload(&self) -> OpsResult {
-        let set = match crate::app::load_manifests(&self.cfg) {
+        let set = match crate::config::load_manifests(&self.cfg) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; the running manifests stay");

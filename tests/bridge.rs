@@ -287,9 +287,13 @@ fn undecodable_messages_become_dead_letters_and_the_consumer_keeps_going() {
         &[("x-tenant-id", "t")],
         &ev("huge", 1, serde_json::json!({"blob": "y".repeat(512 << 10)})),
     );
+    // A date that does not exist (chrono refuses it; a lenient parser made it March 3rd).
+    let mut bad_date = ev("bad-date", 1, serde_json::json!({}));
+    bad_date["timestamp"] = "2023-02-31T00:00:00Z".into();
+    h.publish("events.t.x.BadDate", &[], &bad_date);
     h.publish("events.t.x.Fine", &[], &ev("fine", 0, serde_json::json!({})));
     wait_until(T, "the good event after the bad ones", || saga_state(&app, "t", "s", "fine")["version"] == 1);
-    wait_until(T, "three dead letters", || deadletters(&app, "t").len() + deadletters(&app, "").len() == 3);
+    wait_until(T, "four dead letters", || deadletters(&app, "t").len() + deadletters(&app, "").len() == 4);
     let mut errors: Vec<String> = deadletters(&app, "t")
         .into_iter()
         .chain(deadletters(&app, ""))
@@ -302,5 +306,7 @@ fn undecodable_messages_become_dead_letters_and_the_consumer_keeps_going() {
     assert!(errors.iter().any(|e| e.starts_with("not JSON")), "{errors:?}");
     assert!(errors.iter().any(|e| e.starts_with("no tenant")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("exceeds the limit of 65536 bytes")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("timestamp \"2023-02-31T00:00:00Z\"")), "{errors:?}");
+    assert!(saga_state(&app, "t", "s", "bad-date").is_null(), "the bad-date event reached its saga");
     app.shutdown();
 }

@@ -156,8 +156,15 @@ pub fn dump_metrics(app: &App, label: &str) {
     if let Some(dir) = std::env::var_os("RUNNER_BENCH_METRICS") {
         let dir = PathBuf::from(dir);
         let name: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let text = match app.ops().metrics() {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("cannot render metrics: {}", e.reason);
+                return;
+            }
+        };
         let _ = std::fs::create_dir_all(&dir);
-        if let Err(e) = std::fs::write(dir.join(format!("{name}.prom")), app.ops().metrics()) {
+        if let Err(e) = std::fs::write(dir.join(format!("{name}.prom")), text) {
             eprintln!("cannot write metrics: {e}");
         }
     }

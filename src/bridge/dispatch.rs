@@ -3,37 +3,22 @@
 //! pool, `Idempotency-Key = command id`). Each result goes back to the owning shard, which
 //! deletes the item only for a durable confirmation (invariant 2).
 
-use super::Ctx;
+use crate::context::Ctx;
 use crate::envelope::{
     self, CommandEnvelope, GatewayCommand, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT,
 };
+use crate::http_client::{HttpClient, http_client};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use shards::keys::OutboxKey;
 use shards::message::{Control, DispatchOutcome, DispatchRequest, DispatchResult};
 use shards::record::{OutboxItem, WorkKind};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// A keep-alive HTTP/1 client.
-pub fn http_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
-        .build(connector)
-}
 
 pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
     let http = http_client();
@@ -113,20 +98,47 @@ impl Pending {
     }
 }
 
-async fn publish_command(ctx: &Ctx, item: &OutboxItem, effect: &str) -> Pending {
+/// The body of an effect command: the envelope around the outbox item's payload, whose
+/// bytes are copied as they are (no parse and re-encode: key order, number text and string
+/// escapes stay the saga's).
+fn command_body(item: &OutboxItem, effect: &str) -> Result<Bytes, serde_json::Error> {
     let body = CommandEnvelope {
         command_id: item.work_id.clone(),
         tenant_id: item.tenant.clone(),
         effect: effect.to_owned(),
         saga: item.saga.clone(),
         correlation_id: item.correlation_id.clone(),
-        payload: serde_json::from_str(item.payload.get()).unwrap_or(serde_json::Value::Null),
+        payload: &*item.payload,
         traceparent: item.traceparent.clone(),
         source_event_id: item.source_event_id.clone(),
         created_at: item.created_at,
     };
-    let payload = match serde_json::to_vec(&body) {
-        Ok(p) => Bytes::from(p),
+    serde_json::to_vec(&body).map(Bytes::from)
+}
+
+/// The body of a Gateway command submission; the payload is copied as in [`command_body`].
+fn gateway_body(
+    item: &OutboxItem,
+    command: String,
+    aggregate: String,
+    aggregate_id: String,
+) -> Result<Bytes, serde_json::Error> {
+    let body = GatewayCommand {
+        command_id: item.work_id.clone(),
+        tenant_id: item.tenant.clone(),
+        aggregate_type: aggregate,
+        aggregate_id,
+        command,
+        payload: &*item.payload,
+        correlation_id: item.correlation_id.clone(),
+        saga: item.saga.clone(),
+    };
+    serde_json::to_vec(&body).map(Bytes::from)
+}
+
+async fn publish_command(ctx: &Ctx, item: &OutboxItem, effect: &str) -> Pending {
+    let payload = match command_body(item, effect) {
+        Ok(p) => p,
         Err(e) => return Pending::Done(DispatchOutcome::Permanent { error: format!("cannot encode command: {e}") }),
     };
     let mut publish = PublishMessage::build()
@@ -157,18 +169,9 @@ async fn post_gateway(
     let Some(base) = ctx.cfg.gateway_url.clone() else {
         return DispatchOutcome::Retry { error: "gateway.url is not configured".into() };
     };
-    let body = GatewayCommand {
-        command_id: item.work_id.clone(),
-        tenant_id: item.tenant.clone(),
-        aggregate_type: aggregate,
-        aggregate_id,
-        command,
-        payload: serde_json::from_str(item.payload.get()).unwrap_or(serde_json::Value::Null),
-        correlation_id: item.correlation_id.clone(),
-        saga: item.saga.clone(),
-    };
-    let Ok(bytes) = serde_json::to_vec(&body) else {
-        return DispatchOutcome::Permanent { error: "cannot encode the gateway command".into() };
+    let bytes = match gateway_body(&item, command, aggregate, aggregate_id) {
+        Ok(b) => b,
+        Err(e) => return DispatchOutcome::Permanent { error: format!("cannot encode the gateway command: {e}") },
     };
     let mut req = hyper::Request::post(format!("{base}/commands"))
         .header("content-type", "application/json")
@@ -178,7 +181,7 @@ async fn post_gateway(
     if let Some(tp) = &item.traceparent {
         req = req.header(HDR_TRACEPARENT, tp.as_str());
     }
-    let req = match req.body(Full::new(Bytes::from(bytes))) {
+    let req = match req.body(Full::new(bytes)) {
         Ok(r) => r,
         Err(e) => return DispatchOutcome::Permanent { error: format!("bad gateway request: {e}") },
     };
@@ -199,5 +202,60 @@ async fn post_gateway(
                 _ => DispatchOutcome::Permanent { error: format!("gateway refused the command with {status}: {text}") },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Integers past u64 and f64, a trailing zero, escapes, non-ASCII text and keys out of
+    /// order: everything a parse and re-encode would change.
+    const PAYLOAD: &str = r#"{"zeta":18446744073709551616123,"alpha":1.10,"text":"\u00e9t\u00e9 żółw 🐢 \"q\"","nested":{"b":[1,2e3],"a":null}}"#;
+
+    fn item(kind: &str) -> OutboxItem {
+        let text = format!(
+            r#"{{"work_id":"w-1","kind":"{kind}","effect":"charge","command":"Reserve","aggregate":"inventory","aggregate_id":"sku-1","tenant":"acme","saga":"order","correlation_id":"o-1","traceparent":"00-aa-bb-01","source_event_id":"ev-1","payload":{PAYLOAD},"created_at":7}}"#
+        );
+        serde_json::from_str(&text).expect("a valid outbox item")
+    }
+
+    fn text(b: &Bytes) -> &str {
+        std::str::from_utf8(b).expect("UTF-8 body")
+    }
+
+    #[test]
+    fn a_command_body_carries_the_payload_byte_for_byte() {
+        let body = command_body(&item("effect"), "charge").unwrap();
+        assert_eq!(
+            text(&body),
+            format!(
+                r#"{{"command_id":"w-1","tenant_id":"acme","effect":"charge","saga":"order","correlation_id":"o-1","payload":{PAYLOAD},"traceparent":"00-aa-bb-01","source_event_id":"ev-1","created_at":7}}"#
+            )
+        );
+        // Effect workers still read it.
+        let cmd: CommandEnvelope = serde_json::from_slice(&body).unwrap();
+        assert_eq!((cmd.command_id.as_str(), cmd.payload["nested"]["b"][0].as_u64()), ("w-1", Some(1)));
+    }
+
+    #[test]
+    fn a_gateway_body_carries_the_payload_byte_for_byte() {
+        let body = gateway_body(&item("command"), "Reserve".into(), "inventory".into(), "sku-1".into()).unwrap();
+        assert_eq!(
+            text(&body),
+            format!(
+                r#"{{"command_id":"w-1","tenant_id":"acme","aggregate_type":"inventory","aggregate_id":"sku-1","command":"Reserve","payload":{PAYLOAD},"correlation_id":"o-1","saga":"order"}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn the_raw_payload_encodes_like_the_parsed_one_when_parsing_changes_nothing() {
+        // Same field names and order as the decoded form: the wire format did not change.
+        let mut it = item("effect");
+        it.payload = serde_json::value::to_raw_value(&serde_json::json!({"a": 1, "b": "x"})).unwrap();
+        let raw = command_body(&it, "charge").unwrap();
+        let parsed: CommandEnvelope = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(text(&raw), serde_json::to_string(&parsed).unwrap());
     }
 }

@@ -3,13 +3,15 @@
 //! message (its key is blocked and retrying) the message gets in-progress acks so JetStream
 //! does not redeliver it behind the shard's back.
 
-use super::Ctx;
+use crate::context::Ctx;
+use crate::effects::EffectsRuntime;
 use crate::envelope::{self, DecodeError, Transport};
+use crate::quarantine::quarantine;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{Consumer, pull};
 use futures::StreamExt;
 use shards::keys::SagaKey;
-use shards::message::{ApplyOutcome, Event, RawLetter, Request, Target, reply_channel};
+use shards::message::{ApplyOutcome, Event, Request, Target, reply_channel};
 use shards::routing::RouteKey;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -39,12 +41,21 @@ impl Kind {
 
 /// Pulls from one durable consumer until told to stop; re-binds after errors (server
 /// restarts) without losing its position (the consumer is durable).
-pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, mut consumer: Consumer<pull::Config>) {
+/// `effects` is the effect workers' runtime, which [`Kind::Effects`] consumers hand their
+/// messages to.
+pub async fn consume(
+    ctx: Rc<Ctx>,
+    kind: Kind,
+    stream: String,
+    filter: String,
+    mut consumer: Consumer<pull::Config>,
+    effects: Option<Rc<EffectsRuntime>>,
+) {
     let mut stop = ctx.stop_pulling.clone();
     let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
     let redelivered = metrics::counter!("runner_redeliveries_total", "consumer" => kind.label());
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
-    let durable = super::streams::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
+    let durable = crate::config::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
     let mut received = super::screen::Received::default();
     loop {
         if *stop.borrow() {
@@ -95,8 +106,10 @@ pub async fn consume(ctx: Rc<Ctx>, kind: Kind, stream: String, filter: String, m
                         lag.set(info.pending as f64);
                     }
                     ctx.shared.consumed.fetch_add(1, Ordering::Relaxed);
-                    match kind {
-                        Kind::Effects => crate::effects::handle(&ctx, msg).await,
+                    match (kind, &effects) {
+                        (Kind::Effects, Some(effects)) => crate::effects::handle(&ctx, effects, msg).await,
+                        // No runtime, no effect workers: the message stays for redelivery.
+                        (Kind::Effects, None) => {}
                         _ => handle(&ctx, kind, msg).await,
                     }
                 }
@@ -132,28 +145,9 @@ async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration
     stopped || *stop.borrow()
 }
 
-/// Transport facts of a JetStream message.
-pub fn transport(msg: &async_nats::jetstream::Message) -> Transport {
-    let (stream, seq, published_ms) = match msg.info() {
-        Ok(i) => {
-            (i.stream.to_owned(), i.stream_sequence, (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
-        }
-        Err(_) => (String::new(), 0, 0),
-    };
-    let mut headers = BTreeMap::new();
-    if let Some(h) = &msg.headers {
-        for (k, values) in h.iter() {
-            if let Some(v) = values.first() {
-                headers.insert(k.to_string(), v.as_str().to_owned());
-            }
-        }
-    }
-    Transport { stream, seq, subject: msg.subject.to_string(), headers, published_ms }
-}
-
 /// One message from an aggregate or results consumer.
 async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) {
-    let t = transport(&msg);
+    let t = Transport::of(&msg);
     let routed = match kind {
         Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),
         _ => route_result(ctx, &msg.payload, &t),
@@ -232,38 +226,6 @@ fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeE
     }
     let target = Target { saga: r.saga, correlation_id: r.correlation_id, may_start: false };
     Ok(group(ctx, Arc::new(event), vec![target]))
-}
-
-/// Dead-letters a message that cannot be decoded, then `TERM`s it. Never silently dropped:
-/// if the dead letter cannot be written, the message is left for redelivery.
-pub async fn quarantine(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, t: Transport, error: String) {
-    tracing::warn!(stream = %t.stream, seq = t.seq, subject = %t.subject, error = %error, "undecodable message quarantined");
-    let Some(rx) = file_raw_letter(ctx, t, msg.payload.to_vec(), error).await else { return };
-    ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
-    let shared = ctx.shared.clone();
-    tokio::task::spawn_local(async move {
-        if let Ok(()) = rx.await {
-            let _ = msg.ack_with(AckKind::Term).await;
-            metrics::counter!("runner_messages_settled_total", "outcome" => "term").increment(1);
-        }
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-    });
-}
-
-/// Hands the dead letter of a message that cannot be decoded to the shard of the tenant it
-/// claims; the answer comes when it is committed. `None` when the shards are stopping.
-pub async fn file_raw_letter(
-    ctx: &Rc<Ctx>,
-    t: Transport,
-    raw: Vec<u8>,
-    error: String,
-) -> Option<shards::message::ReplyRx<()>> {
-    let tenant = t.claimed_tenant(&raw);
-    let shard = ctx.router.shard(&tenant, RouteKey::Raw { stream: &t.stream, seq: t.seq });
-    let (tx, rx) = reply_channel();
-    let letter = RawLetter { tenant, stream: t.stream, seq: t.seq, subject: t.subject, headers: t.headers, raw, error };
-    ctx.shard(shard).send(Request::Quarantine { letter, reply: tx }).await.ok()?;
-    Some(rx)
 }
 
 /// Waits for every shard's answer (sending in-progress meanwhile), then acks, terms or naks.

@@ -4,65 +4,25 @@
 //! outbox items to dispatch.
 //!
 //! Files: [`streams`] stream and consumer setup; [`ingest`] consumers → shards → acks;
-//! [`dispatch`] outbox items → JetStream / Gateway → confirmations.
+//! [`screen`] messages the client cannot parse; [`dispatch`] outbox items → JetStream /
+//! Gateway → confirmations. What the bridge's tasks share is in [`crate::context`].
 
 pub mod dispatch;
 pub mod ingest;
 pub mod screen;
 pub mod streams;
 
-use crate::config::Config;
+use crate::context::{BridgeShared, Ctx};
 use crate::effects::EffectsRuntime;
 use crate::ops::Ops;
 use shards::manifest::ManifestSet;
 use shards::message::DispatchRequest;
-use shards::routing::Router;
-use shards::runtime::ShardHandle;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// What other threads can see of and do to the bridge.
-#[derive(Debug, Default)]
-pub struct BridgeShared {
-    /// The NATS connection is up.
-    pub connected: AtomicBool,
-    /// Consumers are pulling (false once a drain began).
-    pub pulling: AtomicBool,
-    /// Messages taken from JetStream and not yet settled (acked, termed or naked).
-    pub in_flight: AtomicI64,
-    /// Dispatches handed to JetStream or the Gateway and not yet confirmed.
-    pub dispatching: AtomicI64,
-    pub consumed: AtomicU64,
-    pub acked: AtomicU64,
-    /// Connections made (the first one counts): consumers re-bind after a reconnect.
-    pub connections: AtomicU64,
-    /// Circuit breaker states by upstream (0 closed, 1 half-open, 2 open); written only
-    /// when a state changes.
-    pub breakers: std::sync::Mutex<std::collections::BTreeMap<String, u8>>,
-}
-
-/// Everything the bridge's tasks share (bridge thread only).
-pub struct Ctx {
-    pub cfg: Config,
-    pub client: async_nats::Client,
-    pub js: async_nats::jetstream::Context,
-    pub shards: Vec<ShardHandle>,
-    pub router: Router,
-    pub manifests: RefCell<Arc<ManifestSet>>,
-    pub shared: Arc<BridgeShared>,
-    pub stop_pulling: watch::Receiver<bool>,
-    pub effects: Option<EffectsRuntime>,
-}
-
-impl Ctx {
-    pub fn shard(&self, i: usize) -> &ShardHandle {
-        &self.shards[i % self.shards.len()]
-    }
-}
 
 /// The running bridge, as seen from the main thread.
 pub struct Bridge {
@@ -115,8 +75,8 @@ impl Bridge {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, async move {
                     let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, http } = inputs;
-                    let ctx = match setup(ops2.clone(), url, manifests, stop_pulling).await {
-                        Ok(ctx) => Rc::new(ctx),
+                    let (ctx, effects) = match setup(ops2.clone(), url, manifests, stop_pulling).await {
+                        Ok((ctx, effects)) => (Rc::new(ctx), effects.map(Rc::new)),
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return;
@@ -126,7 +86,7 @@ impl Bridge {
                     if let Some(listener) = http {
                         tokio::task::spawn_local(crate::http::serve(ops2.clone(), listener, shutdown_rx.clone()));
                     }
-                    run(ctx, dispatch, manifests_rx, shutdown_rx, ready_tx).await;
+                    run(ctx, effects, dispatch, manifests_rx, shutdown_rx, ready_tx).await;
                 });
             })
             .map_err(|e| BridgeError::Setup(format!("cannot spawn the bridge thread: {e}")))?;
@@ -166,12 +126,13 @@ impl Drop for Bridge {
     }
 }
 
+/// Connects and creates the streams; the effect workers' runtime when this mode runs them.
 async fn setup(
     ops: Arc<Ops>,
     url: String,
     manifests: Arc<ManifestSet>,
     stop_pulling: watch::Receiver<bool>,
-) -> Result<Ctx, BridgeError> {
+) -> Result<(Ctx, Option<EffectsRuntime>), BridgeError> {
     let cfg = ops.cfg.clone();
     let shards = ops.shards.clone();
     let router = ops.router;
@@ -219,14 +180,18 @@ async fn setup(
     if cfg.create_streams {
         streams::ensure_streams(&js, &cfg).await.map_err(|e| BridgeError::Setup(e.to_string()))?;
     }
-    let effects =
-        if cfg.mode.runs_effects() { Some(EffectsRuntime::new(&cfg, &manifests, client.clone())) } else { None };
+    let effects = if cfg.mode.runs_effects() {
+        Some(EffectsRuntime::new(&cfg, &manifests, client.clone()).map_err(|e| BridgeError::Setup(e.to_string()))?)
+    } else {
+        None
+    };
     tracing::info!(url = %url, "bridge connected");
-    Ok(Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling, effects })
+    Ok((Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling }, effects))
 }
 
 async fn run(
     ctx: Rc<Ctx>,
+    effects: Option<Rc<EffectsRuntime>>,
     dispatch_rx: flume::Receiver<DispatchRequest>,
     manifests_rx: flume::Receiver<Arc<ManifestSet>>,
     mut shutdown: watch::Receiver<bool>,
@@ -267,13 +232,17 @@ async fn run(
             "results" => ingest::Kind::Results,
             _ => ingest::Kind::Effects,
         };
-        consumers.push(tokio::task::spawn_local(ingest::consume(ctx.clone(), kind, stream, filter, consumer)));
+        let effects = effects.clone();
+        consumers.push(tokio::task::spawn_local(ingest::consume(ctx.clone(), kind, stream, filter, consumer, effects)));
     }
     let reload_ctx = ctx.clone();
     let reloader = tokio::task::spawn_local(async move {
         while let Ok(set) = manifests_rx.recv_async().await {
-            if let Some(e) = &reload_ctx.effects {
-                e.reload(&set);
+            if let Some(e) = &effects
+                && let Err(err) = e.reload(&set)
+            {
+                // Validated manifests always build; keep the running providers otherwise.
+                tracing::error!(error = %err, "effect providers not reloaded; the previous ones stay");
             }
             *reload_ctx.manifests.borrow_mut() = set;
         }

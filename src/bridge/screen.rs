@@ -8,7 +8,7 @@
 //! headers and body kept, invariant: never silently dropped), then deletes it from the stream
 //! so that delivery can go on past it.
 
-use super::Ctx;
+use crate::context::Ctx;
 use crate::envelope::Transport;
 use base64::Engine as _;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -116,13 +116,17 @@ async fn fetch(ctx: &Rc<Ctx>, stream: &str, seq: u64) -> Option<RawMessage> {
     let reply = ctx.client.request(subject, body.into()).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
     let m = v.get("message")?;
-    let b64 = |f: &str| {
-        m.get(f).and_then(|x| x.as_str()).and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+    // The server leaves empty fields out; one that is there but not base64 is a fault: skip
+    // the message rather than file (and delete) it without its bytes.
+    let b64 = |f: &str| match m.get(f) {
+        None | Some(serde_json::Value::Null) => Some(None),
+        Some(x) => x.as_str().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()).map(Some),
     };
     Some(RawMessage {
         subject: m.get("subject")?.as_str()?.to_owned(),
-        headers: b64("hdrs"),
-        payload: b64("data").unwrap_or_default(),
+        headers: b64("hdrs")?,
+        // No `data`: an empty body.
+        payload: b64("data")?.unwrap_or_default(),
     })
 }
 
@@ -140,7 +144,7 @@ async fn quarantine(ctx: &Rc<Ctx>, stream: &str, seq: u64, raw: &RawMessage, pro
     headers.insert("x-runner-raw-headers".into(), String::from_utf8_lossy(block).into_owned());
     let t = Transport { stream: stream.to_owned(), seq, subject: raw.subject.clone(), headers, published_ms: 0 };
     tracing::warn!(stream, seq, subject = %raw.subject, error = problem, "unparseable message quarantined and removed from the stream");
-    match super::ingest::file_raw_letter(ctx, t, raw.payload.clone(), problem.to_owned()).await {
+    match crate::quarantine::file_raw_letter(ctx, t, raw.payload.clone(), problem.to_owned()).await {
         Some(rx) => rx.await.is_ok(),
         None => false,
     }

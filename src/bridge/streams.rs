@@ -1,6 +1,6 @@
 //! Streams and durable consumers.
 
-use crate::config::Config;
+use crate::config::{Config, durable_name};
 use async_nats::jetstream::{self, consumer, stream};
 use std::time::Duration;
 
@@ -30,13 +30,6 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &Config) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// The durable name of the consumer for `filter` on `stream`: stable across restarts and
-/// distinct per filter, so each tenant range keeps its own position.
-pub fn durable_name(prefix: &str, role: &str, filter: &str) -> String {
-    let h = xxhash_rust::xxh3::xxh3_64(filter.as_bytes());
-    format!("{prefix}-{role}-{h:016x}")
 }
 
 /// Binds (creating when missing) a durable pull consumer, restarting its delivery at its

@@ -16,17 +16,17 @@
 pub mod breaker;
 pub mod provider;
 
-use crate::bridge::Ctx;
-use crate::bridge::ingest::{quarantine, transport};
 use crate::config::Config;
+use crate::context::{BridgeShared, Ctx};
 use crate::envelope::{
-    self, CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT, ResultEnvelope,
+    self, CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT, ResultEnvelope, Transport,
 };
+use crate::quarantine::quarantine;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use breaker::{Breaker, Permit};
 use bytes::Bytes;
-use provider::{Outcome, Provider, Secrets};
+use provider::{Outcome, Provider, ProviderError, Secrets};
 use shards::keys::EffectKey;
 use shards::manifest::{EffectSpec, ManifestSet};
 use shards::message::{GateDecision, Request, reply_channel};
@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// An effect's manifest entry and its provider.
 pub type Effect = Rc<(EffectSpec, Box<dyn Provider>)>;
@@ -47,7 +48,7 @@ pub struct EffectsRuntime {
     /// Upstreams whose breaker state was published at least once.
     announced: RefCell<std::collections::BTreeSet<String>>,
     secrets: Secrets,
-    http: crate::bridge::dispatch::HttpClient,
+    http: crate::http_client::HttpClient,
     nats: async_nats::Client,
     concurrency: std::sync::Arc<tokio::sync::Semaphore>,
 }
@@ -59,31 +60,33 @@ fn now_ms() -> u64 {
 use shards::clock::Clock;
 
 impl EffectsRuntime {
-    pub fn new(cfg: &Config, set: &ManifestSet, nats: async_nats::Client) -> Self {
+    pub fn new(cfg: &Config, set: &ManifestSet, nats: async_nats::Client) -> Result<Self, ProviderError> {
         let rt = Self {
             effects: RefCell::new(BTreeMap::new()),
             breakers: RefCell::new(BTreeMap::new()),
             announced: RefCell::new(Default::default()),
             secrets: Secrets::new(&cfg.secrets_dir),
-            http: crate::bridge::dispatch::http_client(),
+            http: crate::http_client::http_client(),
             nats,
             concurrency: std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.effect_concurrency)),
         };
-        rt.reload(set);
-        rt
+        rt.reload(set)?;
+        Ok(rt)
     }
 
-    /// Takes a new manifest set (reload): providers are rebuilt; breakers stay.
-    pub fn reload(&self, set: &ManifestSet) {
+    /// Takes a new manifest set (reload): providers are rebuilt; breakers stay. If one
+    /// provider cannot be built, none is replaced.
+    pub fn reload(&self, set: &ManifestSet) -> Result<(), ProviderError> {
         let effects = set
             .effects
             .values()
             .map(|spec| {
-                let p = provider::build(spec, self.http.clone(), self.nats.clone(), self.secrets.clone());
-                (spec.name.clone(), Rc::new((spec.clone(), p)))
+                let p = provider::build(spec, self.http.clone(), self.nats.clone(), self.secrets.clone())?;
+                Ok((spec.name.clone(), Rc::new((spec.clone(), p))))
             })
-            .collect();
+            .collect::<Result<_, ProviderError>>()?;
         *self.effects.borrow_mut() = effects;
+        Ok(())
     }
 
     fn effect(&self, name: &str) -> Option<Effect> {
@@ -93,7 +96,7 @@ impl EffectsRuntime {
     /// Runs `f` on the upstream's breaker and publishes a state change (metrics, shared).
     fn with_breaker<R>(
         &self,
-        shared: &crate::bridge::BridgeShared,
+        shared: &BridgeShared,
         upstream: &str,
         spec: Option<&EffectSpec>,
         f: impl FnOnce(&mut Breaker) -> R,
@@ -125,15 +128,15 @@ impl EffectsRuntime {
         Some(r)
     }
 
-    fn permit(&self, shared: &crate::bridge::BridgeShared, upstream: &str, spec: &EffectSpec, now: u64) -> Permit {
+    fn permit(&self, shared: &BridgeShared, upstream: &str, spec: &EffectSpec, now: u64) -> Permit {
         self.with_breaker(shared, upstream, Some(spec), |b| b.permit(now)).unwrap_or(Permit::Go)
     }
 
-    fn record(&self, shared: &crate::bridge::BridgeShared, upstream: &str, ok: bool, now: u64) {
+    fn record(&self, shared: &BridgeShared, upstream: &str, ok: bool, now: u64) {
         self.with_breaker(shared, upstream, None, |b| if ok { b.success() } else { b.failure(now) });
     }
 
-    fn cancel(&self, shared: &crate::bridge::BridgeShared, upstream: &str) {
+    fn cancel(&self, shared: &BridgeShared, upstream: &str) {
         self.with_breaker(shared, upstream, None, |b| b.cancel());
     }
 
@@ -144,9 +147,8 @@ impl EffectsRuntime {
 }
 
 /// One command message.
-pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
-    let Some(effects) = ctx.effects.as_ref() else { return };
-    let t = transport(&msg);
+pub async fn handle(ctx: &Rc<Ctx>, effects: &Rc<EffectsRuntime>, msg: async_nats::jetstream::Message) {
+    let t = Transport::of(&msg);
     if msg.payload.len() > ctx.cfg.max_event_bytes {
         let e = envelope::DecodeError::TooLarge { size: msg.payload.len(), limit: ctx.cfg.max_event_bytes };
         quarantine(ctx, msg, t, e.to_string()).await;
@@ -181,25 +183,26 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
     }
     ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let ctx = ctx.clone();
+    let effects = effects.clone();
     tokio::task::spawn_local(async move {
         let _permit = permit;
         let decision = rx.await;
         match decision {
-            Err(_) => effects_of(&ctx).cancel(&ctx.shared, &upstream),
+            Err(_) => effects.cancel(&ctx.shared, &upstream),
             Ok(GateDecision::Invalid { reason }) => {
-                effects_of(&ctx).cancel(&ctx.shared, &upstream);
+                effects.cancel(&ctx.shared, &upstream);
                 ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 quarantine(&ctx, msg, t, reason).await;
                 return;
             }
             Ok(GateDecision::Busy { same_message }) => {
-                effects_of(&ctx).cancel(&ctx.shared, &upstream);
+                effects.cancel(&ctx.shared, &upstream);
                 if !same_message {
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
             Ok(GateDecision::Completed { subject, outcome, result }) => {
-                effects_of(&ctx).cancel(&ctx.shared, &upstream);
+                effects.cancel(&ctx.shared, &upstream);
                 metrics::counter!("runner_effect_replayed_total", "effect" => cmd.effect.clone()).increment(1);
                 match publish_result(&ctx, &cmd, &subject, Bytes::from(result)).await {
                     Ok(()) => {
@@ -212,20 +215,27 @@ pub async fn handle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message) {
                 }
                 let _ = outcome;
             }
-            Ok(GateDecision::Run { attempt }) => run(&ctx, &entry, &upstream, cmd, key, shard, attempt, msg).await,
+            Ok(GateDecision::Run { attempt }) => {
+                // Instrumented, not entered: the span must not tag other tasks' lines while
+                // this one waits.
+                let span = run_span(&cmd, attempt);
+                run(&ctx, &effects, &entry, &upstream, cmd, key, shard, attempt, msg).instrument(span).await
+            }
         }
         ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     });
 }
 
-fn effects_of(ctx: &Ctx) -> &EffectsRuntime {
-    // Only called from effect tasks, which exist only when effects run.
-    ctx.effects.as_ref().unwrap_or_else(|| unreachable!("effects task without an effects runtime"))
+/// The span of one gated run of a command: its log lines name the command.
+fn run_span(cmd: &CommandEnvelope, attempt: u32) -> tracing::Span {
+    let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
+    tracing::info_span!("effect", effect = %cmd.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, trace_id = %trace_id, gate_attempt = attempt)
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
     ctx: &Rc<Ctx>,
+    effects: &EffectsRuntime,
     entry: &Effect,
     upstream: &str,
     cmd: CommandEnvelope,
@@ -234,11 +244,7 @@ async fn run(
     attempt: u32,
     msg: async_nats::jetstream::Message,
 ) {
-    let effects = effects_of(ctx);
     let (spec, provider) = (&entry.0, &entry.1);
-    let trace_id = cmd.traceparent.as_deref().and_then(|t| t.split('-').nth(1)).unwrap_or("");
-    let span = tracing::info_span!("effect", effect = %cmd.effect, tenant = %cmd.tenant_id, correlation_id = %cmd.correlation_id, command_id = %cmd.command_id, trace_id = %trace_id, gate_attempt = attempt);
-    let _enter = span.enter();
     let duration = metrics::histogram!("runner_effect_seconds", "effect" => cmd.effect.clone());
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
     let mut last_progress = Instant::now();
@@ -320,7 +326,9 @@ async fn run(
         traceparent: cmd.traceparent.clone(),
     };
     let subject = envelope::result_subject(&cmd.tenant_id, &cmd.effect, outcome);
-    let body = Bytes::from(serde_json::to_vec(&result).unwrap_or_default());
+    let body = Bytes::from(
+        serde_json::to_vec(&result).expect("a ResultEnvelope always encodes: strings, integers and a JSON value"),
+    );
     // Keep trying the publish (the server may be restarting) before giving the message back:
     // calling the provider again is the costlier way out.
     let deadline = Instant::now() + Duration::from_millis(ctx.cfg.ack_wait_ms.max(10_000) * 2);

@@ -9,8 +9,8 @@
 //! `{{correlation_id}}` are replaced; a body string that is exactly one placeholder becomes
 //! the JSON value itself (numbers stay numbers).
 
-use crate::bridge::dispatch::HttpClient;
 use crate::envelope::{CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
+use crate::http_client::HttpClient;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -136,15 +136,37 @@ pub fn render_json(template: &Value, ctx: &Value) -> Value {
     }
 }
 
+/// Why an effect's provider cannot be built (manifest validation rules these out; a set
+/// that skipped it must not get a provider calling an empty URL or subject).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("effect {effect:?}: settings.{setting} (a string) is required for the {provider:?} provider")]
+    MissingSetting { effect: String, provider: ProviderKind, setting: &'static str },
+}
+
+/// A required string setting of an effect.
+fn required_str(spec: &EffectSpec, setting: &'static str) -> Result<String, ProviderError> {
+    spec.settings
+        .get(setting)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| ProviderError::MissingSetting { effect: spec.name.clone(), provider: spec.provider, setting })
+}
+
 /// Builds the provider of an effect.
-pub fn build(spec: &EffectSpec, http: HttpClient, nats: async_nats::Client, secrets: Secrets) -> Box<dyn Provider> {
+pub fn build(
+    spec: &EffectSpec,
+    http: HttpClient,
+    nats: async_nats::Client,
+    secrets: Secrets,
+) -> Result<Box<dyn Provider>, ProviderError> {
     let s = &spec.settings;
     let str_setting = |k: &str| s.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    match spec.provider {
+    Ok(match spec.provider {
         ProviderKind::Http => Box::new(HttpProvider {
             effect: spec.name.clone(),
             method: str_setting("method").unwrap_or_else(|| "POST".into()).to_ascii_uppercase(),
-            url: str_setting("url").unwrap_or_default(),
+            url: required_str(spec, "url")?,
             headers: s
                 .get("headers")
                 .and_then(|h| h.as_object())
@@ -155,7 +177,7 @@ pub fn build(spec: &EffectSpec, http: HttpClient, nats: async_nats::Client, secr
             secrets,
         }),
         ProviderKind::NatsRequest => Box::new(NatsRequestProvider {
-            subject: str_setting("subject").unwrap_or_default(),
+            subject: required_str(spec, "subject")?,
             body: s.get("body").cloned(),
             timeout: Duration::from_millis(spec.timeout_ms),
             nats,
@@ -166,7 +188,7 @@ pub fn build(spec: &EffectSpec, http: HttpClient, nats: async_nats::Client, secr
         ProviderKind::Noop => {
             Box::new(LocalProvider { effect: spec.name.clone(), log: false, result: s.get("result").cloned() })
         }
-    }
+    })
 }
 
 struct HttpProvider {
@@ -215,9 +237,10 @@ impl Provider for HttpProvider {
                     Err(e) => return Outcome::Retryable(e),
                 }
             }
+            // A `Value` prints as compact JSON and cannot fail to.
             let body = match &self.body {
-                Some(t) => serde_json::to_vec(&render_json(t, &ctx)).unwrap_or_default(),
-                None => serde_json::to_vec(&cmd.payload).unwrap_or_default(),
+                Some(t) => render_json(t, &ctx).to_string(),
+                None => cmd.payload.to_string(),
             };
             let req = match req.body(Full::new(Bytes::from(body))) {
                 Ok(r) => r,
@@ -277,7 +300,7 @@ impl Provider for NatsRequestProvider {
             if let Some(tp) = &cmd.traceparent {
                 headers.insert(HDR_TRACEPARENT, tp.as_str());
             }
-            let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            let payload = Bytes::from(body.to_string());
             let req = self.nats.request_with_headers(self.subject.clone(), headers, payload);
             match tokio::time::timeout(self.timeout, req).await {
                 Err(_) => {
@@ -285,7 +308,11 @@ impl Provider for NatsRequestProvider {
                 }
                 Ok(Err(e)) => Outcome::Retryable(format!("request on {} failed: {e}", self.subject)),
                 Ok(Ok(msg)) => {
-                    let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+                    // A reply that is not JSON is kept as text (as the http provider does),
+                    // not turned into null.
+                    let v: Value = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&msg.payload).chars().take(500).collect())
+                    });
                     match v.get("error").and_then(|e| e.as_str()) {
                         Some(err) => Outcome::Failed(err.to_owned()),
                         None => Outcome::Succeeded(if v.is_object() { v } else { serde_json::json!({ "reply": v }) }),
@@ -327,6 +354,19 @@ mod tests {
         assert_eq!(render_str("/pay/{{payload.who.name}}?c={{command_id}}&x={{missing}}", &ctx), "/pay/ann?c=c-1&x=");
         let body = serde_json::json!({"amount": "{{payload.amount}}", "note": "for {{payload.who.name}}", "list": ["{{command_id}}"]});
         assert_eq!(render_json(&body, &ctx), serde_json::json!({"amount": 40, "note": "for ann", "list": ["c-1"]}));
+    }
+
+    #[test]
+    fn a_required_setting_that_is_missing_or_not_a_string_is_an_error() {
+        let mut spec: EffectSpec =
+            serde_json::from_value(serde_json::json!({"name": "charge", "provider": "http", "settings": {"url": 5}}))
+                .unwrap();
+        let e = required_str(&spec, "url").unwrap_err();
+        assert_eq!(e.to_string(), "effect \"charge\": settings.url (a string) is required for the Http provider");
+        spec.settings.remove("url");
+        assert!(matches!(required_str(&spec, "url"), Err(ProviderError::MissingSetting { setting: "url", .. })));
+        spec.settings.insert("url".into(), "http://up/pay".into());
+        assert_eq!(required_str(&spec, "url").unwrap(), "http://up/pay");
     }
 
     #[test]

@@ -162,7 +162,7 @@ impl Harness {
     pub fn http(&self, method: &str, url: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (u16, String) {
         use http_body_util::{BodyExt, Full};
         self.block_on(async {
-            let client = runner::bridge::dispatch::http_client();
+            let client = runner::http_client::http_client();
             let mut req = hyper::Request::builder().method(method).uri(url);
             if let Some(t) = token {
                 req = req.header("authorization", format!("Bearer {t}"));

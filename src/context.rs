@@ -1,0 +1,51 @@
+//! The bridge's shared state: [`Ctx`], what the tasks on the bridge thread (consumers,
+//! dispatch, effect workers) share; [`BridgeShared`], what other threads (operations, the
+//! main thread) can see of and do to the bridge. Its own module so that the bridge, the
+//! effect workers and operations can all use it without depending on each other.
+
+use crate::config::Config;
+use shards::manifest::ManifestSet;
+use shards::routing::Router;
+use shards::runtime::ShardHandle;
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+use tokio::sync::watch;
+
+/// What other threads can see of and do to the bridge.
+#[derive(Debug, Default)]
+pub struct BridgeShared {
+    /// The NATS connection is up.
+    pub connected: AtomicBool,
+    /// Consumers are pulling (false once a drain began).
+    pub pulling: AtomicBool,
+    /// Messages taken from JetStream and not yet settled (acked, termed or naked).
+    pub in_flight: AtomicI64,
+    /// Dispatches handed to JetStream or the Gateway and not yet confirmed.
+    pub dispatching: AtomicI64,
+    pub consumed: AtomicU64,
+    pub acked: AtomicU64,
+    /// Connections made (the first one counts): consumers re-bind after a reconnect.
+    pub connections: AtomicU64,
+    /// Circuit breaker states by upstream (0 closed, 1 half-open, 2 open); written only
+    /// when a state changes.
+    pub breakers: std::sync::Mutex<std::collections::BTreeMap<String, u8>>,
+}
+
+/// Everything the bridge's tasks share (bridge thread only).
+pub struct Ctx {
+    pub cfg: Config,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub shards: Vec<ShardHandle>,
+    pub router: Router,
+    pub manifests: RefCell<Arc<ManifestSet>>,
+    pub shared: Arc<BridgeShared>,
+    pub stop_pulling: watch::Receiver<bool>,
+}
+
+impl Ctx {
+    pub fn shard(&self, i: usize) -> &ShardHandle {
+        &self.shards[i % self.shards.len()]
+    }
+}
