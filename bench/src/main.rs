@@ -6,6 +6,7 @@ mod backlog;
 mod cpu;
 mod durability;
 mod js;
+mod orders;
 mod pipeline;
 mod plot;
 mod progress;
@@ -62,6 +63,20 @@ enum Cmd {
     Backlog(backlog::Args),
     /// fsync against the unsafe durability modes, pipeline and end to end.
     Durability(durability::Args),
+    /// The order workflow with every party in its own process (runner, nats-server, upstream,
+    /// Gateway, load): closed loop and open-loop rates, latency to the final upstream call,
+    /// CPU per process and runner thread, commits per order, exactly-once from the upstream's
+    /// records, the raw JetStream step as the baseline (issue 16).
+    Orders(orders::Args),
+    /// (Used by `orders`.) The upstream process: records and answers HTTP effect calls.
+    #[command(hide = true)]
+    Upstream(orders::servers::UpstreamArgs),
+    /// (Used by `orders`.) The Gateway process: answers aggregate commands, appends events.
+    #[command(hide = true)]
+    Gateway(orders::servers::GatewayArgs),
+    /// (Used by `orders`.) The load process: publishes orders, hears of their final calls.
+    #[command(hide = true)]
+    OrdersLoad(orders::load::LoadArgs),
     /// Every end-to-end workload (step with its raw baseline, workflow, scaling, backlog,
     /// durability) with default settings, then the goals table.
     All,
@@ -192,7 +207,43 @@ fn run_all(quick: bool, out: Option<&Path>) -> bool {
     ok
 }
 
+/// `runner-bench runner ARGS…` is the `runner` binary itself (`runner::cli`): the harness of
+/// `orders` starts it as the runner process when no `--runner-bin` is given, so the runner
+/// it measures is always built from the same sources as the harness, without a second build.
+fn runner_passthrough() -> Option<std::process::ExitCode> {
+    let mut argv = std::env::args_os();
+    let program = argv.next()?;
+    if argv.next().is_none_or(|a| a != "runner") {
+        return None;
+    }
+    let _ = program;
+    let cli = <runner::cli::Cli as Parser>::parse_from(std::iter::once("runner".into()).chain(argv));
+    Some(match runner::cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
+
+/// Exit status of a helper process of `orders`.
+fn helper(r: Result<bool, String>) -> ! {
+    match r {
+        Ok(true) => std::process::exit(0),
+        // The load wrote its (incomplete) results.
+        Ok(false) => std::process::exit(3),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
+    if let Some(code) = runner_passthrough() {
+        std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
+    }
     let cli = Cli::parse();
     if cli.no_progress {
         progress::hide();
@@ -209,6 +260,10 @@ fn main() {
         Cmd::Scaling(a) => scaling::run(a, quick, out),
         Cmd::Backlog(a) => backlog::run(a, quick, out),
         Cmd::Durability(a) => durability::run(a, quick, out),
+        Cmd::Orders(a) => orders::run(a, quick, out),
+        Cmd::Upstream(a) => helper(orders::servers::upstream(a).map(|_| true)),
+        Cmd::Gateway(a) => helper(orders::servers::gateway(a).map(|_| true)),
+        Cmd::OrdersLoad(a) => helper(orders::load::run(a)),
         Cmd::All => {
             let ok = run_all(quick, out);
             if let Some(dir) = out {
