@@ -118,3 +118,61 @@ fn quick_store_pipeline_and_raw_print_their_tables() {
     let rate = stdout.lines().find(|l| l.starts_with("| 3000 |")).expect("raw row");
     assert!(!rate.contains("| 0 |"), "{rate}");
 }
+
+/// Checks one `orders` report: every order of every run completed, the exactly-once check
+/// passed, and the numbers are sane.
+fn orders_report(out: &Path, processes: &[&str]) {
+    let r = json(out, "order-workflow-in-separate-processes.json");
+    positive(&r["data"]["raw_steps_per_s"], "raw JetStream baseline");
+    let runs = r["data"]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "a closed loop and one open-loop rate: {runs:?}");
+    assert!(runs[0]["closed_in_flight"].as_u64().is_some() && runs[1]["offered_per_s"].as_f64().is_some());
+    for run in runs {
+        let label = run["label"].as_str().unwrap();
+        let orders = run["orders"].as_u64().unwrap();
+        assert!(orders >= 100, "{label}: {orders} orders");
+        assert_eq!(run["completed"].as_u64(), Some(orders), "{label}: every order made its final call");
+        let eo = &run["exactly_once"];
+        assert_eq!(run["exactly_once_passed"], true, "{label}: {eo}");
+        assert_eq!(eo["orders"].as_u64(), Some(orders), "{label}");
+        assert!(eo["declined"].as_u64().unwrap() > 0, "{label}: some payments declined and compensated: {eo}");
+        // Good orders make 3 calls, declined ones 4 (http) or 3 (gateway), plus duplicates.
+        assert!(eo["calls"].as_u64().unwrap() >= 3 * orders, "{label}: {eo}");
+        assert!(run["problem"].is_null(), "{label}: {}", run["problem"]);
+        positive(&run["orders_per_s"], "orders/s");
+        let (p50, p90, p99, max) = (
+            positive(&run["p50_us"], "p50"),
+            positive(&run["p90_us"], "p90"),
+            positive(&run["p99_us"], "p99"),
+            positive(&run["max_us"], "max"),
+        );
+        assert!(p50 <= p90 && p90 <= p99 && p99 <= max, "{run}");
+        positive(&run["commits_per_order"], "commits per order");
+        for p in processes {
+            assert!(run["cpu"][p]["us_per_order"].as_f64().is_some(), "{label}: no CPU for {p}: {}", run["cpu"]);
+        }
+        let threads = run["runner_threads"].as_object().unwrap();
+        assert!(threads.keys().any(|t| t.starts_with("shard")), "{label}: runner threads {threads:?}");
+    }
+}
+
+#[test]
+fn quick_orders_runs_every_party_in_its_own_process_and_every_order_happens_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("http");
+    let stdout = run(&["--out", out.to_str().unwrap(), "orders"]);
+    // Shown only when the test fails.
+    eprintln!("{stdout}");
+    table_after(&stdout, "## Order workflow in separate processes", 3);
+    assert!(stdout.contains("| pass"), "{stdout}");
+    orders_report(&out, &["runner", "nats-server", "upstream", "load"]);
+    let svg = std::fs::read_to_string(out.join("orders-latency.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+
+    // The original example: Reserve through the Gateway process.
+    let out = dir.path().join("gateway");
+    let stdout = run(&["--out", out.to_str().unwrap(), "orders", "--flow", "gateway"]);
+    eprintln!("{stdout}");
+    table_after(&stdout, "## Order workflow in separate processes", 3);
+    orders_report(&out, &["runner", "nats-server", "upstream", "gateway", "load"]);
+}
