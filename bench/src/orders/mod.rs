@@ -198,7 +198,8 @@ pub fn run(args: Args, quick: bool, out: Option<&Path>) -> Result<Report, String
     crate::pipeline::parse_durability(&args.durability)?;
     let me = std::env::current_exe().map_err(err("this executable"))?;
     let runner = match &args.runner_bin {
-        Some(b) => (b.clone(), vec![]),
+        // Absolute: the runner runs in its run folder.
+        Some(b) => (std::fs::canonicalize(b).map_err(|e| format!("--runner-bin {}: {e}", b.display()))?, vec![]),
         None => (me.clone(), vec!["runner".to_owned()]),
     };
     let tmp = tempfile::tempdir_in(crate::store::bench_dir()).map_err(err("temp dir"))?;
