@@ -78,7 +78,7 @@ enum Cmd {
     #[command(hide = true)]
     OrdersLoad(orders::load::LoadArgs),
     /// Every end-to-end workload (step with its raw baseline, workflow, scaling, backlog,
-    /// durability) with default settings, then the goals table.
+    /// durability, orders) with default settings, then the goals table.
     All,
 }
 
@@ -175,6 +175,31 @@ fn goals(reports: &[Report]) -> Report {
             .map(|v| (v, format!("{:+.0}%", v * 100.0))),
         Some(&|v| v < 0.10),
     );
+    // Issue 16's targets, from the separate-process order workflow (default loads only: a
+    // quick run's loads are smaller and leave these "not measured").
+    let runs =
+        find("Order workflow in separate processes").and_then(|d| d["runs"].as_array().cloned()).unwrap_or_default();
+    let closed = runs.iter().find(|r| r["closed_in_flight"].as_u64() == Some(256));
+    let open = |rate: f64| runs.iter().find(|r| r["offered_per_s"].as_f64() == Some(rate));
+    let ms = |r: Option<&serde_json::Value>, key: &str| {
+        r.and_then(|r| r[key].as_f64()).map(|v| (v, format!("{:.2} ms", v / 1000.0)))
+    };
+    row(
+        "order workflow, separate processes, 256 in flight (issue 16)",
+        "≥ 3,000 orders/s",
+        closed.and_then(|r| r["orders_per_s"].as_f64()).map(|v| (v, report::fmt_rate(v))),
+        Some(&|v| v >= 3000.0),
+    );
+    row("order workflow at an open 300 orders/s: p50", "< 5 ms", ms(open(300.0), "p50_us"), Some(&|v| v < 5000.0));
+    row("order workflow at an open 300 orders/s: p99", "< 15 ms", ms(open(300.0), "p99_us"), Some(&|v| v < 15_000.0));
+    // Sustained: the completions keep up with the offered rate (within 2%).
+    let sustained = open(1000.0).and_then(|r| r["orders_per_s"].as_f64()).is_some_and(|v| v >= 980.0);
+    row(
+        "order workflow at an open 1,000 orders/s: p99, sustained",
+        "< 25 ms",
+        ms(open(1000.0), "p99_us"),
+        Some(&move |v| sustained && v < 25_000.0),
+    );
     g
 }
 
@@ -182,12 +207,13 @@ fn goals(reports: &[Report]) -> Report {
 /// does not stop the others), then the goals table. Returns whether all succeeded.
 fn run_all(quick: bool, out: Option<&Path>) -> bool {
     type Workload<'a> = Box<dyn Fn() -> Result<Report, String> + 'a>;
-    let workloads: [(&str, Workload); 5] = [
+    let workloads: [(&str, Workload); 6] = [
         ("step", Box::new(|| step::run(defaults(), quick, out))),
         ("workflow", Box::new(|| workflow::run(defaults(), quick, out))),
         ("scaling", Box::new(|| scaling::run(defaults(), quick, out))),
         ("backlog", Box::new(|| backlog::run(defaults(), quick, out))),
         ("durability", Box::new(|| durability::run(defaults(), quick, out))),
+        ("orders", Box::new(|| orders::run(defaults(), quick, out))),
     ];
     let mut ok = true;
     let mut reports = Vec::new();
