@@ -382,6 +382,10 @@ fn start_runner(
 fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
     let a = env.args;
     let dir = env.base.join(format!("run-{k}"));
+    // A folder kept from an earlier run (--keep) would hand the runner its old data.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
     std::fs::create_dir_all(&dir).map_err(err("run folder"))?;
     env.js.reset();
     // Orders finish in the load process: the bar shows the elapsed time only.
