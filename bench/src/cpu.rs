@@ -24,6 +24,27 @@ pub fn this_thread() -> f64 {
     std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|t| parse_stat(&t)).map(|(_, s)| s).unwrap_or(0.0)
 }
 
+/// CPU seconds a process used so far (every thread, also those that ended), `None` when it
+/// is gone.
+pub fn process(pid: u32) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|t| parse_stat(&t)).map(|(_, s)| s)
+}
+
+/// CPU seconds of each live thread of a process, summed by thread name (`shard-0` and
+/// `shard-1` stay apart; several `tokio-runtime-w` threads add up).
+pub fn threads(pid: u32) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in dir.flatten() {
+            if let Some((name, secs)) = std::fs::read_to_string(e.path().join("stat")).ok().and_then(|t| parse_stat(&t))
+            {
+                *m.entry(name).or_insert(0.0) += secs;
+            }
+        }
+    }
+    m
+}
+
 /// CPU seconds of this process's threads, grouped by name with trailing digits dropped
 /// (`shard-0`, `shard-1` → `shard-`), plus `nats-server` for the server's process.
 #[derive(Debug, Clone, Default)]

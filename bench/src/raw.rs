@@ -128,13 +128,21 @@ pub fn throughput(js: &Js, n: u64, window: Window) -> Result<(f64, Snapshot), St
     let mut cpu = Snapshot::take(js.server.pid()).since(&before);
     cpu.0.insert("raw-loop".into(), loop_cpu);
     pb.finish_and_clear();
-    // Every step done: one output each, every input acked.
+    // Every step done: one output each, every input acked. An ack is a plain publish that the
+    // server applies after the loop has seen it go out: wait (bounded) for the ack floor.
     let out = js.count("RAW_OUT");
-    let acked = js.rt.block_on(async {
-        let s = js.js.get_stream("RAW_IN").await.map_err(err("RAW_IN"))?;
-        let info = s.consumer_info("raw").await.map_err(err("raw consumer"))?;
-        Ok::<_, String>((info.ack_floor.stream_sequence, info.num_ack_pending))
-    })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let acked = loop {
+        let acked = js.rt.block_on(async {
+            let s = js.js.get_stream("RAW_IN").await.map_err(err("RAW_IN"))?;
+            let info = s.consumer_info("raw").await.map_err(err("raw consumer"))?;
+            Ok::<_, String>((info.ack_floor.stream_sequence, info.num_ack_pending))
+        })?;
+        if acked == (n, 0) || std::time::Instant::now() >= deadline {
+            break acked;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     if out != n || acked != (n, 0) {
         return Err(format!("raw step: {out} outputs, ack floor {} with {} pending, for {n} inputs", acked.0, acked.1));
     }
