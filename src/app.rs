@@ -28,11 +28,14 @@ pub struct AppOptions {
     pub clock: SharedClock,
     /// Serve the operations endpoints on `http.addr`. Default true.
     pub serve_http: bool,
+    /// Count every time a shard holds its thread longer than this without yielding
+    /// ([`App::stalls`]). Default off; the test harness turns it on and fails on a stall.
+    pub stall_threshold: Option<Duration>,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        Self { manifests: None, clock: shards::clock::system(), serve_http: true }
+        Self { manifests: None, clock: shards::clock::system(), serve_http: true, stall_threshold: None }
     }
 }
 
@@ -83,6 +86,7 @@ impl App {
         let mut rcfg = RuntimeConfig {
             pinning: if cfg.pin_cores { Pinning::Auto } else { Pinning::None },
             inbox_capacity: cfg.inbox_capacity,
+            stall_threshold: opts.stall_threshold,
             ..RuntimeConfig::default()
         };
         rcfg.shard.store = store_cfg;
@@ -141,6 +145,11 @@ impl App {
 
     pub fn runtime(&self) -> &ShardRuntime {
         self.runtime.as_ref().unwrap_or_else(|| unreachable!("runtime taken only by shutdown"))
+    }
+
+    /// Times a shard held its thread past `AppOptions::stall_threshold`.
+    pub fn stalls(&self) -> u64 {
+        self.runtime.as_ref().map_or(0, |rt| rt.stalls())
     }
 
     pub fn bridge(&self) -> &Bridge {

@@ -83,6 +83,9 @@ pub struct RelayState {
     /// batch, the idle poll); else the smallest key the window had no room for — items below
     /// it are all in the window already, so a scan under load does not re-walk them.
     scan_from: Option<OutboxKey>,
+    /// Items with a higher sequence were committed but may not be on disk yet: a scan
+    /// leaves them to the commit's own offer, made once it is durable.
+    durable_seq: u64,
 }
 
 impl RelayState {
@@ -100,7 +103,13 @@ impl RelayState {
             // A fresh shard may have items left from before a restart.
             needs_scan: true,
             scan_from: None,
+            durable_seq: u64::MAX,
         }
+    }
+
+    /// Outbox sequences up to `seq` are on disk (the shell tells after each flush).
+    pub fn set_durable(&mut self, seq: u64) {
+        self.durable_seq = seq;
     }
 
     pub fn config(&self) -> &RelayConfig {
@@ -173,8 +182,9 @@ impl RelayState {
         };
         loop {
             let room = self.cfg.window.saturating_sub(self.known.len());
-            let known = &self.known;
-            let (page, last, done) = view.outbox_where(from, 4_096, room, |k| !known.contains(k))?;
+            let (known, durable) = (&self.known, self.durable_seq);
+            let (page, last, done) =
+                view.outbox_where(from, 4_096, room, |k| k.seq <= durable && !known.contains(k))?;
             for (key, item) in page {
                 self.admit(key, item, now);
             }

@@ -1,6 +1,9 @@
 //! The thread-per-core runtime: one glommio executor per shard, pinned to its core, and
-//! the handles the I/O bridge uses to reach them. Sending is lock-free (bounded flume
-//! channels); answers come back on one-shot channels.
+//! the handles the I/O bridge uses to reach them. Requests go through bounded flume
+//! channels, which work from any executor; flume guards each channel's queue with a short
+//! mutex (held for a push or a pop, never across an await), so sending is not lock-free,
+//! but a sender and the shard never wait on each other except for a full inbox. Answers
+//! come back on one-shot channels (`futures-channel`: try-locks that never block).
 //!
 //! Shutdown is ordered: every shard is told to stop, finishes and commits what it already
 //! accepted, answers what it can, and its thread is joined.
@@ -13,6 +16,7 @@ use crate::routing::Router;
 use crate::shell::{ShardChannels, ShardConfig, ShardHealth, run_shard};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -55,7 +59,8 @@ pub struct RuntimeConfig {
     /// Requests waiting per shard inbox. Default 8,192.
     pub inbox_capacity: usize,
     pub shard: ShardConfig,
-    /// Log tasks that hold the executor longer than this (tests turn it on).
+    /// Log and count tasks that hold a shard's executor this long past their budget
+    /// without yielding (test harnesses turn it on and fail on a stall).
     pub stall_threshold: Option<Duration>,
 }
 
@@ -114,7 +119,9 @@ pub struct ShardRuntime {
     executors: Vec<Executor>,
 }
 
-/// glommio's stall detector with our threshold; it logs through `log` (bridged to tracing).
+/// glommio's stall detector with our threshold: it logs a backtrace of a task queue that
+/// runs past its budget without yielding. The shard also times its own synchronous
+/// sections and counts the ones over the threshold ([`ShardRuntime::stalls`]).
 #[derive(Debug)]
 struct StallLogger(Duration);
 
@@ -159,8 +166,9 @@ impl ShardRuntime {
                 control_tx: control_tx.clone(),
                 dispatch: dispatch.clone(),
             };
-            let (shard_cfg, data, manifests, clock, h) =
-                (cfg.shard.clone(), data.clone(), manifests.clone(), clock.clone(), health.clone());
+            let mut shard_cfg = cfg.shard.clone();
+            shard_cfg.stall_threshold = cfg.stall_threshold;
+            let (data, manifests, clock, h) = (data.clone(), manifests.clone(), clock.clone(), health.clone());
             let mut builder = LocalExecutorBuilder::new(placement).name(&format!("shard-{index}")).io_memory(1 << 20);
             if let Some(t) = cfg.stall_threshold {
                 builder = builder.detect_stalls(Some(Box::new(StallLogger(t))));
@@ -191,6 +199,12 @@ impl ShardRuntime {
 
     pub fn router(&self) -> Router {
         self.router
+    }
+
+    /// Times a shard held its thread past `stall_threshold` without yielding, all shards
+    /// (0 when the threshold is off).
+    pub fn stalls(&self) -> u64 {
+        self.handles.iter().map(|h| h.health.stalls.load(Ordering::Relaxed)).sum()
     }
 
     pub fn handles(&self) -> &[ShardHandle] {

@@ -41,6 +41,9 @@ pub struct ShardConfig {
     pub max_batch: usize,
     /// First wait after a failed commit; doubles up to 5 s. Default 50 ms.
     pub commit_retry_ms: u64,
+    /// Count (and log) every time the shard holds its thread longer than this without
+    /// yielding; `None` (the default) does not time. Set from `RuntimeConfig`.
+    pub stall_threshold: Option<Duration>,
 }
 
 impl Default for ShardConfig {
@@ -51,6 +54,7 @@ impl Default for ShardConfig {
             store: StoreConfig::default(),
             max_batch: 4_096,
             commit_retry_ms: 50,
+            stall_threshold: None,
         }
     }
 }
@@ -71,6 +75,10 @@ pub struct ShardHealth {
     pub program_ns: AtomicU64,
     /// Requests taken into batches (with `commits`: the average batch size).
     pub requests: AtomicU64,
+    /// Times the shard held its thread past the stall threshold.
+    pub stalls: AtomicU64,
+    /// Batches the core decided (committed or not yet).
+    pub batches_decided: AtomicU64,
     /// The last commit error, for `/health` (touched only when commits fail).
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -111,6 +119,43 @@ pub struct StepReport {
     pub work: usize,
     /// A non-empty batch was committed, taking this long.
     pub commit: Option<Duration>,
+}
+
+/// A batch the core decided, with how much of the shell's work it covers.
+pub struct StagedWork {
+    staged: crate::core::Staged,
+    work: usize,
+}
+
+impl StagedWork {
+    /// The batch writes nothing to the store (it may still change memory and answer).
+    pub fn writes_nothing(&self) -> bool {
+        self.staged.batch.is_empty()
+    }
+}
+
+/// A committed batch whose actions wait for its flush.
+pub struct Committed {
+    actions: Vec<Action>,
+    report: StepReport,
+    /// The transaction to flush first (`None`: nothing to wait for).
+    unflushed: Option<u64>,
+    outbox_seq: u64,
+}
+
+impl Committed {
+    pub fn unflushed(&self) -> Option<u64> {
+        self.unflushed
+    }
+
+    /// Whether anything waits to be carried out.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    pub fn report(&self) -> &StepReport {
+        &self.report
+    }
 }
 
 /// Why a step committed nothing (its work is kept and runs again on the next step).
@@ -262,9 +307,9 @@ impl Shell {
         }
     }
 
-    /// One batch: the core runs the waiting work (plus due retries and timers) → one
-    /// commit → the core adopts the batch's in-memory changes → answers and relay hints go
-    /// out. On `Err` nothing was committed or answered and the work is kept.
+    /// One batch, flushed in place: [`Self::stage`] → [`Self::commit`] → flush →
+    /// [`Self::release`]. On `Err` nothing was committed or answered and the work is kept.
+    /// The shard's own loop runs the same three steps with the flush on another thread.
     pub fn step(&mut self, now: u64) -> Result<StepReport, StepError> {
         self.step_observed(now, &mut |_| {})
     }
@@ -272,31 +317,67 @@ impl Shell {
     /// [`Self::step`], showing each action to `observe` before it is carried out (tests
     /// assert on what the core decided).
     pub fn step_observed(&mut self, now: u64, observe: &mut dyn FnMut(&Action)) -> Result<StepReport, StepError> {
-        let staged = self.core.run_batch(&self.work, now)?;
+        let staged = self.stage(now)?;
+        let committed = self.commit(staged)?;
+        if let Some(txn) = committed.unflushed {
+            self.core.store().flusher()?.flush(txn)?;
+        }
+        for a in &committed.actions {
+            observe(a);
+        }
+        let report = committed.report;
+        self.release(committed, now);
+        Ok(report)
+    }
+
+    /// The core decides a batch from the work taken in so far (plus due retries and
+    /// timers). Nothing changes; a previous batch's flush may still be running.
+    pub fn stage(&self, now: u64) -> Result<StagedWork, StepError> {
+        Ok(StagedWork { staged: self.core.run_batch(&self.work, now)?, work: self.work.len() })
+    }
+
+    /// Commits a staged batch (without waiting for the disk) and adopts its in-memory
+    /// changes; its actions wait in the returned value until the commit is durable. Call only
+    /// once the previous batch is durable. Work taken in after staging stays for the next
+    /// batch. On `Err` nothing was committed and the work is kept.
+    pub fn commit(&mut self, staged: StagedWork) -> Result<Committed, StepError> {
+        let StagedWork { staged, work } = staged;
         if staged.stats.timers_fired > 0 {
             fail::fail_point!("shard.timer_fired_before_commit");
         }
-        let commit = if staged.batch.is_empty() {
-            None
+        let durable_before = self.core.outbox_seq();
+        let (commit, unflushed) = if staged.batch.is_empty() {
+            (None, None)
         } else {
             let started = Instant::now();
-            self.core.store().commit(&staged.batch)?;
-            Some(started.elapsed())
+            let info = self.core.store().commit_unflushed(&staged.batch)?;
+            (Some(started.elapsed()), info.unflushed)
         };
+        self.work.drain(..work.min(self.work.len()));
+        self.core.adopt(staged.overlay);
+        if unflushed.is_some() {
+            // The relay must not dispatch this batch's items from the store before the flush.
+            self.relay.set_durable(durable_before);
+        }
+        Ok(Committed {
+            actions: staged.actions,
+            report: StepReport { stats: staged.stats, work, commit },
+            unflushed,
+            outbox_seq: self.core.outbox_seq(),
+        })
+    }
+
+    /// The committed batch is durable: answers, settlements and relay hints go out.
+    pub fn release(&mut self, committed: Committed, now: u64) {
         // Crash points of the fault suite (no-ops unless built with `failpoints`).
-        if staged.stats.applied > 0 {
+        if committed.report.stats.applied > 0 {
             fail::fail_point!("shard.after_commit_before_ack");
         }
-        if staged.stats.outbox_written > 0 {
+        if committed.report.stats.outbox_written > 0 {
             fail::fail_point!("shard.after_commit_before_dispatch");
         }
-        let work = std::mem::take(&mut self.work).len();
-        self.core.adopt(staged.overlay);
-        for a in &staged.actions {
-            observe(a);
-        }
-        self.carry_out(staged.actions, now);
-        Ok(StepReport { stats: staged.stats, work, commit })
+        self.relay.set_durable(committed.outbox_seq);
+        self.carry_out(committed.actions, now);
     }
 
     fn carry_out(&mut self, actions: Vec<Action>, now: u64) {
@@ -451,15 +532,80 @@ impl Metrics {
     }
 }
 
+/// Counts and logs a synchronous section that held the shard's thread past `threshold`.
+fn note_stall(shard: usize, health: &ShardHealth, task: &str, held: Duration, threshold: Duration) {
+    if held > threshold {
+        health.stalls.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            shard,
+            task,
+            held_ms = held.as_millis() as u64,
+            threshold_ms = threshold.as_millis() as u64,
+            "shard held its thread past the stall threshold"
+        );
+    }
+}
+
+/// The core's settings: its own, plus the dispatch retry policy, which is configured with
+/// the relay (`relay.max_attempts`, `relay.backoff_ms`, `relay.max_backoff_ms`).
+fn core_config(cfg: &ShardConfig) -> CoreConfig {
+    CoreConfig { dispatch_retry: cfg.relay.retry, dispatch_attempts: cfg.relay.max_attempts, ..cfg.core.clone() }
+}
+
 enum Wake {
     Request(Request),
     Control(Control),
+    Flushed(Result<(), StoreError>),
     Timeout,
     Closed,
 }
 
+/// The shard's flusher: a thread that syncs committed transactions to disk, one at a time,
+/// so the shard's own thread never waits on the disk ([`crate::store::Durability::Fsync`]).
+struct FlushThread {
+    requests: flume::Sender<u64>,
+    done: flume::Receiver<Result<(), StoreError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FlushThread {
+    fn start(index: usize, mut flusher: crate::store::Flusher) -> Result<Self, ShardError> {
+        let (requests, rx) = flume::bounded::<u64>(1);
+        let (tx, done) = flume::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("flush-{index}"))
+            .spawn(move || {
+                while let Ok(txn) = rx.recv() {
+                    if tx.send(flusher.flush(txn)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| {
+                ShardError::Store(StoreError::Flush { shard: index, path: "flush thread".into(), source })
+            })?;
+        Ok(Self { requests, done, thread: Some(thread) })
+    }
+}
+
+impl Drop for FlushThread {
+    fn drop(&mut self) {
+        // Closing the request channel ends the thread once its flush (if any) is done.
+        let (closed, _) = flume::bounded(1);
+        self.requests = closed;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs shard `index` until it is told to stop (or its inbox closes). `ready` is told
 /// once the store is open and the programs compiled, or why not.
+///
+/// The loop keeps the shard's thread busy only with deciding and committing: a committed
+/// batch is flushed by the flusher thread while the shard takes in and decides the next
+/// one, answers queries and runs its relay; the batch's acks, answers and dispatches leave
+/// once its flush is done, and the next commit comes only after it.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_shard(
     index: usize,
@@ -473,11 +619,15 @@ pub async fn run_shard(
 ) {
     let setup = (|| {
         let store = data.open_store(index, &cfg.store)?;
-        let core = ShardCore::new(index, data.router(), cfg.core.clone(), store, manifests)?;
-        Ok::<_, ShardError>(Shell::new(core, RelayState::new(cfg.relay.clone())))
+        let flush = match cfg.store.durability {
+            crate::store::Durability::Fsync => Some(FlushThread::start(index, store.flusher()?)?),
+            _ => None,
+        };
+        let core = ShardCore::new(index, data.router(), core_config(&cfg), store, manifests)?;
+        Ok::<_, ShardError>((Shell::new(core, RelayState::new(cfg.relay.clone())), flush))
     })();
-    let shell = match setup {
-        Ok(s) => Rc::new(RefCell::new(s)),
+    let (shell, flush) = match setup {
+        Ok((s, f)) => (Rc::new(RefCell::new(s)), f),
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
@@ -490,6 +640,8 @@ pub async fn run_shard(
     let relay_task = glommio::spawn_local(relay_loop(
         index,
         shell.clone(),
+        health.clone(),
+        cfg.stall_threshold,
         clock.clone(),
         wake_rx,
         chans.dispatch.clone(),
@@ -501,6 +653,10 @@ pub async fn run_shard(
     let mut stopping = false;
     let mut retry_delay = cfg.commit_retry_ms;
     let mut failed_until: Option<u64> = None;
+    // Committed batches waiting for the running flush: the first one's transaction is being
+    // flushed; later ones wrote nothing and only wait to answer in order.
+    let mut flushing: Vec<Committed> = Vec::new();
+    let mut store_failed = false;
     loop {
         let now = clock.now_ms();
         let backing_off = failed_until.is_some_and(|t| now < t);
@@ -513,28 +669,26 @@ pub async fn run_shard(
             None => shell.borrow().core().next_wake(),
         };
         let immediate = !backing_off && (shell.borrow().has_work() || wake_at.is_some_and(|t| t <= now));
-        if !(immediate || stopping) {
+        // Stopping, the loop still waits for a running flush (and answers its batch).
+        if !immediate && (!stopping || !flushing.is_empty()) {
             let wait = wake_at.map(|t| t.saturating_sub(now)).unwrap_or(1_000).clamp(1, 1_000);
-            let control = async { chans.control.recv_async().await.map(Wake::Control).unwrap_or(Wake::Closed) };
-            let timer = async {
-                glommio::timer::sleep(Duration::from_millis(wait)).await;
-                Wake::Timeout
-            };
-            let first = if backing_off {
-                // The inbox waits (backpressure) while the disk refuses writes.
-                future::or(control, timer).await
-            } else {
-                let inbox = async { chans.inbox.recv_async().await.map(Wake::Request).unwrap_or(Wake::Closed) };
-                future::or(future::or(control, inbox), timer).await
-            };
-            let mut s = shell.borrow_mut();
+            let running = flush.as_ref().filter(|_| !flushing.is_empty());
+            let first = next_wake(&chans, running, backing_off, wait).await;
             match first {
-                Wake::Request(r) => s.take(r),
-                Wake::Control(c) => stopping |= s.take_control(c),
+                Wake::Request(r) => shell.borrow_mut().take(r),
+                Wake::Control(c) => stopping |= shell.borrow_mut().take_control(c),
+                Wake::Flushed(r) => {
+                    store_failed |= !flushed(index, &shell, &health, &metrics, &mut flushing, r, clock.now_ms());
+                }
                 Wake::Closed => stopping = true,
                 Wake::Timeout => {}
             }
         }
+        if store_failed {
+            break;
+        }
+        // From here to the next await the shard holds its thread.
+        let busy = Instant::now();
         if failed_until.is_some_and(|t| clock.now_ms() < t) && !stopping {
             continue;
         }
@@ -562,25 +716,47 @@ pub async fn run_shard(
             }
         }
 
-        let result = shell.borrow_mut().step(clock.now_ms());
-        match result {
-            Ok(report) => {
+        // Decide the next batch now, while the previous one may still be flushing.
+        let staged = shell.borrow().stage(clock.now_ms());
+        health.batches_decided.fetch_add(1, Ordering::Relaxed);
+        note_busy(index, &health, cfg.stall_threshold, busy);
+        // A batch that writes nothing needs no commit: its in-memory changes are adopted at
+        // once and its answers queue behind the running flush (they may depend on it).
+        let writes = staged.as_ref().is_ok_and(|st| !st.writes_nothing());
+        if writes && !flushing.is_empty() {
+            // The next commit comes only after the previous one is on disk.
+            if let Some(f) = &flush {
+                let r = wait_flush(f, &chans, &shell, &mut stopping, cfg.max_batch).await;
+                store_failed |= !flushed(index, &shell, &health, &metrics, &mut flushing, r, clock.now_ms());
+                if store_failed {
+                    break;
+                }
+            }
+        }
+        let busy = Instant::now();
+        let committed = staged.and_then(|st| shell.borrow_mut().commit(st));
+        match committed {
+            Ok(c) => {
                 if !health.writable.swap(true, Ordering::Relaxed) {
                     tracing::info!(shard = index, "commits succeed again");
                 }
                 retry_delay = cfg.commit_retry_ms;
-                metrics.record(&report);
-                if report.commit.is_some() {
-                    health.commits.fetch_add(1, Ordering::Relaxed);
+                let txn = c.unflushed();
+                if txn.is_some() || c.has_actions() {
+                    flushing.push(c);
                 }
-                if report.stats.timer_lag_ms_max > 5_000 {
-                    tracing::warn!(shard = index, lag_ms = report.stats.timer_lag_ms_max, "timers fired late");
-                }
-                health.requests.fetch_add(report.work as u64, Ordering::Relaxed);
-                health.transitions.fetch_add(report.stats.applied, Ordering::Relaxed);
-                health.program_ns.fetch_add(report.stats.program_ns, Ordering::Relaxed);
-                if report.stats.outbox_written > 0 || report.stats.outbox_deleted > 0 {
-                    let _ = wake_tx.try_send(());
+                match (txn, &flush) {
+                    (Some(txn), Some(f)) if f.requests.try_send(txn).is_err() => {
+                        tracing::error!(shard = index, "the flusher thread is gone; the shard stops");
+                        store_failed = true;
+                    }
+                    (Some(_), Some(_)) => {}
+                    _ if !flushing.first().is_some_and(|c| c.unflushed().is_some() && flush.is_some()) => {
+                        // Nothing to flush and nothing earlier to wait for: answer now.
+                        store_failed |=
+                            !flushed(index, &shell, &health, &metrics, &mut flushing, Ok(()), clock.now_ms());
+                    }
+                    _ => {}
                 }
             }
             Err(e) => {
@@ -599,6 +775,9 @@ pub async fn run_shard(
                 shell.borrow_mut().relay_mut().request_scan();
             }
         }
+        if shell.borrow().relay().has_ready(clock.now_ms()) {
+            let _ = wake_tx.try_send(());
+        }
         shell.borrow_mut().run_reloads();
         {
             let s = shell.borrow();
@@ -609,7 +788,11 @@ pub async fn run_shard(
             health.blocked_keys.store(blocked as u64, Ordering::Relaxed);
             metrics.blocked_keys.set(blocked as f64);
         }
-        if stopping && chans.inbox.is_empty() && !shell.borrow().has_work() {
+        note_busy(index, &health, cfg.stall_threshold, busy);
+        if store_failed {
+            break;
+        }
+        if stopping && chans.inbox.is_empty() && !shell.borrow().has_work() && flushing.is_empty() {
             break;
         }
         if stopping && failed_until.is_some() {
@@ -617,20 +800,141 @@ pub async fn run_shard(
             break;
         }
     }
+    // A flush still running finishes before the shard answers for its batch.
+    if let Some(f) = &flush
+        && !flushing.is_empty()
+        && !store_failed
+    {
+        let r = f.done.recv_async().await.unwrap_or(Ok(()));
+        flushed(index, &shell, &health, &metrics, &mut flushing, r, clock.now_ms());
+    }
     stop.set(true);
     let _ = wake_tx.try_send(());
     shell.borrow_mut().abandon_waiting();
-    if let Err(e) = shell.borrow().core().store().sync() {
+    if !store_failed && let Err(e) = shell.borrow().core().store().sync() {
         tracing::error!(shard = index, error = %e, "final sync failed");
     }
     relay_task.cancel();
+    drop(flush);
     tracing::info!(shard = index, "shard stopped");
 }
 
+/// Waits for the next input: a control message, a request (unless backing off: the inbox
+/// then waits, as backpressure), the running flush, or the timer.
+async fn next_wake(chans: &ShardChannels, flush: Option<&FlushThread>, backing_off: bool, wait_ms: u64) -> Wake {
+    let control = async { chans.control.recv_async().await.map(Wake::Control).unwrap_or(Wake::Closed) };
+    let timer = async {
+        glommio::timer::sleep(Duration::from_millis(wait_ms)).await;
+        Wake::Timeout
+    };
+    let flushed = async {
+        match flush {
+            Some(f) => f.done.recv_async().await.map(Wake::Flushed).unwrap_or(Wake::Closed),
+            None => future::pending().await,
+        }
+    };
+    let inbox = async {
+        if backing_off {
+            future::pending().await
+        } else {
+            chans.inbox.recv_async().await.map(Wake::Request).unwrap_or(Wake::Closed)
+        }
+    };
+    future::or(future::or(flushed, control), future::or(inbox, timer)).await
+}
+
+/// Waits for the running flush while still taking requests in: queries are answered at
+/// once, other requests wait for the next batch (at most `max_batch` of them; then the
+/// inbox waits too).
+async fn wait_flush(
+    flush: &FlushThread,
+    chans: &ShardChannels,
+    shell: &Rc<RefCell<Shell>>,
+    stopping: &mut bool,
+    max_batch: usize,
+) -> Result<(), StoreError> {
+    let mut taken = 0;
+    loop {
+        let done = async { Some(flush.done.recv_async().await.unwrap_or(Ok(()))) };
+        let more = async {
+            if taken >= max_batch {
+                return future::pending().await;
+            }
+            match future::or(
+                async { chans.control.recv_async().await.map(Wake::Control).unwrap_or(Wake::Closed) },
+                async { chans.inbox.recv_async().await.map(Wake::Request).unwrap_or(Wake::Closed) },
+            )
+            .await
+            {
+                Wake::Request(r) => {
+                    shell.borrow_mut().take(r);
+                }
+                Wake::Control(c) => *stopping |= shell.borrow_mut().take_control(c),
+                _ => *stopping = true,
+            }
+            None
+        };
+        if let Some(r) = future::or(done, more).await {
+            return r;
+        }
+        taken += 1;
+    }
+}
+
+/// The running flush ended with `result`: on success the waiting batches' actions go out,
+/// in order; a failed flush leaves the disk in doubt, so the shard stops (its messages are
+/// redelivered after a restart, which reopens the store at its last durable snapshot).
+/// Returns whether the store is still good.
+fn flushed(
+    index: usize,
+    shell: &Rc<RefCell<Shell>>,
+    health: &ShardHealth,
+    metrics: &Metrics,
+    waiting: &mut Vec<Committed>,
+    result: Result<(), StoreError>,
+    now: u64,
+) -> bool {
+    if let Err(e) = result {
+        tracing::error!(shard = index, error = %e, "cannot flush a commit to disk; the shard stops, and its unanswered messages will be redelivered after a restart");
+        metrics.commit_failures.increment(1);
+        health.failed_commits.fetch_add(1, Ordering::Relaxed);
+        health.writable.store(false, Ordering::Relaxed);
+        if let Ok(mut last) = health.last_error.lock() {
+            *last = Some(e.to_string());
+        }
+        return false;
+    }
+    for c in waiting.drain(..) {
+        metrics.record(c.report());
+        if c.report().commit.is_some() {
+            health.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        let stats = &c.report().stats;
+        if stats.timer_lag_ms_max > 5_000 {
+            tracing::warn!(shard = index, lag_ms = stats.timer_lag_ms_max, "timers fired late");
+        }
+        health.requests.fetch_add(c.report().work as u64, Ordering::Relaxed);
+        health.transitions.fetch_add(stats.applied, Ordering::Relaxed);
+        health.program_ns.fetch_add(stats.program_ns, Ordering::Relaxed);
+        shell.borrow_mut().release(c, now);
+    }
+    true
+}
+
+/// Counts a synchronous section that held the shard's thread past the stall threshold.
+fn note_busy(index: usize, health: &ShardHealth, threshold: Option<Duration>, since: Instant) {
+    if let Some(t) = threshold {
+        note_stall(index, health, "committer", since.elapsed(), t);
+    }
+}
+
 /// The relay task: hands ready outbox items to the bridge within the in-flight limits.
+#[allow(clippy::too_many_arguments)]
 async fn relay_loop(
     index: usize,
     shell: Rc<RefCell<Shell>>,
+    health: Arc<ShardHealth>,
+    stall_threshold: Option<Duration>,
     clock: SharedClock,
     wake: flume::Receiver<()>,
     dispatch: flume::Sender<DispatchRequest>,
@@ -640,6 +944,7 @@ async fn relay_loop(
     let dispatch_latency = metrics::histogram!("runner_outbox_handoff_seconds", "shard" => index.to_string());
     while !stop.get() {
         let now = clock.now_ms();
+        let busy = Instant::now();
         let ready = {
             let mut s = shell.borrow_mut();
             if let Err(e) = s.relay_scan(now) {
@@ -647,6 +952,9 @@ async fn relay_loop(
             }
             s.relay_mut().take_ready(now)
         };
+        if let Some(threshold) = stall_threshold {
+            note_stall(index, &health, "relay", busy.elapsed(), threshold);
+        }
         if !ready.suppressed.is_empty() {
             let results = ready
                 .suppressed
@@ -691,5 +999,23 @@ async fn relay_loop(
         if !woke {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dispatch_retry_policy_comes_from_the_relay_settings() {
+        let mut cfg = ShardConfig::default();
+        cfg.relay.max_attempts = 7;
+        cfg.relay.retry.backoff_ms = 11;
+        cfg.relay.retry.max_backoff_ms = 13;
+        cfg.core.cache_capacity = 5;
+        let core = core_config(&cfg);
+        assert_eq!(core.dispatch_attempts, 7);
+        assert_eq!((core.dispatch_retry.backoff_ms, core.dispatch_retry.max_backoff_ms), (11, 13));
+        assert_eq!(core.cache_capacity, 5);
     }
 }

@@ -22,9 +22,19 @@ use thiserror::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// Full LMDB sync: every commit is on disk (data and meta page fsync'd) before it
-    /// returns, so a JetStream ack sent after it survives a process crash, an OS crash and a
-    /// power loss. The default, and the only mode for production.
+    /// Every commit reaches the disk before anything that depends on it leaves the
+    /// process, so a JetStream ack survives a process crash, an OS crash and a power loss.
+    /// The default, and the only mode for production.
+    ///
+    /// The commit itself does not wait for the disk (LMDB runs with `MDB_NOSYNC`); a flush
+    /// ([`Flusher::flush`], on another thread) then syncs the data file and records the
+    /// transaction id in a marker file (`durable`), synced after it. The next commit waits
+    /// for that flush, so at most one transaction is ever not on disk; LMDB never reuses
+    /// pages of the last durable snapshot while a single newer transaction exists, so that
+    /// snapshot is intact. A crash during a flush may leave the newest meta page on disk
+    /// without all of its data pages (the disk may order writes as it likes); at open, a
+    /// last transaction one past the marker is therefore discarded (`MDB_PREVSNAPSHOT`):
+    /// nothing of it was acted on, since actions wait for the flush.
     #[default]
     Fsync,
     /// UNSAFE for production (`MDB_NOMETASYNC`): data pages are synced, the meta page is not.
@@ -43,7 +53,8 @@ pub enum Durability {
 impl Durability {
     fn flags(self) -> EnvFlags {
         match self {
-            Durability::Fsync => EnvFlags::empty(),
+            // Synced by the flusher, not by the commit.
+            Durability::Fsync => EnvFlags::NO_SYNC,
             Durability::NoMetaSync => EnvFlags::NO_META_SYNC,
             Durability::NoSync => EnvFlags::NO_SYNC,
         }
@@ -95,6 +106,17 @@ pub enum StoreError {
     WrongEnv { shard: usize, path: PathBuf, found: usize, found_partitions: u32, partitions: u32 },
     #[error("shard {shard}: injected commit failure at {path} (test)")]
     Injected { shard: usize, path: PathBuf },
+    #[error("shard {shard}: cannot flush {path} to disk: {source}")]
+    Flush {
+        shard: usize,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "shard {shard}: {path} says transaction {marker} is the last on disk, but the environment's last is {last}; the data directory was changed outside the runner (restored from a copy?): restore {path} together with its environment, or remove the marker if the environment is known to be whole"
+    )]
+    Marker { shard: usize, path: PathBuf, marker: u64, last: u64 },
 }
 
 impl StoreError {
@@ -323,6 +345,60 @@ pub struct CommitInfo {
     pub bytes: usize,
     /// The map was grown this many times to fit the batch.
     pub grew: u32,
+    /// The transaction to hand to [`Flusher::flush`] before anything that depends on it
+    /// leaves the process; `None` when the durability mode needs no flush.
+    pub unflushed: Option<u64>,
+}
+
+/// The marker file of [`Durability::Fsync`]: the id of the last transaction known to be on
+/// disk, in the environment's directory.
+const DURABLE_MARKER: &str = "durable";
+
+/// Syncs one shard's environment to disk and records how far (see [`Durability::Fsync`]).
+/// `Send`: the shard hands it to its flusher thread.
+#[derive(Debug)]
+pub struct Flusher {
+    shard: usize,
+    path: PathBuf,
+    data: std::fs::File,
+    marker: std::fs::File,
+}
+
+impl Flusher {
+    fn open(path: &Path, shard: usize) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Flush { shard, path: path.to_owned(), source };
+        let data = std::fs::OpenOptions::new().read(true).write(true).open(path.join("data.mdb")).map_err(io)?;
+        let marker = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path.join(DURABLE_MARKER))
+            .map_err(io)?;
+        Ok(Self { shard, path: path.to_owned(), data, marker })
+    }
+
+    /// Makes transaction `txn` (and everything before it) durable: syncs the data file,
+    /// then records `txn` in the marker and syncs that. Blocks on the disk.
+    pub fn flush(&mut self, txn: u64) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        fail::fail_point!("store.flush");
+        let io = |source| StoreError::Flush { shard: self.shard, path: self.path.clone(), source };
+        self.data.sync_data().map_err(io)?;
+        self.marker.write_all_at(&txn.to_be_bytes(), 0).map_err(io)?;
+        self.marker.sync_data().map_err(io)
+    }
+}
+
+/// The transaction the marker of the environment at `path` names, if it has one.
+fn read_marker(path: &Path, shard: usize) -> Result<Option<u64>, StoreError> {
+    match std::fs::read(path.join(DURABLE_MARKER)) {
+        Ok(b) if b.len() >= 8 => Ok(Some(u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))),
+        // Created but never written: the crash came before the first flush finished.
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Flush { shard, path: path.join(DURABLE_MARKER), source }),
+    }
 }
 
 /// One shard's environment. Owned by the shard's thread.
@@ -334,6 +410,7 @@ pub struct Store {
     path: PathBuf,
     map_size: Cell<usize>,
     max_map_size: usize,
+    durability: Durability,
     /// Test hook: fail the next commit after this many ops were written in its transaction.
     fail_after: Cell<Option<usize>>,
 }
@@ -362,14 +439,42 @@ impl Store {
         // An existing environment may already be larger than the initial size.
         let existing = std::fs::metadata(path.join("data.mdb")).map(|m| m.len() as usize).unwrap_or(0);
         let map_size = page_round(config.initial_map_size.max(existing).min(config.max_map_size.max(existing)));
-        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(map_size).max_dbs(16).max_readers(126);
-        // SAFETY: the flags are plain LMDB sync flags; their crash semantics are documented on
-        // `Durability`. The env is used only through this type, by one writer thread.
-        unsafe { opts.flags(config.durability.flags()) };
-        // SAFETY: this process opens each shard environment once and never modifies the
-        // files outside LMDB; other processes only read (inspection).
-        let env = unsafe { opts.open(path) }.map_err(lmdb)?;
+        let marker = if config.durability == Durability::Fsync {
+            read_marker(path, shard)?
+        } else {
+            // The unsafe modes promise nothing about the disk: a marker left by an earlier
+            // fsync run would be stale after this one.
+            match std::fs::remove_file(path.join(DURABLE_MARKER)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Flush { shard, path: path.join(DURABLE_MARKER), source }),
+            }
+            None
+        };
+        let open = |flags: EnvFlags| {
+            let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+            opts.map_size(map_size).max_dbs(16).max_readers(126);
+            // SAFETY: the flags are plain LMDB sync and snapshot flags; their crash semantics
+            // are documented on `Durability`. The env is used only through this type, by one
+            // writer thread.
+            unsafe { opts.flags(flags) };
+            // SAFETY: this process opens each shard environment once and never modifies the
+            // files outside LMDB; other processes only read (inspection).
+            unsafe { opts.open(path) }.map_err(lmdb)
+        };
+        let mut env = open(config.durability.flags())?;
+        if let Some(marker) = marker {
+            let last = env.info().last_txn_id as u64;
+            if last == marker + 1 {
+                // The last transaction may be torn (the crash came during its flush); nothing
+                // of it was acted on. Go back to the snapshot the marker names.
+                tracing::warn!(shard, path = %path.display(), transaction = last, "the last commit did not finish reaching the disk; it is discarded");
+                env.prepare_for_closing().wait();
+                env = open(config.durability.flags() | EnvFlags::PREV_SNAPSHOT)?;
+            } else if last != marker {
+                return Err(StoreError::Marker { shard, path: path.join(DURABLE_MARKER), marker, last });
+            }
+        }
         let mut wtxn = env.write_txn().map_err(lmdb)?;
         let mut dbs = Vec::with_capacity(Db::ALL.len());
         for db in Db::ALL {
@@ -414,7 +519,7 @@ impl Store {
             }
         }
         wtxn.commit().map_err(lmdb)?;
-        Ok(Self {
+        let store = Self {
             env,
             dbs,
             shard,
@@ -422,8 +527,13 @@ impl Store {
             path: path.to_owned(),
             map_size: Cell::new(map_size),
             max_map_size: page_round(config.max_map_size.max(map_size)),
+            durability: config.durability,
             fail_after: Cell::new(None),
-        })
+        };
+        // The setup transaction (and any earlier one not yet recorded) is on disk before the
+        // shard starts.
+        store.flush_now()?;
+        Ok(store)
     }
 
     /// Opens an existing environment read-only (inspection of a stopped or running
@@ -479,6 +589,7 @@ impl Store {
             path: path.to_owned(),
             map_size: Cell::new(size),
             max_map_size: size,
+            durability: Durability::NoSync,
             fail_after: Cell::new(None),
         })
     }
@@ -513,14 +624,30 @@ impl Store {
         self.fail_after.set(Some(ops));
     }
 
-    /// Writes the whole batch in one write transaction, growing the map and retrying when it
-    /// is full. Either everything in the batch is durable (per the durability mode) when
-    /// this returns `Ok`, or nothing of it is visible.
+    /// Writes the whole batch in one write transaction and waits until it is on disk (per
+    /// the durability mode). Either everything in the batch is durable when this returns
+    /// `Ok`, or nothing of it is visible. The shard's commit path uses
+    /// [`Self::commit_unflushed`] and flushes on another thread instead.
     pub fn commit(&self, batch: &Batch) -> Result<CommitInfo, StoreError> {
+        let info = self.commit_unflushed(batch)?;
+        if let Some(txn) = info.unflushed {
+            self.flusher()?.flush(txn)?;
+        }
+        Ok(info)
+    }
+
+    /// Writes the whole batch in one write transaction, growing the map and retrying when it
+    /// is full, without waiting for the disk: in [`Durability::Fsync`] the returned
+    /// transaction must be flushed ([`Flusher::flush`]) before anything that depends on it
+    /// leaves the process, and before the next commit. Later reads see it at once.
+    pub fn commit_unflushed(&self, batch: &Batch) -> Result<CommitInfo, StoreError> {
         let mut grew = 0;
         loop {
             match self.try_commit(batch) {
-                Ok(()) => return Ok(CommitInfo { ops: batch.ops.len(), bytes: batch.bytes, grew }),
+                Ok(()) => {
+                    let unflushed = (self.durability == Durability::Fsync).then(|| self.env.info().last_txn_id as u64);
+                    return Ok(CommitInfo { ops: batch.ops.len(), bytes: batch.bytes, grew, unflushed });
+                }
                 Err(StoreError::Lmdb { source: heed::Error::Mdb(heed::MdbError::MapFull), .. }) => {
                     self.grow(batch.bytes)?;
                     grew += 1;
@@ -578,6 +705,20 @@ impl Store {
     /// Forces a sync (used after commits in an unsafe durability mode at shutdown).
     pub fn sync(&self) -> Result<(), StoreError> {
         self.env.force_sync().map_err(|e| self.lmdb(e))
+    }
+
+    /// A flusher of this environment (for [`Durability::Fsync`]; see [`Self::commit_unflushed`]).
+    pub fn flusher(&self) -> Result<Flusher, StoreError> {
+        Flusher::open(&self.path, self.shard)
+    }
+
+    /// Makes every committed transaction durable now (blocking).
+    fn flush_now(&self) -> Result<(), StoreError> {
+        if self.durability == Durability::Fsync {
+            let txn = self.env.info().last_txn_id as u64;
+            self.flusher()?.flush(txn)?;
+        }
+        Ok(())
     }
 }
 

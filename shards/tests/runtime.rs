@@ -35,8 +35,11 @@ fn manifests(dir: &Path) -> Arc<ManifestSet> {
     Arc::new(ManifestSet::load(&[dir.join("m.yaml")], &shards::program::check_program).unwrap())
 }
 
+/// A shard that holds its thread this long without yielding fails the test.
+const STALL: Duration = Duration::from_millis(100);
+
 fn config() -> RuntimeConfig {
-    let mut cfg = RuntimeConfig { pinning: Pinning::None, ..RuntimeConfig::default() };
+    let mut cfg = RuntimeConfig { pinning: Pinning::None, stall_threshold: Some(STALL), ..RuntimeConfig::default() };
     cfg.shard.store.durability = Durability::NoSync;
     cfg
 }
@@ -48,8 +51,12 @@ struct Running {
 
 /// Starts the runtime and a fake bridge that confirms every dispatch.
 fn start(data: &DataDir, set: Arc<ManifestSet>) -> Running {
+    start_with(&config(), data, set)
+}
+
+fn start_with(cfg: &RuntimeConfig, data: &DataDir, set: Arc<ManifestSet>) -> Running {
     let (dispatch_tx, dispatch_rx) = flume::bounded(64);
-    let rt = ShardRuntime::start(&config(), data, set, clock::system(), dispatch_tx).unwrap();
+    let rt = ShardRuntime::start(cfg, data, set, clock::system(), dispatch_tx).unwrap();
     let handles = rt.handles().to_vec();
     let bridge = std::thread::spawn(move || {
         let mut confirmed = 0;
@@ -148,6 +155,7 @@ fn shards_commit_concurrently_shut_down_in_order_and_restart_with_every_key_in_i
         assert!(stats(&run.rt, s).store.sagas > 20, "shard {s} got too few keys");
     }
     wait_outbox_empty(&run.rt);
+    assert_eq!(run.rt.stalls(), 0, "a shard held its thread past {STALL:?}");
     run.rt.shutdown();
     assert_eq!(run.bridge.join().unwrap(), (KEYS * PER_KEY) as u64, "each outbox item dispatched once");
 
@@ -166,6 +174,7 @@ fn shards_commit_concurrently_shut_down_in_order_and_restart_with_every_key_in_i
         let other = 1 - shard;
         assert_eq!(saga(&run.rt, other, &key), None, "a key in two shards");
     }
+    assert_eq!(run.rt.stalls(), 0, "a shard held its thread past {STALL:?}");
     run.rt.shutdown();
     run.bridge.join().unwrap();
 
@@ -189,9 +198,11 @@ fn shards_commit_concurrently_shut_down_in_order_and_restart_with_every_key_in_i
 fn shutdown_lets_shards_commit_everything_they_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let set = manifests(dir.path());
-    let cfg = config();
+    // With the production durability: the last batches' flushes finish before the answers.
+    let mut cfg = config();
+    cfg.shard.store.durability = Durability::Fsync;
     let data = DataDir::prepare(&dir.path().join("data"), 16, 2, &cfg.shard.store, |_| {}).unwrap();
-    let run = start(&data, set);
+    let run = start_with(&cfg, &data, set);
     let router = run.rt.router();
     let mut replies = Vec::new();
     for i in 0..2_000 {
@@ -206,6 +217,7 @@ fn shutdown_lets_shards_commit_everything_they_accepted() {
         replies.push(rx);
     }
     // Stop at once: what is in the inboxes is still committed and answered.
+    assert_eq!(run.rt.stalls(), 0, "a shard held its thread past {STALL:?}");
     run.rt.shutdown();
     let acked = replies.into_iter().map(block_on).filter(|r| *r == Ok(ApplyOutcome::Ack)).count();
     assert_eq!(acked, 2_000);
@@ -224,4 +236,41 @@ fn shutdown_lets_shards_commit_everything_they_accepted() {
         })
         .sum();
     assert_eq!(total, 2_000, "transitions lost at shutdown");
+}
+
+#[test]
+fn a_shard_that_holds_its_thread_past_the_threshold_is_counted_as_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spin.rhai"),
+        "fn on_event(state, event) {\n  let n = 0;\n  while n < event.data.spin { n += 1; }\n  #{ state: n }\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "sagas:\n  - name: s\n    program: spin.rhai\n    gas: 1000000000\n    max_wall_ms: 60000\n    triggers:\n      - { subject: \"events.>\", correlation: data.k, may_start: true }\neffects: []\n",
+    )
+    .unwrap();
+    let set = Arc::new(ManifestSet::load(&[dir.path().join("m.yaml")], &shards::program::check_program).unwrap());
+    let mut cfg = config();
+    cfg.stall_threshold = Some(Duration::from_millis(20));
+    let data = DataDir::prepare(&dir.path().join("data"), 4, 1, &cfg.shard.store, |_| {}).unwrap();
+    let (dispatch_tx, _dispatch_rx) = flume::bounded(64);
+    let rt = ShardRuntime::start(&cfg, &data, set, clock::system(), dispatch_tx).unwrap();
+    let quick = |rt: &ShardRuntime, spin: u64, seq: u64| {
+        let mut e = (*event(0, 0, seq)).clone();
+        e.data = serde_json::json!({ "k": format!("k{seq}"), "spin": spin });
+        let (tx, rx) = reply_channel();
+        let target = Target { saga: "s".into(), correlation_id: format!("k{seq}"), may_start: true };
+        rt.handle(0).send_blocking(Request::Apply { event: Arc::new(e), targets: vec![target], reply: tx }).unwrap();
+        assert_eq!(block_on(rx), Ok(ApplyOutcome::Ack));
+    };
+    quick(&rt, 1, 1);
+    assert_eq!(rt.stalls(), 0, "a one-step program counted as a stall");
+    // A program that spins for a good while inside one batch holds the thread.
+    let started = Instant::now();
+    quick(&rt, 3_000_000, 2);
+    assert!(started.elapsed() > Duration::from_millis(40), "the program did not spin long enough to tell");
+    assert!(rt.stalls() >= 1, "the stall was not counted");
+    rt.shutdown();
 }

@@ -20,6 +20,54 @@ pub fn examples() -> PathBuf {
 
 pub const SAGA: &str = "order_fulfillment";
 
+/// Longest a shard may hold its thread without yielding in a test: above today's blocking
+/// commit under test load (a fsync'd commit of a large batch on this disk, with parallel
+/// tests sharing two cores), far below a real stall.
+pub const STALL_THRESHOLD: Duration = Duration::from_millis(100);
+
+/// An in-process runner that fails its test when a shard stalled: checked when it is shut
+/// down, aborted or dropped (unless the test is already failing).
+pub struct TestApp(Option<App>);
+
+impl TestApp {
+    fn check_stalls(&self) {
+        if let Some(app) = &self.0
+            && !std::thread::panicking()
+        {
+            assert_eq!(app.stalls(), 0, "a shard held its thread past {STALL_THRESHOLD:?} (see the log)");
+        }
+    }
+
+    pub fn shutdown(mut self) -> runner::ops::DrainReport {
+        self.check_stalls();
+        self.0.take().expect("running").shutdown()
+    }
+
+    pub fn abort(mut self) {
+        self.check_stalls();
+        self.0.take().expect("running").abort()
+    }
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = App;
+    fn deref(&self) -> &App {
+        self.0.as_ref().expect("running")
+    }
+}
+
+impl std::ops::DerefMut for TestApp {
+    fn deref_mut(&mut self) -> &mut App {
+        self.0.as_mut().expect("running")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.check_stalls();
+    }
+}
+
 /// A stored stream message.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -80,8 +128,11 @@ impl Harness {
         c
     }
 
-    pub fn start(&self, cfg: Config) -> App {
-        App::start(cfg, AppOptions::default()).expect("runner starts")
+    /// Starts an in-process runner that fails the test if a shard stalls (holds its
+    /// thread past [`STALL_THRESHOLD`] without yielding).
+    pub fn start(&self, cfg: Config) -> TestApp {
+        let opts = AppOptions { stall_threshold: Some(STALL_THRESHOLD), ..AppOptions::default() };
+        TestApp(Some(App::start(cfg, opts).expect("runner starts")))
     }
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {

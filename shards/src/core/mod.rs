@@ -65,21 +65,24 @@ pub struct CoreConfig {
     pub retention_ms: Option<u64>,
     /// Instances examined per retention sweep. Default 1,000.
     pub retention_sweep: usize,
-    /// Backoff between failed dispatches of an outbox item.
+    /// Backoff between failed dispatches of an outbox item. The shell sets it from the
+    /// relay's settings (`RelayConfig::retry`).
     pub dispatch_retry: RetrySpec,
-    /// Failed dispatches after which an item becomes a dead letter. Default 20.
+    /// Failed dispatches after which an item becomes a dead letter. The shell sets it from
+    /// the relay's settings (`RelayConfig::max_attempts`).
     pub dispatch_attempts: u32,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
+        let relay = crate::relay::RelayConfig::default();
         Self {
             cache_capacity: 10_000,
             timer_batch: 1_000,
             retention_ms: Some(7 * 24 * 3_600_000),
             retention_sweep: 1_000,
-            dispatch_retry: RetrySpec { attempts: 20, backoff_ms: 200, max_backoff_ms: 30_000, jitter: 0.2 },
-            dispatch_attempts: 20,
+            dispatch_retry: relay.retry,
+            dispatch_attempts: relay.max_attempts,
         }
     }
 }
@@ -315,6 +318,11 @@ impl ShardCore {
     /// Effect runs in flight in this process.
     pub fn effects_in_flight(&self) -> usize {
         self.in_flight_effects.len()
+    }
+
+    /// The highest outbox sequence given out so far.
+    pub fn outbox_seq(&self) -> u64 {
+        self.outbox_seq
     }
 
     /// Due time of the earliest timer not held.

@@ -407,3 +407,55 @@ fn a_read_only_view_sees_committed_data_and_refuses_a_missing_env() {
     let err = Store::open_read_only(&dir.path().join("nope"), 3).unwrap_err();
     assert!(err.to_string().contains("shard 3"), "{err}");
 }
+
+fn fsync() -> StoreConfig {
+    StoreConfig { durability: Durability::Fsync, ..StoreConfig::default() }
+}
+
+#[test]
+fn a_commit_the_flusher_did_not_finish_is_discarded_at_open_and_a_flushed_one_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = |n: &str| SagaKey::new("t", "order", n);
+    {
+        let store = open(dir.path(), &fsync());
+        let mut b = Batch::new();
+        b.put_saga(&key("flushed"), &saga_record("1", 1));
+        let info = store.commit_unflushed(&b).unwrap();
+        let txn = info.unflushed.expect("fsync mode leaves the flush to the caller");
+        store.flusher().unwrap().flush(txn).unwrap();
+        // Visible at once, before (and whether or not) it is flushed.
+        let mut b = Batch::new();
+        b.put_saga(&key("unflushed"), &saga_record("2", 1));
+        store.commit_unflushed(&b).unwrap();
+        assert!(store.read().unwrap().saga(&key("unflushed")).unwrap().is_some());
+        // The process ends before the flusher recorded it (a crash during its flush).
+    }
+    let store = open(dir.path(), &fsync());
+    let v = store.read().unwrap();
+    assert!(v.saga(&key("flushed")).unwrap().is_some(), "a flushed commit was lost");
+    assert!(v.saga(&key("unflushed")).unwrap().is_none(), "a commit not known to be on disk was kept");
+    drop(v);
+    // The store goes on from the durable snapshot: new commits land and are kept.
+    let mut b = Batch::new();
+    b.put_saga(&key("after"), &saga_record("3", 1));
+    store.commit(&b).unwrap();
+    drop(store);
+    let store = open(dir.path(), &fsync());
+    assert!(store.read().unwrap().saga(&key("after")).unwrap().is_some());
+    assert!(store.read().unwrap().saga(&key("flushed")).unwrap().is_some());
+}
+
+#[test]
+fn a_marker_that_does_not_match_the_environment_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), &fsync()));
+    std::fs::write(dir.path().join("durable"), 9_999u64.to_be_bytes()).unwrap();
+    let err = Store::open(dir.path(), 0, 16, &fsync()).unwrap_err();
+    assert!(matches!(err, StoreError::Marker { marker: 9_999, .. }), "{err}");
+    assert!(err.to_string().contains("durable"), "{err}");
+    // An unsafe mode drops the marker (it promises nothing about the disk); fsync then
+    // starts over from what is there.
+    drop(open(dir.path(), &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() }));
+    assert!(!dir.path().join("durable").exists());
+    drop(open(dir.path(), &fsync()));
+}
