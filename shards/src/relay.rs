@@ -324,6 +324,17 @@ impl RelayState {
         self.in_flight.get(key).map(|(i, _)| i)
     }
 
+    /// `key`'s dispatch was confirmed (or its call ran in place) and the commit that
+    /// deletes it is on its way: it is not sent again on its deadline, even if that commit
+    /// waits (a full disk). It keeps its in-flight slot until [`Self::delivered`] or
+    /// [`Self::retry_later`].
+    pub fn hold(&mut self, key: &OutboxKey) {
+        if let Some((_, deadline)) = self.in_flight.get_mut(key) {
+            self.deadlines.remove(&(*deadline, *key));
+            *deadline = u64::MAX;
+        }
+    }
+
     /// The committer durably deleted `key`.
     pub fn delivered(&mut self, key: OutboxKey) {
         self.untrack(&key);
@@ -562,6 +573,20 @@ mod tests {
         r.delivered(key(1));
         assert_eq!(r.depth(), 0);
         assert_eq!(r.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_held_dispatch_is_not_sent_again_on_its_deadline() {
+        let mut r = RelayState::new(cfg());
+        r.offer(key(1), item("a", "1"), 0);
+        r.offer(key(2), item("a", "2"), 0);
+        assert_eq!(r.take_ready(0).dispatch.len(), 2);
+        r.hold(&key(1));
+        let again: Vec<u64> = r.take_ready(500).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        assert_eq!(again, [2], "a confirmed dispatch went out again");
+        assert_eq!(r.next_deadline(), Some(600));
+        r.delivered(key(1));
+        assert_eq!(r.in_flight(), 1);
     }
 
     #[test]

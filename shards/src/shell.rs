@@ -39,6 +39,10 @@ pub struct ShardConfig {
     pub store: StoreConfig,
     /// Requests drained into one batch at most. Default 4,096.
     pub max_batch: usize,
+    /// Time a batch should take to decide, at most: the shard takes fewer requests into a
+    /// batch when recent ones cost more per request, so one step never holds the thread
+    /// for long (queries, the relay and timers wait meanwhile). Default 20 ms.
+    pub batch_budget: Duration,
     /// First wait after a failed commit; doubles up to 5 s. Default 50 ms.
     pub commit_retry_ms: u64,
     /// Count (and log) every time the shard holds its thread longer than this without
@@ -53,6 +57,7 @@ impl Default for ShardConfig {
             relay: RelayConfig::default(),
             store: StoreConfig::default(),
             max_batch: 4_096,
+            batch_budget: Duration::from_millis(20),
             commit_retry_ms: 50,
             stall_threshold: None,
         }
@@ -124,7 +129,8 @@ pub struct StepReport {
 /// A batch the core decided, with how much of the shell's work it covers.
 pub struct StagedWork {
     staged: crate::core::Staged,
-    work: usize,
+    /// Units of the shell's work the batch covers.
+    pub work: usize,
 }
 
 impl StagedWork {
@@ -269,7 +275,11 @@ impl Shell {
                 for r in results {
                     // A failed dispatch re-stores the item as the relay sent it.
                     let item = match r.outcome {
-                        DispatchOutcome::Delivered => None,
+                        DispatchOutcome::Delivered => {
+                            // Confirmed: not sent again while its delete waits to commit.
+                            self.relay.hold(&r.key);
+                            None
+                        }
                         _ => self.relay.in_flight_item(&r.key).cloned(),
                     };
                     self.work.push(Work::Dispatched { key: r.key, outcome: r.outcome, item });
@@ -657,6 +667,9 @@ pub async fn run_shard(
     // flushed; later ones wrote nothing and only wait to answer in order.
     let mut flushing: Vec<Committed> = Vec::new();
     let mut store_failed = false;
+    // Recent cost of deciding one unit of work (nanoseconds, moving average); it starts
+    // high, so a first burst does not go into one huge batch before anything is measured.
+    let mut cost_ns = 50_000f64;
     loop {
         let now = clock.now_ms();
         let backing_off = failed_until.is_some_and(|t| now < t);
@@ -701,7 +714,8 @@ pub async fn run_shard(
                 stopping |= s.take_control(c);
             }
             let mut requests = 0usize;
-            while requests < cfg.max_batch {
+            let take = batch_size(cfg.max_batch, cfg.batch_budget, cost_ns);
+            while requests < take {
                 match chans.inbox.try_recv() {
                     Ok(r) => {
                         requests += 1;
@@ -717,8 +731,15 @@ pub async fn run_shard(
         }
 
         // Decide the next batch now, while the previous one may still be flushing.
+        let deciding = Instant::now();
         let staged = shell.borrow().stage(clock.now_ms());
         health.batches_decided.fetch_add(1, Ordering::Relaxed);
+        if let Ok(st) = &staged
+            && st.work > 0
+        {
+            let per = deciding.elapsed().as_nanos() as f64 / st.work as f64;
+            cost_ns = cost_ns * 0.7 + per * 0.3;
+        }
         note_busy(index, &health, cfg.stall_threshold, busy);
         // A batch that writes nothing needs no commit: its in-memory changes are adopted at
         // once and its answers queue behind the running flush (they may depend on it).
@@ -921,6 +942,17 @@ fn flushed(
     true
 }
 
+/// Requests to take into the next batch: as many as fit the time budget at the recent
+/// cost per unit of work, between a floor (so batches still group under load) and
+/// `max_batch`.
+fn batch_size(max_batch: usize, budget: Duration, cost_ns: f64) -> usize {
+    let floor = 64.min(max_batch);
+    if cost_ns <= 0.0 {
+        return max_batch;
+    }
+    ((budget.as_nanos() as f64 / cost_ns) as usize).clamp(floor, max_batch)
+}
+
 /// Counts a synchronous section that held the shard's thread past the stall threshold.
 fn note_busy(index: usize, health: &ShardHealth, threshold: Option<Duration>, since: Instant) {
     if let Some(t) = threshold {
@@ -1005,6 +1037,16 @@ async fn relay_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_shrink_to_the_time_budget_when_work_is_slow() {
+        let budget = Duration::from_millis(20);
+        assert_eq!(batch_size(4_096, budget, 0.0), 4_096, "no measurement yet: take what is there");
+        assert_eq!(batch_size(4_096, budget, 2_000.0), 4_096, "10k fit the budget: capped");
+        assert_eq!(batch_size(4_096, budget, 100_000.0), 200);
+        assert_eq!(batch_size(4_096, budget, 10_000_000.0), 64, "never below the floor");
+        assert_eq!(batch_size(10, budget, 10_000_000.0), 10);
+    }
 
     #[test]
     fn the_dispatch_retry_policy_comes_from_the_relay_settings() {

@@ -14,6 +14,7 @@
 //! Files: [`provider`] the providers; [`breaker`] circuit breakers.
 
 pub mod breaker;
+pub mod http;
 pub mod provider;
 
 use crate::config::Config;
