@@ -92,6 +92,14 @@ impl App {
         rcfg.shard.store = store_cfg;
         rcfg.shard.relay = cfg.relay.clone();
         rcfg.shard.core.retention_ms = cfg.retention_ms;
+        // Shards call HTTP effects and the Gateway themselves; NATS requests go through the
+        // bridge.
+        let shared = Arc::new(BridgeShared::default());
+        let (nats_calls_tx, nats_calls_rx) = flume::bounded(cfg.effect_concurrency.max(64));
+        if cfg.mode.runs_sagas() || cfg.mode.runs_effects() {
+            let settings = crate::effects::caller::CallerSettings::of(&cfg);
+            rcfg.shard.caller = Some(crate::effects::caller::factory(settings, nats_calls_tx, shared.clone()));
+        }
         let (dispatch_tx, dispatch_rx) = flume::bounded(cfg.shards * 8 + 64);
         let runtime = ShardRuntime::start(&rcfg, &data, manifests.clone(), opts.clock.clone(), dispatch_tx)
             .map_err(|e| anyhow::anyhow!("cannot start the shards: {e}"))?;
@@ -113,13 +121,19 @@ impl App {
             cfg.clone(),
             runtime.handles().to_vec(),
             runtime.router(),
-            Arc::new(BridgeShared::default()),
+            shared,
             stop_tx,
             manifests_tx,
             manifests.clone(),
             nats_url.clone(),
         ));
-        let inputs = BridgeInputs { dispatch: dispatch_rx, stop_pulling: stop_rx, manifests: manifests_rx, http };
+        let inputs = BridgeInputs {
+            dispatch: dispatch_rx,
+            stop_pulling: stop_rx,
+            manifests: manifests_rx,
+            nats_calls: nats_calls_rx,
+            http,
+        };
         let bridge = match Bridge::start(ops.clone(), nats_url.clone(), manifests.clone(), inputs) {
             Ok(b) => b,
             Err(e) => {

@@ -27,9 +27,24 @@ pub struct BridgeShared {
     pub acked: AtomicU64,
     /// Connections made (the first one counts): consumers re-bind after a reconnect.
     pub connections: AtomicU64,
-    /// Circuit breaker states by upstream (0 closed, 1 half-open, 2 open); written only
-    /// when a state changes.
-    pub breakers: std::sync::Mutex<std::collections::BTreeMap<String, u8>>,
+    /// Circuit breaker states by upstream and shard (0 closed, 1 half-open, 2 open); each
+    /// shard has its own breakers and writes here when one is first used or changes state.
+    pub breaker_states: std::sync::Mutex<std::collections::BTreeMap<(String, usize), u8>>,
+}
+
+impl BridgeShared {
+    /// The state of each upstream's breaker: the worst over the shards (0 closed,
+    /// 1 half-open, 2 open).
+    pub fn breakers(&self) -> std::collections::BTreeMap<String, u8> {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(m) = self.breaker_states.lock() {
+            for ((upstream, _), state) in m.iter() {
+                let worst = out.entry(upstream.clone()).or_insert(0u8);
+                *worst = (*worst).max(*state);
+            }
+        }
+        out
+    }
 }
 
 /// Everything the bridge's tasks share (bridge thread only).

@@ -13,6 +13,9 @@ pub const HDR_TENANT: &str = "x-tenant-id";
 pub const HDR_CORRELATION: &str = "x-correlation-id";
 pub const HDR_TRACEPARENT: &str = "traceparent";
 pub const HDR_COMMAND_ID: &str = "x-command-id";
+/// On a command in `WORKFLOW_COMMANDS`: the saga's own shard already ran it (`inline`);
+/// published for the record, effect workers acknowledge it without running it.
+pub const HDR_RAN: &str = "x-runner-ran";
 
 /// An event as aggregate nodes publish it. Every field is optional on the wire; decoding
 /// fills gaps from headers, the subject and the message metadata.
@@ -110,6 +113,44 @@ pub fn command_subject(tenant: &str, effect: &str) -> String {
 
 pub fn result_subject(tenant: &str, effect: &str, outcome: &str) -> String {
     format!("workflow.events.{}.{effect}.{outcome}", tenant_token(tenant))
+}
+
+/// The body of an effect command: the envelope around the outbox item's payload, whose
+/// bytes are copied as they are (no parse and re-encode: key order, number text and string
+/// escapes stay the saga's).
+pub fn command_body(item: &shards::record::OutboxItem, effect: &str) -> Result<bytes::Bytes, serde_json::Error> {
+    let body = CommandEnvelope {
+        command_id: item.work_id.clone(),
+        tenant_id: item.tenant.clone(),
+        effect: effect.to_owned(),
+        saga: item.saga.clone(),
+        correlation_id: item.correlation_id.clone(),
+        payload: &*item.payload,
+        traceparent: item.traceparent.clone(),
+        source_event_id: item.source_event_id.clone(),
+        created_at: item.created_at,
+    };
+    serde_json::to_vec(&body).map(bytes::Bytes::from)
+}
+
+/// The body of a Gateway command submission; the payload is copied as in [`command_body`].
+pub fn gateway_body(
+    item: &shards::record::OutboxItem,
+    command: String,
+    aggregate: String,
+    aggregate_id: String,
+) -> Result<bytes::Bytes, serde_json::Error> {
+    let body = GatewayCommand {
+        command_id: item.work_id.clone(),
+        tenant_id: item.tenant.clone(),
+        aggregate_type: aggregate,
+        aggregate_id,
+        command,
+        payload: &*item.payload,
+        correlation_id: item.correlation_id.clone(),
+        saga: item.saga.clone(),
+    };
+    serde_json::to_vec(&body).map(bytes::Bytes::from)
 }
 
 /// Transport facts of one message, independent of the NATS client types.
@@ -313,30 +354,43 @@ pub fn decode_result(body: &[u8], t: &Transport, max_bytes: usize) -> Result<(Re
     }
     let key = shards::keys::SagaKey::new(r.tenant_id.clone(), r.saga.clone(), r.correlation_id.clone());
     key.validate().map_err(|e| DecodeError::BadKey(e.to_string()))?;
+    let mut event = result_event(&r, t.stream.clone(), t.seq, t.subject.clone());
+    if r.timestamp == 0 {
+        event.timestamp = t.published_ms;
+    }
+    if let Some(tp) = t.header(HDR_TRACEPARENT) {
+        event.traceparent = Some(tp.to_owned());
+    }
+    event.headers = t.headers.clone();
+    Ok((r, event))
+}
+
+/// The event a saga sees for an effect result: the same whether the result was consumed
+/// from `stream` (at `seq`) or applied in place (no stream sequence).
+pub fn result_event(r: &ResultEnvelope, stream: String, seq: u64, subject: String) -> Event {
     let mut data = r.payload.clone();
     if let (Some(err), serde_json::Value::Object(m)) = (&r.error, &mut data) {
         m.entry("reason").or_insert_with(|| serde_json::Value::String(err.clone()));
     } else if let Some(err) = &r.error {
         data = serde_json::json!({ "reason": err, "payload": data });
     }
-    let event = Event {
+    Event {
         id: format!("result:{}", r.command_id),
         event_type: format!("{}.{}", r.effect, r.outcome),
-        stream: t.stream.clone(),
-        seq: t.seq,
-        subject: t.subject.clone(),
+        stream,
+        seq,
+        subject,
         tenant: r.tenant_id.clone(),
-        timestamp: if r.timestamp > 0 { r.timestamp } else { t.published_ms },
+        timestamp: r.timestamp,
         data,
-        traceparent: t.header(HDR_TRACEPARENT).map(str::to_owned).or(r.traceparent.clone()),
+        traceparent: r.traceparent.clone(),
         result: Some(ResultInfo {
             command_id: r.command_id.clone(),
             effect: r.effect.clone(),
             outcome: r.outcome.clone(),
         }),
-        headers: t.headers.clone(),
-    };
-    Ok((r, event))
+        headers: Default::default(),
+    }
 }
 
 #[cfg(test)]

@@ -459,6 +459,12 @@ impl Ops {
                 n += 1;
                 continue;
             }
+            if seq == 0 {
+                // An effect result applied in place (combined mode): recorded with the instance.
+                self.admin(shard, AdminOp::ApplyRecorded { key: key.clone(), event_id: r.id }).await?;
+                n += 1;
+                continue;
+            }
             if seq < from_seq {
                 continue;
             }

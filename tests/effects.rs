@@ -177,7 +177,7 @@ fn the_breaker_opens_waits_half_opens_and_closes() {
     );
     let app = h.start(effect_config(&h, &upstream, &yaml));
     let key = upstream.addr().to_string();
-    let state = || app.bridge().shared().breakers.lock().unwrap().get(&key).copied();
+    let state = || app.bridge().shared().breakers().get(&key).copied();
     command(&h, "b1", "b1");
     wait_until(T, "first failure", || results(&h).len() == 1);
     assert_eq!(state(), Some(0), "closed after one failure");

@@ -139,6 +139,28 @@ impl std::fmt::Display for SagaKey {
     }
 }
 
+/// `(tenant, saga, correlation_id, event id)`: an effect result one instance applied in
+/// place. The instance's key is a prefix of each of its results' keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResultKey {
+    pub saga: SagaKey,
+    pub event_id: String,
+}
+
+impl ResultKey {
+    pub fn encode(&self) -> Vec<u8> {
+        KeyBuf::new().str(&self.saga.tenant).str(&self.saga.saga).str(&self.saga.correlation_id).str(&self.event_id).0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, KeyError> {
+        let mut r = KeyReader::new("results", bytes);
+        let saga = SagaKey { tenant: r.str()?, saga: r.str()?, correlation_id: r.str()? };
+        let key = Self { saga, event_id: r.str()? };
+        r.end()?;
+        Ok(key)
+    }
+}
+
 /// Prefix of all saga keys of one tenant (for listings).
 pub fn saga_tenant_prefix(tenant: &str) -> Vec<u8> {
     KeyBuf::new().str(tenant).0

@@ -232,12 +232,17 @@ fn entry_partition(db: Db, key: &[u8], value: &[u8], partitions: u32) -> Result<
             partition_for(&k.tenant, k.route(), partitions)
         }
         Db::DeadLetter => serde_json::from_slice::<DeadLetter>(value).map_err(|e| e.to_string())?.partition,
+        Db::Results => {
+            let k = crate::keys::ResultKey::decode(key).map_err(|e| e.to_string())?;
+            partition_for(&k.saga.tenant, k.saga.route(), partitions)
+        }
         Db::Checkpoints | Db::Meta => return Ok(None),
     };
     Ok(Some(p))
 }
 
-const MOVED_DBS: [Db; 6] = [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::DeadLetter, Db::Checkpoints];
+const MOVED_DBS: [Db; 7] =
+    [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::DeadLetter, Db::Checkpoints, Db::Results];
 
 fn run_move(
     root: &Path,

@@ -14,9 +14,11 @@
 //! - [`core`]: the functional core; decides a batch and returns actions as data.
 //! - [`shell`]: the imperative shell; commits, adopts, carries out; the shard's loop.
 //! - [`relay`]: the outbox relay's bounded window over the store.
+//! - [`caller`]: the contract for calls a shard makes itself (HTTP effects, Gateway).
 //! - [`runtime`]: one pinned glommio executor per shard and the handles that reach them.
 //! - [`clock`]: time as a trait, with a manual clock for tests.
 
+pub mod caller;
 pub mod clock;
 pub mod core;
 pub mod ids;

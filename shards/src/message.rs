@@ -231,6 +231,9 @@ pub enum AdminOp {
     FireTimer { key: SagaKey, timer_id: String },
     /// The replay of an instance is over: its timers fire normally again.
     EndReplay { key: SagaKey },
+    /// During a replay: apply again the effect result `event_id` the instance applied in
+    /// place (it came from no stream, so it was recorded with the instance).
+    ApplyRecorded { key: SagaKey, event_id: String },
 }
 
 /// What an [`AdminOp`] did (serialised as the admin API's answer).
@@ -242,6 +245,7 @@ pub enum AdminAnswer {
     Reset(ReplayReset),
     TimerFired { fired: String },
     ReplayEnded { replay_ended: String },
+    RecordedApplied { applied: String },
 }
 
 /// The instances a replay reset, with the events each had applied.
@@ -276,6 +280,8 @@ pub enum AdminError {
     NoSuchLetter { tenant: String, id: String },
     #[error("no pending timer {timer_id} for {key}")]
     NoSuchTimer { key: SagaKey, timer_id: String },
+    #[error("no recorded result {event_id} for {key}")]
+    NoSuchResult { key: SagaKey, event_id: String },
     #[error("{key} is retrying an event; replay it after that settles")]
     ReplayWhileRetrying { key: SagaKey },
 }
@@ -334,6 +340,12 @@ pub enum Request {
     EffectRelease {
         key: EffectKey,
     },
+    /// Run one attempt of an effect command on this shard's thread (effect mode: the gate
+    /// said run). The answer is `Ran` (final), `Later` (try again) or `Permanent`.
+    RunEffect {
+        command: Box<OutboxItem>,
+        reply: Reply<DispatchOutcome>,
+    },
     /// Quarantine an undecodable message; answered once the dead letter is committed.
     Quarantine {
         letter: RawLetter,
@@ -358,6 +370,7 @@ impl std::fmt::Debug for Request {
             Request::EffectBegin { key, .. } => write!(f, "EffectBegin({})", key.command_id),
             Request::EffectFinish { key, .. } => write!(f, "EffectFinish({})", key.command_id),
             Request::EffectRelease { key } => write!(f, "EffectRelease({})", key.command_id),
+            Request::RunEffect { command, .. } => write!(f, "RunEffect({})", command.work_id),
             Request::Quarantine { letter, .. } => write!(f, "Quarantine({}#{})", letter.stream, letter.seq),
             Request::Query(query) => write!(f, "Query({query:?})"),
             Request::Admin { op, .. } => write!(f, "Admin({op:?})"),
@@ -367,14 +380,35 @@ impl std::fmt::Debug for Request {
 }
 
 /// How one dispatch ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DispatchOutcome {
     /// Durably confirmed (PubAck, Gateway 2xx or duplicate): delete the item.
     Delivered,
-    /// Failed, may succeed later: retry with backoff.
+    /// Failed, may succeed later: retry with the relay's backoff.
     Retry { error: String },
     /// Failed for good (e.g. Gateway 4xx): dead-letter the item.
     Permanent { error: String },
+    /// An effect ran in place (combined mode) and has its final result: it is applied to
+    /// the saga in the commit that deletes the item, and recorded for the streams.
+    Ran(Box<RanEffect>),
+    /// Try the item again in `wait_ms`: a call that failed and may succeed (`attempt`:
+    /// counted against the effect's retry policy, which chose the wait), or one not made
+    /// because its upstream's breaker is open (not counted).
+    Later { wait_ms: u64, error: String, attempt: bool },
+}
+
+/// The final result of an effect run in place, as the saga sees it and as it is published
+/// for the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RanEffect {
+    /// The result event (id `result:{command_id}`, no stream sequence).
+    pub event: Event,
+    /// What to publish, once the result is applied: the command and its result, each under
+    /// its `Nats-Msg-Id`, exactly as an effect worker would have seen and published them.
+    pub command_subject: String,
+    pub command: Vec<u8>,
+    pub result_subject: String,
+    pub result: Vec<u8>,
 }
 
 /// One dispatch result from the bridge.

@@ -114,6 +114,10 @@ pub enum WorkKind {
     Effect { effect: String },
     /// Submit an aggregate command to the Gateway.
     Command { command: String, aggregate: String, aggregate_id: String },
+    /// Publish, for the record, an effect command that ran in place and its result (the
+    /// payload holds both messages: `{"command_subject", "command", "result_subject",
+    /// "result"}`).
+    Audit { effect: String },
 }
 
 /// One outbox item (db `outbox`): written with the transition, deleted after dispatch is
@@ -184,6 +188,7 @@ struct OutboxItemWire {
 enum WireKind {
     Effect,
     Command,
+    Audit,
 }
 
 impl TryFrom<OutboxItemWire> for OutboxItem {
@@ -193,6 +198,7 @@ impl TryFrom<OutboxItemWire> for OutboxItem {
         let missing = |field: &str| format!("outbox item {}: missing field `{field}`", w.work_id);
         let kind = match w.kind {
             WireKind::Effect => WorkKind::Effect { effect: w.effect.ok_or_else(|| missing("effect"))? },
+            WireKind::Audit => WorkKind::Audit { effect: w.effect.ok_or_else(|| missing("effect"))? },
             WireKind::Command => WorkKind::Command {
                 command: w.command.ok_or_else(|| missing("command"))?,
                 aggregate: w.aggregate.ok_or_else(|| missing("aggregate"))?,

@@ -13,13 +13,14 @@
 //! [`run_shard`] runs on the shard's own glommio executor: the committer loop (inbox →
 //! step) and the relay task, which hands outbox items to the bridge and never writes.
 
+use crate::caller::Caller;
 use crate::clock::SharedClock;
 use crate::core::{Action, BatchStats, CoreConfig, CoreError, RequestId, ShardCore, Work};
 use crate::layout::DataDir;
 use crate::manifest::ManifestSet;
 use crate::message::{
-    AdminAnswer, AdminError, ApplyOutcome, Control, DispatchOutcome, DispatchRequest, FinishError, GateDecision, Query,
-    Reply, Request, ShardError,
+    AdminAnswer, AdminError, ApplyOutcome, Control, DispatchOutcome, DispatchRequest, DispatchResult, FinishError,
+    GateDecision, Query, Reply, Request, ShardError,
 };
 use crate::relay::{RelayConfig, RelayState};
 use crate::store::{StoreConfig, StoreError};
@@ -48,6 +49,9 @@ pub struct ShardConfig {
     /// Count (and log) every time the shard holds its thread longer than this without
     /// yielding; `None` (the default) does not time. Set from `RuntimeConfig`.
     pub stall_threshold: Option<Duration>,
+    /// Makes the shard's caller (HTTP effects, Gateway commands run in place); `None`: the
+    /// relay hands every item to the bridge.
+    pub caller: Option<crate::caller::CallerFactory>,
 }
 
 impl Default for ShardConfig {
@@ -60,6 +64,7 @@ impl Default for ShardConfig {
             batch_budget: Duration::from_millis(20),
             commit_retry_ms: 50,
             stall_threshold: None,
+            caller: None,
         }
     }
 }
@@ -184,6 +189,7 @@ pub struct Shell {
     /// commit).
     work: Vec<Work>,
     reloads: Vec<Reload>,
+    caller: Option<Rc<dyn Caller>>,
 }
 
 /// A manifest swap asked for, done between steps.
@@ -191,7 +197,15 @@ type Reload = (Arc<ManifestSet>, Reply<Result<(), ShardError>>);
 
 impl Shell {
     pub fn new(core: ShardCore, relay: RelayState) -> Self {
-        Self { core, relay, waiting: AHashMap::new(), next_request: 0, work: Vec::new(), reloads: Vec::new() }
+        Self {
+            core,
+            relay,
+            waiting: AHashMap::new(),
+            next_request: 0,
+            work: Vec::new(),
+            reloads: Vec::new(),
+            caller: None,
+        }
     }
 
     pub fn core(&self) -> &ShardCore {
@@ -229,7 +243,7 @@ impl Shell {
     }
 
     /// Takes one request in: work for the next step, queries answered at once from
-    /// committed state, reloads kept for between steps.
+    /// committed state, reloads kept for between steps, calls started on the caller.
     pub fn take(&mut self, req: Request) {
         match req {
             Request::Apply { event, targets, reply } => {
@@ -265,7 +279,31 @@ impl Shell {
             }
             Request::Query(q) => self.answer(q),
             Request::Reload { set, reply } => self.reloads.push((set, reply)),
+            Request::RunEffect { command, reply } => match &self.caller {
+                Some(caller) => {
+                    // Runs on the shard's executor; the answer goes back when it is done.
+                    let call = caller.call(*command);
+                    glommio::spawn_local(async move {
+                        let _ = reply.send(call.await);
+                    })
+                    .detach();
+                }
+                None => {
+                    let error = format!("shard {} runs no effects in this process", self.core.shard());
+                    let _ = reply.send(DispatchOutcome::Permanent { error });
+                }
+            },
         }
+    }
+
+    /// The shard's caller (calls made in place), if it has one.
+    pub fn caller(&self) -> Option<&Rc<dyn Caller>> {
+        self.caller.as_ref()
+    }
+
+    /// Sets the caller (on the shard's thread, before the loop starts).
+    pub fn set_caller(&mut self, caller: Rc<dyn Caller>) {
+        self.caller = Some(caller);
     }
 
     /// Takes a control message in; `true` for stop.
@@ -273,15 +311,15 @@ impl Shell {
         match c {
             Control::Dispatched(results) => {
                 for r in results {
-                    // A failed dispatch re-stores the item as the relay sent it.
+                    // A failed dispatch re-stores the item as the relay sent it; a call that ran
+                    // in place is recorded from it.
                     let item = match r.outcome {
-                        DispatchOutcome::Delivered => {
-                            // Confirmed: not sent again while its delete waits to commit.
-                            self.relay.hold(&r.key);
-                            None
-                        }
+                        DispatchOutcome::Delivered => None,
                         _ => self.relay.in_flight_item(&r.key).cloned(),
                     };
+                    // Answered: not sent again on its deadline while the commit that settles it
+                    // waits (a full disk, a blocked key).
+                    self.relay.hold(&r.key);
                     self.work.push(Work::Dispatched { key: r.key, outcome: r.outcome, item });
                 }
                 false
@@ -440,9 +478,14 @@ impl Shell {
     /// Swaps the manifests asked for since the last call (between steps).
     pub fn run_reloads(&mut self) {
         for (set, reply) in std::mem::take(&mut self.reloads) {
-            let r = self.core.reload(set);
-            if let Err(e) = &r {
-                tracing::error!(shard = self.core.shard(), error = %e, "manifest reload refused by shard");
+            let r = self.core.reload(set.clone());
+            match &r {
+                Err(e) => tracing::error!(shard = self.core.shard(), error = %e, "manifest reload refused by shard"),
+                Ok(()) => {
+                    if let Some(c) = &self.caller {
+                        c.reload(&set);
+                    }
+                }
             }
             let _ = reply.send(r);
         }
@@ -627,6 +670,7 @@ pub async fn run_shard(
     health: Arc<ShardHealth>,
     ready: flume::Sender<Result<(), ShardError>>,
 ) {
+    let manifests_for_caller = manifests.clone();
     let setup = (|| {
         let store = data.open_store(index, &cfg.store)?;
         let flush = match cfg.store.durability {
@@ -637,7 +681,12 @@ pub async fn run_shard(
         Ok::<_, ShardError>((Shell::new(core, RelayState::new(cfg.relay.clone())), flush))
     })();
     let (shell, flush) = match setup {
-        Ok((s, f)) => (Rc::new(RefCell::new(s)), f),
+        Ok((mut s, f)) => {
+            if let Some(factory) = &cfg.caller {
+                s.set_caller((factory.0)(index, &manifests_for_caller));
+            }
+            (Rc::new(RefCell::new(s)), f)
+        }
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
@@ -991,15 +1040,34 @@ async fn relay_loop(
             let results = ready
                 .suppressed
                 .into_iter()
-                .map(|key| crate::message::DispatchResult { key, outcome: DispatchOutcome::Delivered })
+                .map(|key| DispatchResult { key, outcome: DispatchOutcome::Delivered })
                 .collect();
             if control.send_async(Control::Dispatched(results)).await.is_err() {
                 return;
             }
         }
-        if !ready.dispatch.is_empty() {
+        let caller = shell.borrow().caller().cloned();
+        let items = match caller {
+            Some(caller) => {
+                // Calls this shard makes itself run here; the rest go to the bridge.
+                let (local, bridged): (Vec<_>, Vec<_>) =
+                    ready.dispatch.into_iter().partition(|(_, item)| caller.runs(item));
+                for (key, item) in local {
+                    let call = caller.call(item);
+                    let control = control.clone();
+                    glommio::spawn_local(async move {
+                        let outcome = call.await;
+                        let _ = control.send_async(Control::Dispatched(vec![DispatchResult { key, outcome }])).await;
+                    })
+                    .detach();
+                }
+                bridged
+            }
+            None => ready.dispatch,
+        };
+        if !items.is_empty() {
             let started = Instant::now();
-            if dispatch.send_async(DispatchRequest { shard: index, items: ready.dispatch }).await.is_err() {
+            if dispatch.send_async(DispatchRequest { shard: index, items }).await.is_err() {
                 tracing::warn!(shard = index, "bridge gone; relay stops");
                 return;
             }

@@ -6,7 +6,7 @@
 //! ever held across an `.await`.
 
 use crate::keys::{
-    CheckpointKey, DeadLetterKey, EffectKey, OutboxKey, SagaKey, ScheduleKey, deadletter_tenant_prefix,
+    CheckpointKey, DeadLetterKey, EffectKey, OutboxKey, ResultKey, SagaKey, ScheduleKey, deadletter_tenant_prefix,
     schedule_upper_bound,
 };
 use crate::record::{DeadLetter, EffectRecord, OutboxItem, SagaRecord, ScheduleEntry};
@@ -145,11 +145,14 @@ pub enum Db {
     Checkpoints,
     DeadLetter,
     Meta,
+    /// Effect results applied in place (combined mode), per instance: what a replay
+    /// applies again, since they were never consumed from a stream.
+    Results,
 }
 
 impl Db {
-    pub const ALL: [Db; 7] =
-        [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::Checkpoints, Db::DeadLetter, Db::Meta];
+    pub const ALL: [Db; 8] =
+        [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::Checkpoints, Db::DeadLetter, Db::Meta, Db::Results];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -160,6 +163,7 @@ impl Db {
             Db::Checkpoints => "checkpoints",
             Db::DeadLetter => "deadletter",
             Db::Meta => "meta",
+            Db::Results => "results",
         }
     }
 }
@@ -183,6 +187,11 @@ pub(crate) enum Op {
     Delete {
         db: Db,
         key: Vec<u8>,
+    },
+    /// Deletes every key of `db` that starts with `prefix`.
+    DeletePrefix {
+        db: Db,
+        prefix: Vec<u8>,
     },
     /// `checkpoints[key] = max(checkpoints[key], seq)`.
     Advance {
@@ -248,8 +257,17 @@ impl Batch {
         self.put(Db::Sagas, key.encode(), record);
     }
 
+    /// Deletes an instance and the results it recorded.
     pub fn delete_saga(&mut self, key: &SagaKey) {
         self.delete(Db::Sagas, key.encode());
+        let prefix = key.encode();
+        self.bytes += prefix.len();
+        self.ops.push(Op::DeletePrefix { db: Db::Results, prefix });
+    }
+
+    /// Records an effect result applied in place to the instance `key`.
+    pub fn put_result(&mut self, key: &ResultKey, event: &crate::message::Event) {
+        self.put(Db::Results, key.encode(), to_json(event));
     }
 
     pub fn put_outbox(&mut self, key: OutboxKey, item: &OutboxItem) {
@@ -404,7 +422,7 @@ fn read_marker(path: &Path, shard: usize) -> Result<Option<u64>, StoreError> {
 /// One shard's environment. Owned by the shard's thread.
 pub struct Store {
     env: Env<WithoutTls>,
-    dbs: [Raw; 7],
+    dbs: [Raw; 8],
     shard: usize,
     partitions: u32,
     path: PathBuf,
@@ -481,7 +499,7 @@ impl Store {
             let handle: Raw = env.create_database(&mut wtxn, Some(db.name())).map_err(lmdb)?;
             dbs.push(handle);
         }
-        let dbs: [Raw; 7] = dbs.try_into().map_err(|_| StoreError::Corrupt {
+        let dbs: [Raw; 8] = dbs.try_into().map_err(|_| StoreError::Corrupt {
             shard,
             path: path.to_owned(),
             db: "meta",
@@ -560,12 +578,21 @@ impl Store {
         let mut dbs = Vec::with_capacity(Db::ALL.len());
         for db in Db::ALL {
             let handle: Option<Raw> = env.open_database(&rtxn, Some(db.name())).map_err(lmdb)?;
-            dbs.push(handle.ok_or_else(|| StoreError::Corrupt {
-                shard,
-                path: path.to_owned(),
-                db: db.name(),
-                why: "database missing".into(),
-            })?);
+            let handle = match (handle, db) {
+                (Some(h), _) => h,
+                // Written by a version before it existed (not opened for writing since):
+                // nothing recorded; reads see the empty meta database in its place.
+                (None, Db::Results) => dbs[Db::Meta as usize],
+                (None, _) => {
+                    return Err(StoreError::Corrupt {
+                        shard,
+                        path: path.to_owned(),
+                        db: db.name(),
+                        why: "database missing".into(),
+                    });
+                }
+            };
+            dbs.push(handle);
         }
         let partitions = dbs[Db::Meta as usize]
             .get(&rtxn, META_PARTITIONS)
@@ -575,7 +602,7 @@ impl Store {
             .unwrap_or(0);
         // Committing the read transaction keeps the opened database handles (LMDB).
         rtxn.commit().map_err(lmdb)?;
-        let dbs: [Raw; 7] = dbs.try_into().map_err(|_| StoreError::Corrupt {
+        let dbs: [Raw; 8] = dbs.try_into().map_err(|_| StoreError::Corrupt {
             shard,
             path: path.to_owned(),
             db: "meta",
@@ -682,6 +709,28 @@ impl Store {
             match op {
                 Op::Put { db, key, value } => self.db(*db).put(&mut wtxn, key, value),
                 Op::Delete { db, key } => self.db(*db).delete(&mut wtxn, key).map(|_| ()),
+                Op::DeletePrefix { db, prefix } => {
+                    let range = (std::ops::Bound::Included(&prefix[..]), std::ops::Bound::Unbounded);
+                    let mut iter = self.db(*db).range_mut(&mut wtxn, &range).map_err(|e| self.lmdb(e))?;
+                    let mut result = Ok(());
+                    while let Some(entry) = iter.next() {
+                        match entry {
+                            Ok((k, _)) if k.starts_with(prefix) => {
+                                // SAFETY: nothing borrowed from the database outlives this call.
+                                if let Err(e) = unsafe { iter.del_current() } {
+                                    result = Err(e);
+                                    break;
+                                }
+                            }
+                            Ok(_) => break,
+                            Err(e) => {
+                                result = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    result.map(|_| ())
+                }
                 Op::Advance { key, seq } => {
                     let db = self.db(Db::Checkpoints);
                     let current = db.get(&wtxn, key).map_err(|e| self.lmdb(e))?.and_then(decode_u64).unwrap_or(0);
@@ -907,6 +956,11 @@ impl<'s> ReadView<'s> {
             out.push((dk, self.decode(Db::DeadLetter, v)?));
         }
         Ok(out)
+    }
+
+    /// An effect result an instance applied in place.
+    pub fn result(&self, key: &ResultKey) -> Result<Option<crate::message::Event>, StoreError> {
+        self.get_raw(Db::Results, &key.encode())?.map(|b| self.decode(Db::Results, b)).transpose()
     }
 
     /// One dead letter.

@@ -1,27 +1,25 @@
-//! Outbox dispatch: effect commands to `WORKFLOW_COMMANDS` (pipelined publishes, each with
-//! `Nats-Msg-Id = command id`), aggregate commands to the Gateway over HTTP (keep-alive
-//! pool, `Idempotency-Key = command id`). Each result goes back to the owning shard, which
-//! deletes the item only for a durable confirmation (invariant 2).
+//! Outbox dispatch on the bridge: NATS publishes only. Effect commands go to
+//! `WORKFLOW_COMMANDS` (pipelined publishes, each with `Nats-Msg-Id = command id`) when a
+//! separate effect fleet runs them; an effect a shard ran in place is published for the
+//! record (its command, marked as run, and its result). Gateway commands and in-place
+//! effects are called by the shards themselves ([`crate::effects::caller`]). Each result
+//! goes back to the owning shard, which deletes the item only for a durable confirmation
+//! (invariant 2).
 
 use crate::context::Ctx;
-use crate::envelope::{
-    self, CommandEnvelope, GatewayCommand, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT,
-};
-use crate::http_client::{HttpClient, http_client};
+use crate::envelope::{self, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
-use http_body_util::{BodyExt, Full};
 use shards::keys::OutboxKey;
 use shards::message::{Control, DispatchOutcome, DispatchRequest, DispatchResult};
 use shards::record::{OutboxItem, WorkKind};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
-    let http = http_client();
     let latency = metrics::histogram!("runner_dispatch_seconds");
     while let Ok(req) = rx.recv_async().await {
         let started = Instant::now();
@@ -34,16 +32,10 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
         for (key, item) in req.items {
             let p = match &item.kind {
                 WorkKind::Effect { effect } => publish_command(&ctx, &item, effect).await,
-                WorkKind::Command { command, aggregate, aggregate_id } => {
-                    Pending::Http(tokio::task::spawn_local(post_gateway(
-                        ctx.clone(),
-                        http.clone(),
-                        item.clone(),
-                        command.clone(),
-                        aggregate.clone(),
-                        aggregate_id.clone(),
-                    )))
-                }
+                WorkKind::Audit { .. } => publish_audit(&ctx, &item).await,
+                WorkKind::Command { .. } => Pending::Done(DispatchOutcome::Retry {
+                    error: format!("Gateway command {} reached the bridge; shards call the Gateway", item.work_id),
+                }),
             };
             waits.push((key, p));
         }
@@ -80,7 +72,8 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
 enum Pending {
     Done(DispatchOutcome),
     Ack(async_nats::jetstream::context::PublishAckFuture),
-    Http(tokio::task::JoinHandle<DispatchOutcome>),
+    /// The command and its result, both acknowledged.
+    Acks(async_nats::jetstream::context::PublishAckFuture, async_nats::jetstream::context::PublishAckFuture),
 }
 
 impl Pending {
@@ -91,53 +84,16 @@ impl Pending {
                 Ok(_) => DispatchOutcome::Delivered,
                 Err(e) => DispatchOutcome::Retry { error: format!("publish not acknowledged: {e}") },
             },
-            Pending::Http(h) => {
-                h.await.unwrap_or_else(|e| DispatchOutcome::Retry { error: format!("gateway call aborted: {e}") })
-            }
+            Pending::Acks(a, b) => match (a.await, b.await) {
+                (Ok(_), Ok(_)) => DispatchOutcome::Delivered,
+                (Err(e), _) | (_, Err(e)) => DispatchOutcome::Retry { error: format!("publish not acknowledged: {e}") },
+            },
         }
     }
 }
 
-/// The body of an effect command: the envelope around the outbox item's payload, whose
-/// bytes are copied as they are (no parse and re-encode: key order, number text and string
-/// escapes stay the saga's).
-fn command_body(item: &OutboxItem, effect: &str) -> Result<Bytes, serde_json::Error> {
-    let body = CommandEnvelope {
-        command_id: item.work_id.clone(),
-        tenant_id: item.tenant.clone(),
-        effect: effect.to_owned(),
-        saga: item.saga.clone(),
-        correlation_id: item.correlation_id.clone(),
-        payload: &*item.payload,
-        traceparent: item.traceparent.clone(),
-        source_event_id: item.source_event_id.clone(),
-        created_at: item.created_at,
-    };
-    serde_json::to_vec(&body).map(Bytes::from)
-}
-
-/// The body of a Gateway command submission; the payload is copied as in [`command_body`].
-fn gateway_body(
-    item: &OutboxItem,
-    command: String,
-    aggregate: String,
-    aggregate_id: String,
-) -> Result<Bytes, serde_json::Error> {
-    let body = GatewayCommand {
-        command_id: item.work_id.clone(),
-        tenant_id: item.tenant.clone(),
-        aggregate_type: aggregate,
-        aggregate_id,
-        command,
-        payload: &*item.payload,
-        correlation_id: item.correlation_id.clone(),
-        saga: item.saga.clone(),
-    };
-    serde_json::to_vec(&body).map(Bytes::from)
-}
-
 async fn publish_command(ctx: &Ctx, item: &OutboxItem, effect: &str) -> Pending {
-    let payload = match command_body(item, effect) {
+    let payload = match envelope::command_body(item, effect) {
         Ok(p) => p,
         Err(e) => return Pending::Done(DispatchOutcome::Permanent { error: format!("cannot encode command: {e}") }),
     };
@@ -156,58 +112,52 @@ async fn publish_command(ctx: &Ctx, item: &OutboxItem, effect: &str) -> Pending 
     }
 }
 
-/// Submits one aggregate command to the Gateway. 2xx and 409 (duplicate) are delivered; 408,
-/// 429, 5xx and transport errors are retried; other 4xx are permanent.
-async fn post_gateway(
-    ctx: Rc<Ctx>,
-    http: HttpClient,
-    item: OutboxItem,
-    command: String,
-    aggregate: String,
-    aggregate_id: String,
-) -> DispatchOutcome {
-    let Some(base) = ctx.cfg.gateway_url.clone() else {
-        return DispatchOutcome::Retry { error: "gateway.url is not configured".into() };
-    };
-    let bytes = match gateway_body(&item, command, aggregate, aggregate_id) {
-        Ok(b) => b,
-        Err(e) => return DispatchOutcome::Permanent { error: format!("cannot encode the gateway command: {e}") },
-    };
-    let mut req = hyper::Request::post(format!("{base}/commands"))
-        .header("content-type", "application/json")
-        .header("idempotency-key", item.work_id.as_str())
-        .header(HDR_TENANT, item.tenant.as_str())
-        .header(HDR_CORRELATION, item.correlation_id.as_str());
-    if let Some(tp) = &item.traceparent {
-        req = req.header(HDR_TRACEPARENT, tp.as_str());
+/// The record of an effect a shard ran in place: its command (marked, so that effect
+/// workers do not run it again) and its result, each under its own `Nats-Msg-Id`.
+async fn publish_audit(ctx: &Ctx, item: &OutboxItem) -> Pending {
+    #[derive(serde::Deserialize)]
+    struct Audit<'a> {
+        command_subject: String,
+        #[serde(borrow)]
+        command: &'a serde_json::value::RawValue,
+        result_subject: String,
+        #[serde(borrow)]
+        result: &'a serde_json::value::RawValue,
     }
-    let req = match req.body(Full::new(bytes)) {
-        Ok(r) => r,
-        Err(e) => return DispatchOutcome::Permanent { error: format!("bad gateway request: {e}") },
+    let audit: Audit = match serde_json::from_str(item.payload.get()) {
+        Ok(a) => a,
+        Err(e) => return Pending::Done(DispatchOutcome::Permanent { error: format!("unreadable record: {e}") }),
     };
-    let timeout = Duration::from_millis(ctx.cfg.gateway_timeout_ms);
-    match tokio::time::timeout(timeout, http.request(req)).await {
-        Err(_) => DispatchOutcome::Retry { error: format!("gateway timed out after {} ms", timeout.as_millis()) },
-        Ok(Err(e)) => DispatchOutcome::Retry { error: format!("gateway unreachable: {e}") },
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            // Read the body so the connection goes back to the pool.
-            let text = match tokio::time::timeout(timeout, resp.into_body().collect()).await {
-                Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).chars().take(200).collect(),
-                _ => String::new(),
-            };
-            match status {
-                200..=299 | 409 => DispatchOutcome::Delivered,
-                408 | 429 | 500..=599 => DispatchOutcome::Retry { error: format!("gateway answered {status}: {text}") },
-                _ => DispatchOutcome::Permanent { error: format!("gateway refused the command with {status}: {text}") },
-            }
+    let command_id = item.work_id.strip_prefix("audit:").unwrap_or(&item.work_id);
+    let message = |body: &serde_json::value::RawValue, id: String| {
+        let mut m = PublishMessage::build()
+            .payload(Bytes::copy_from_slice(body.get().as_bytes()))
+            .message_id(id)
+            .header(HDR_TENANT, item.tenant.as_str())
+            .header(HDR_CORRELATION, item.correlation_id.as_str())
+            .header(HDR_COMMAND_ID, command_id);
+        if let Some(tp) = &item.traceparent {
+            m = m.header(HDR_TRACEPARENT, tp.as_str());
         }
+        m
+    };
+    let command = message(audit.command, command_id.to_owned()).header(envelope::HDR_RAN, "inline");
+    let result = message(audit.result, format!("result:{command_id}"));
+    let sent = async {
+        let a = ctx.js.send_publish(audit.command_subject, command).await?;
+        let b = ctx.js.send_publish(audit.result_subject, result).await?;
+        Ok::<_, async_nats::jetstream::context::PublishError>((a, b))
+    };
+    match sent.await {
+        Ok((a, b)) => Pending::Acks(a, b),
+        Err(e) => Pending::Done(DispatchOutcome::Retry { error: format!("publish failed: {e}") }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::{CommandEnvelope, command_body};
 
     /// Integers past u64 and f64, a trailing zero, escapes, non-ASCII text and keys out of
     /// order: everything a parse and re-encode would change.
@@ -240,7 +190,8 @@ mod tests {
 
     #[test]
     fn a_gateway_body_carries_the_payload_byte_for_byte() {
-        let body = gateway_body(&item("command"), "Reserve".into(), "inventory".into(), "sku-1".into()).unwrap();
+        let body =
+            envelope::gateway_body(&item("command"), "Reserve".into(), "inventory".into(), "sku-1".into()).unwrap();
         assert_eq!(
             text(&body),
             format!(

@@ -46,6 +46,8 @@ pub struct BridgeInputs {
     pub dispatch: flume::Receiver<DispatchRequest>,
     pub stop_pulling: watch::Receiver<bool>,
     pub manifests: flume::Receiver<Arc<ManifestSet>>,
+    /// NATS requests the shards' effect providers ask the bridge to send.
+    pub nats_calls: flume::Receiver<crate::effects::provider::NatsCall>,
     /// The operations endpoints' listener, if they are served.
     pub http: Option<std::net::TcpListener>,
 }
@@ -74,7 +76,7 @@ impl Bridge {
                 };
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, async move {
-                    let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, http } = inputs;
+                    let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, nats_calls, http } = inputs;
                     let (ctx, effects) = match setup(ops2.clone(), url, manifests, stop_pulling).await {
                         Ok((ctx, effects)) => (Rc::new(ctx), effects.map(Rc::new)),
                         Err(e) => {
@@ -86,7 +88,7 @@ impl Bridge {
                     if let Some(listener) = http {
                         tokio::task::spawn_local(crate::http::serve(ops2.clone(), listener, shutdown_rx.clone()));
                     }
-                    run(ctx, effects, dispatch, manifests_rx, shutdown_rx, ready_tx).await;
+                    run(ctx, effects, dispatch, nats_calls, manifests_rx, shutdown_rx, ready_tx).await;
                 });
             })
             .map_err(|e| BridgeError::Setup(format!("cannot spawn the bridge thread: {e}")))?;
@@ -180,19 +182,17 @@ async fn setup(
     if cfg.create_streams {
         streams::ensure_streams(&js, &cfg).await.map_err(|e| BridgeError::Setup(e.to_string()))?;
     }
-    let effects = if cfg.mode.runs_effects() {
-        Some(EffectsRuntime::new(&cfg, &manifests, client.clone()).map_err(|e| BridgeError::Setup(e.to_string()))?)
-    } else {
-        None
-    };
+    let effects = cfg.mode.runs_effects().then(|| EffectsRuntime::new(&cfg));
     tracing::info!(url = %url, "bridge connected");
     Ok((Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling }, effects))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     ctx: Rc<Ctx>,
     effects: Option<Rc<EffectsRuntime>>,
     dispatch_rx: flume::Receiver<DispatchRequest>,
+    nats_calls_rx: flume::Receiver<crate::effects::provider::NatsCall>,
     manifests_rx: flume::Receiver<Arc<ManifestSet>>,
     mut shutdown: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<(), BridgeError>>,
@@ -237,22 +237,20 @@ async fn run(
     }
     let reload_ctx = ctx.clone();
     let reloader = tokio::task::spawn_local(async move {
+        // Providers live on the shards, which reload their own.
         while let Ok(set) = manifests_rx.recv_async().await {
-            if let Some(e) = &effects
-                && let Err(err) = e.reload(&set)
-            {
-                // Validated manifests always build; keep the running providers otherwise.
-                tracing::error!(error = %err, "effect providers not reloaded; the previous ones stay");
-            }
             *reload_ctx.manifests.borrow_mut() = set;
         }
     });
+    let nats_calls =
+        tokio::task::spawn_local(crate::effects::provider::serve_nats_calls(ctx.client.clone(), nats_calls_rx));
     let _ = ready.send(Ok(()));
     let _ = shutdown.wait_for(|s| *s).await;
     for c in consumers {
         c.abort();
     }
     reloader.abort();
+    nats_calls.abort();
     // The dispatcher ends when every shard relay dropped its sender (the shards stopped);
     // give it a moment to forward the last confirmations, then close.
     let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;

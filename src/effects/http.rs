@@ -39,7 +39,7 @@ pub enum HttpError {
         #[source]
         source: io::Error,
     },
-    #[error("no answer within {ms} ms")]
+    #[error("timed out after {ms} ms")]
     TimedOut { ms: u128 },
     #[error("connection to {upstream} failed: {source}")]
     Transport {

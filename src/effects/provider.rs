@@ -1,18 +1,21 @@
-//! Effect providers behind one trait, built from an effect's manifest entry.
+//! Effect providers behind one trait, built from an effect's manifest entry. They run on a
+//! shard's thread (glommio): HTTP through the shard's own client, NATS requests through the
+//! bridge, which owns the NATS connection.
 //!
 //! - `http`: templated method, URL, headers and body; `Idempotency-Key: command_id` always;
-//!   `secret:NAME` values read from the secrets directory (never logged).
-//! - `nats_request`: request-reply on a subject with a timeout.
+//!   `secret:NAME` values read from the secrets directory once per manifest load (never
+//!   logged).
+//! - `nats_request`: request-reply on a subject with a timeout, sent by the bridge.
 //! - `log` / `noop`: for development.
 //!
 //! Templates: in strings, `{{payload.a.b}}`, `{{command_id}}`, `{{tenant}}`,
 //! `{{correlation_id}}` are replaced; a body string that is exactly one placeholder becomes
 //! the JSON value itself (numbers stay numbers).
 
+use crate::effects::http::Client as HttpClient;
 use crate::envelope::{CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
-use crate::http_client::HttpClient;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde_json::Value;
 use shards::manifest::{EffectSpec, ProviderKind};
 use std::collections::BTreeMap;
@@ -41,14 +44,17 @@ pub trait Provider {
 }
 
 /// Reads `secret:NAME` values from a directory (Swarm mounts secrets at `/run/secrets`).
+/// Each secret is read once and kept (a reload makes a new `Secrets`, so a rotated secret
+/// is picked up by `/admin/reload`). Shard thread only.
 #[derive(Debug, Clone)]
 pub struct Secrets {
     dir: PathBuf,
+    cache: std::rc::Rc<std::cell::RefCell<BTreeMap<String, String>>>,
 }
 
 impl Secrets {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_owned() }
+        Self { dir: dir.to_owned(), cache: Default::default() }
     }
 
     /// Resolves a value: `secret:NAME` becomes the file's content (trailing newline trimmed).
@@ -59,14 +65,43 @@ impl Secrets {
                 if name.is_empty() || name.contains('/') || name.contains("..") {
                     return Err(format!("secret name {name:?} is not a plain file name"));
                 }
+                if let Some(v) = self.cache.borrow().get(name) {
+                    return Ok(v.clone());
+                }
                 let path = self.dir.join(name);
-                std::fs::read_to_string(&path)
+                let v = std::fs::read_to_string(&path)
                     .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-                    .map_err(|e| format!("secret {name:?} cannot be read from {}: {e}", path.display()))
+                    .map_err(|e| format!("secret {name:?} cannot be read from {}: {e}", path.display()))?;
+                self.cache.borrow_mut().insert(name.to_owned(), v.clone());
+                Ok(v)
             }
         }
     }
 }
+
+/// A NATS request the bridge sends for a shard (the `nats_request` provider).
+#[derive(Debug)]
+pub struct NatsCall {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    pub timeout: Duration,
+    pub reply: futures::channel::oneshot::Sender<Result<Bytes, NatsCallError>>,
+}
+
+/// Why a NATS request got no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NatsCallError {
+    #[error("no reply on {subject} within {ms} ms")]
+    NoReply { subject: String, ms: u128 },
+    #[error("request on {subject} failed: {why}")]
+    Failed { subject: String, why: String },
+    #[error("the NATS bridge is gone")]
+    BridgeGone,
+}
+
+/// Where shards send their NATS requests (the bridge serves them).
+pub type NatsCalls = flume::Sender<NatsCall>;
 
 fn lookup<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
     let mut cur = root;
@@ -157,7 +192,7 @@ fn required_str(spec: &EffectSpec, setting: &'static str) -> Result<String, Prov
 pub fn build(
     spec: &EffectSpec,
     http: HttpClient,
-    nats: async_nats::Client,
+    nats: NatsCalls,
     secrets: Secrets,
 ) -> Result<Box<dyn Provider>, ProviderError> {
     let s = &spec.settings;
@@ -173,6 +208,7 @@ pub fn build(
                 .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect())
                 .unwrap_or_default(),
             body: s.get("body").cloned(),
+            timeout: Duration::from_millis(spec.timeout_ms),
             http,
             secrets,
         }),
@@ -197,6 +233,7 @@ struct HttpProvider {
     url: String,
     headers: BTreeMap<String, String>,
     body: Option<Value>,
+    timeout: Duration,
     http: HttpClient,
     secrets: Secrets,
 }
@@ -246,15 +283,12 @@ impl Provider for HttpProvider {
                 Ok(r) => r,
                 Err(e) => return Outcome::Failed(format!("effect {}: cannot build the request: {e}", self.effect)),
             };
-            let resp = match self.http.request(req).await {
+            let resp = match self.http.request(req, self.timeout).await {
                 Ok(r) => r,
-                Err(e) => return Outcome::Retryable(format!("upstream {} unreachable: {e}", self.upstream())),
+                Err(e) if e.is_retryable() => return Outcome::Retryable(format!("upstream {}: {e}", self.upstream())),
+                Err(e) => return Outcome::Failed(format!("effect {}: {e}", self.effect)),
             };
-            let status = resp.status().as_u16();
-            let bytes = match resp.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return Outcome::Retryable(format!("upstream {} broke off the answer: {e}", self.upstream())),
-            };
+            let (status, bytes) = (resp.status, resp.body);
             let body: Value = serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).chars().take(500).collect()));
             match status {
@@ -278,7 +312,7 @@ struct NatsRequestProvider {
     subject: String,
     body: Option<Value>,
     timeout: Duration,
-    nats: async_nats::Client,
+    nats: NatsCalls,
 }
 
 impl Provider for NatsRequestProvider {
@@ -293,25 +327,33 @@ impl Provider for NatsRequestProvider {
                 Some(t) => render_json(t, &ctx),
                 None => cmd.payload.clone(),
             };
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("idempotency-key", cmd.command_id.as_str());
-            headers.insert(HDR_TENANT, cmd.tenant_id.as_str());
-            headers.insert(HDR_CORRELATION, cmd.correlation_id.as_str());
+            let mut headers = vec![
+                ("idempotency-key".to_owned(), cmd.command_id.clone()),
+                (HDR_TENANT.to_owned(), cmd.tenant_id.clone()),
+                (HDR_CORRELATION.to_owned(), cmd.correlation_id.clone()),
+            ];
             if let Some(tp) = &cmd.traceparent {
-                headers.insert(HDR_TRACEPARENT, tp.as_str());
+                headers.push((HDR_TRACEPARENT.to_owned(), tp.clone()));
             }
-            let payload = Bytes::from(body.to_string());
-            let req = self.nats.request_with_headers(self.subject.clone(), headers, payload);
-            match tokio::time::timeout(self.timeout, req).await {
-                Err(_) => {
-                    Outcome::Retryable(format!("no reply on {} within {} ms", self.subject, self.timeout.as_millis()))
-                }
-                Ok(Err(e)) => Outcome::Retryable(format!("request on {} failed: {e}", self.subject)),
-                Ok(Ok(msg)) => {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            let call = NatsCall {
+                subject: self.subject.clone(),
+                headers,
+                payload: Bytes::from(body.to_string()),
+                timeout: self.timeout,
+                reply: tx,
+            };
+            if self.nats.send_async(call).await.is_err() {
+                return Outcome::Retryable(NatsCallError::BridgeGone.to_string());
+            }
+            match rx.await {
+                Err(_) => Outcome::Retryable(NatsCallError::BridgeGone.to_string()),
+                Ok(Err(e)) => Outcome::Retryable(e.to_string()),
+                Ok(Ok(payload)) => {
                     // A reply that is not JSON is kept as text (as the http provider does),
                     // not turned into null.
-                    let v: Value = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&msg.payload).chars().take(500).collect())
+                    let v: Value = serde_json::from_slice(&payload).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&payload).chars().take(500).collect())
                     });
                     match v.get("error").and_then(|e| e.as_str()) {
                         Some(err) => Outcome::Failed(err.to_owned()),
@@ -320,6 +362,26 @@ impl Provider for NatsRequestProvider {
                 }
             }
         })
+    }
+}
+
+/// Serves shards' NATS requests on the bridge's thread, each with its own timeout.
+pub async fn serve_nats_calls(client: async_nats::Client, calls: flume::Receiver<NatsCall>) {
+    while let Ok(call) = calls.recv_async().await {
+        let client = client.clone();
+        tokio::task::spawn_local(async move {
+            let mut headers = async_nats::HeaderMap::new();
+            for (k, v) in &call.headers {
+                headers.insert(k.as_str(), v.as_str());
+            }
+            let req = client.request_with_headers(call.subject.clone(), headers, call.payload);
+            let r = match tokio::time::timeout(call.timeout, req).await {
+                Err(_) => Err(NatsCallError::NoReply { subject: call.subject, ms: call.timeout.as_millis() }),
+                Ok(Err(e)) => Err(NatsCallError::Failed { subject: call.subject, why: e.to_string() }),
+                Ok(Ok(msg)) => Ok(msg.payload),
+            };
+            let _ = call.reply.send(r);
+        });
     }
 }
 

@@ -25,6 +25,7 @@ pub(super) fn run(
         }
         AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now)?,
         AdminOp::EndReplay { key } => end_replay(core, st, key)?,
+        AdminOp::ApplyRecorded { key, event_id } => apply_recorded(core, st, key, event_id, now)?,
     };
     st.actions.push(Action::Admin { request, answer });
     Ok(())
@@ -212,6 +213,23 @@ fn fire_timer(
     super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::ReplayTimer(sk) }, now)?;
     st.overlay.schedules_changed = true;
     Ok(Ok(AdminAnswer::TimerFired { fired: timer_id.to_owned() }))
+}
+
+/// Applies again a result the instance applied in place (its place in a replayed history).
+fn apply_recorded(
+    core: &ShardCore,
+    st: &mut Staged,
+    key: &SagaKey,
+    event_id: &str,
+    now: u64,
+) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
+    let rkey = crate::keys::ResultKey { saga: key.clone(), event_id: event_id.to_owned() };
+    let Some(event) = core.store.read()?.result(&rkey)? else {
+        return Ok(Err(AdminError::NoSuchResult { key: key.clone(), event_id: event_id.to_owned() }));
+    };
+    let target = Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: false };
+    super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::Recorded }, now)?;
+    Ok(Ok(AdminAnswer::RecordedApplied { applied: event_id.to_owned() }))
 }
 
 fn end_replay(core: &ShardCore, st: &mut Staged, key: &SagaKey) -> Result<Result<AdminAnswer, AdminError>, CoreError> {

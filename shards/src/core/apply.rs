@@ -4,7 +4,7 @@
 
 use super::{Action, Blocked, CoreError, Instance, Origin, Pending, ShardCore, Staged};
 use crate::ids;
-use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, SagaKey, ScheduleKey};
+use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, ResultKey, SagaKey, ScheduleKey};
 use crate::manifest::PoisonPolicy;
 use crate::message::{Event, RawLetter};
 use crate::program::{Entry, ScheduleSpec, Transition, WorkSpec};
@@ -253,7 +253,7 @@ fn apply_one(
                     st.stats.timers_dropped += 1;
                 }
             }
-            settle(core, st, p, None);
+            settle(core, st, p, None, now);
             return Ok(Ok(()));
         }
         Gate::HoldTimer => {
@@ -265,7 +265,7 @@ fn apply_one(
         Gate::Park { why } => {
             st.stats.parked += 1;
             write_deadletter(core, st, p, DeadLetterKind::Parked, &why, 0, now);
-            settle(core, st, p, None);
+            settle(core, st, p, None, now);
             return Ok(Ok(()));
         }
     };
@@ -374,7 +374,12 @@ fn apply_one(
     inst.version += 1;
     inst.updated_at = now;
     st.stats.applied += 1;
-    settle(core, st, p, None);
+    if event.seq == 0 && event.result.is_some() {
+        // A result applied in place came from no stream: keep it, so a replay can apply it
+        // again at its place in the history.
+        st.batch.put_result(&ResultKey { saga: key.clone(), event_id: event.id.clone() }, event);
+    }
+    settle(core, st, p, None, now);
     Ok(Ok(()))
 }
 
@@ -428,7 +433,7 @@ fn to_json(v: &Dynamic) -> Json {
 
 /// Marks `p` done: settles its message after the commit, deletes its timer entry or its
 /// requeued dead letter in the same transaction.
-fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>) {
+fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>, now: u64) {
     match &p.origin {
         Origin::Delivery(request) => st.actions.push(Action::Settle { request: *request, term }),
         Origin::Timer(sk) | Origin::ReplayTimer(sk) => {
@@ -437,6 +442,17 @@ fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>) 
             core.set_held(st, sk.clone(), false);
         }
         Origin::Requeue(dk) => st.batch.delete_deadletter(dk),
+        Origin::Ran { key, audit } => {
+            st.batch.delete_outbox(*key);
+            st.stats.outbox_deleted += 1;
+            st.actions.push(Action::Delivered { key: *key });
+            let item = audit.outbox_item(now);
+            let okey = OutboxKey { partition: key.partition, seq: core.next_outbox_seq(st, now) };
+            st.batch.put_outbox(okey, &item);
+            st.actions.push(Action::Offer { key: okey, item });
+            st.stats.outbox_written += 1;
+        }
+        Origin::Recorded => {}
     }
 }
 
@@ -483,7 +499,7 @@ fn write_deadletter(
 fn quarantine(core: &ShardCore, st: &mut Staged, p: &Pending, error: &str, attempts: u32, now: u64) -> String {
     st.stats.quarantined += 1;
     let id = write_deadletter(core, st, p, DeadLetterKind::Poison, error, attempts, now);
-    settle(core, st, p, Some(error.to_owned()));
+    settle(core, st, p, Some(error.to_owned()), now);
     id
 }
 

@@ -98,6 +98,11 @@ pub enum Origin {
     Requeue(crate::keys::DeadLetterKey),
     /// A timer fired on an operator's replay, at its place in the instance's history.
     ReplayTimer(ScheduleKey),
+    /// The result of an effect run in place (outbox item `key`): settling it deletes the
+    /// item and records the call for the streams.
+    Ran { key: OutboxKey, audit: Box<outbox::RanAudit> },
+    /// A recorded in-place result applied again by an operator's replay.
+    Recorded,
 }
 
 impl Origin {
@@ -385,10 +390,7 @@ impl ShardCore {
                 st.actions.push(Action::Done { request: *request, result: Ok(()) });
                 Ok(())
             }
-            Work::Dispatched { key, outcome, item } => {
-                outbox::dispatched(self, st, *key, outcome, item.as_ref(), now);
-                Ok(())
-            }
+            Work::Dispatched { key, outcome, item } => outbox::dispatched(self, st, *key, outcome, item.as_ref(), now),
             Work::Admin { request, op } => admin::run(self, st, *request, op, now),
         }
     }

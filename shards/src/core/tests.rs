@@ -1051,3 +1051,118 @@ mod json_dynamic {
         }
     }
 }
+
+/// The result of an effect run in place, as a caller reports it.
+fn ran(env: &TestEnv, command_id: &str, effect: &str, outcome: &str, data: serde_json::Value) -> DispatchOutcome {
+    DispatchOutcome::Ran(Box::new(crate::message::RanEffect {
+        event: Event {
+            id: format!("result:{command_id}"),
+            event_type: format!("{effect}.{outcome}"),
+            stream: "WORKFLOW_EVENTS".into(),
+            seq: 0,
+            subject: format!("workflow.events.acme.{effect}.{outcome}"),
+            tenant: "acme".into(),
+            timestamp: env.now,
+            data,
+            traceparent: None,
+            result: Some(ResultInfo { command_id: command_id.into(), effect: effect.into(), outcome: outcome.into() }),
+            headers: Default::default(),
+        },
+        command_subject: format!("workflow.commands.acme.{effect}"),
+        command: format!(r#"{{"command_id":"{command_id}"}}"#).into_bytes(),
+        result_subject: format!("workflow.events.acme.{effect}.{outcome}"),
+        result: format!(r#"{{"command_id":"{command_id}","outcome":"{outcome}"}}"#).into_bytes(),
+    }))
+}
+
+#[test]
+fn an_effect_run_in_place_is_applied_in_the_commit_that_deletes_its_item_and_recorded() {
+    let mut env = TestEnv::new(example_manifests);
+    let charge = to_charging(&mut env, "o-20");
+    let (charge_key, _) = env.outbox().into_iter().find(|(_, i)| i.work_id == charge).unwrap();
+    let outcome = ran(&env, &charge, "charge_payment", "succeeded", serde_json::json!({"payment_id": "p-1"}));
+    let actions = env.dispatch(outcome);
+    // One step: the item is deleted, the saga moved on (ship offered), the call recorded.
+    assert!(actions.iter().any(|a| matches!(a, Action::Delivered { key } if *key == charge_key)), "{actions:?}");
+    let offered = offers(&actions);
+    let kinds: Vec<_> = offered.iter().map(|i| i.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [WorkKind::Effect { effect: "ship_order".into() }, WorkKind::Audit { effect: "charge_payment".into() }]
+    );
+    let audit: serde_json::Value = serde_json::from_str(offered[1].payload.get()).unwrap();
+    assert_eq!(audit["command"]["command_id"], charge.as_str());
+    assert_eq!(audit["result_subject"], "workflow.events.acme.charge_payment.succeeded");
+    assert_eq!(offered[1].work_id, format!("audit:{charge}"));
+    assert_eq!(env.state(SAGA, "o-20")["step"], "shipping");
+    let rec = env.record(SAGA, "o-20").unwrap();
+    assert!(rec.outstanding.is_empty() || !rec.outstanding.contains(&charge));
+    assert!(env.outbox().iter().all(|(k, _)| *k != charge_key), "the item outlived its result");
+    // Kept for a replay: the result came from no stream.
+    let key = crate::keys::ResultKey { saga: SagaKey::new("acme", SAGA, "o-20"), event_id: format!("result:{charge}") };
+    let recorded = env.core().store().read().unwrap().result(&key).unwrap().unwrap();
+    assert_eq!(recorded.data["payment_id"], "p-1");
+    // The published copy of the result, consumed back, changes nothing.
+    let copy = env.result_event(&charge, "charge_payment", "succeeded", serde_json::json!({"payment_id": "p-1"}));
+    let version = env.record(SAGA, "o-20").unwrap().version;
+    assert_eq!(settles(&env.apply(copy, SAGA, "o-20", false)), ACK);
+    assert_eq!(env.record(SAGA, "o-20").unwrap().version, version);
+    // The instance's removal takes its recorded results with it.
+    let r = env.result_event(
+        &ids::work_id("acme", SAGA, "o-20", &format!("result:{charge}"), 0),
+        "ship_order",
+        "failed",
+        serde_json::json!({}),
+    );
+    env.apply(r, SAGA, "o-20", false);
+    env.now += 120_000;
+    env.tick();
+    assert!(env.record(SAGA, "o-20").is_none());
+    assert!(
+        env.core().store().read().unwrap().result(&key).unwrap().is_none(),
+        "a recorded result outlived its instance"
+    );
+}
+
+#[test]
+fn an_effect_to_try_again_is_stored_with_its_wait_and_an_open_breaker_costs_no_attempt() {
+    let mut env = TestEnv::new(example_manifests);
+    let charge = to_charging(&mut env, "o-21");
+    let later = |attempt| DispatchOutcome::Later { wait_ms: 700, error: "upstream answered 503".into(), attempt };
+    let actions = env.dispatch(later(true));
+    assert!(
+        matches!(&actions[..], [Action::RetryLater { item, .. }] if item.work_id == charge && item.attempts == 1),
+        "{actions:?}"
+    );
+    let item = env.outbox().into_iter().find(|(_, i)| i.work_id == charge).unwrap().1;
+    assert_eq!((item.attempts, item.next_attempt_at), (1, env.now + 700));
+    env.now += 700;
+    let actions = env.dispatch(later(false));
+    assert!(matches!(&actions[..], [Action::RetryLater { item, .. }] if item.attempts == 1), "{actions:?}");
+    assert!(env.deadletters().is_empty(), "an effect's retries are not dispatch failures");
+}
+
+#[test]
+fn a_result_run_in_place_for_a_blocked_key_waits_with_its_item_kept() {
+    let mut env = TestEnv::new(|d| {
+        custom_manifests(
+            d,
+            "fn on_event(state, event) {\n  if event.type == \"e.succeeded\" && state.hold == true { throw \"not yet\"; }\n  let s = if state == () { #{ hold: false } } else { state };\n  if event.data.hold == true { s.hold = true; }\n  if event.type == \"Happened\" && event.data.start == true { return #{ state: s, work: [ #{ effect: \"e\", payload: #{} } ] }; }\n  #{ state: s }\n}\n",
+            "park",
+            5,
+        )
+    });
+    let e = ev(&mut env, "A", serde_json::json!({"start": true, "hold": true}));
+    let e_id = e.id.clone();
+    env.apply(e, "s", "A", true);
+    let (item_key, item) = env.outbox()[0].clone();
+    let command_id = item.work_id.clone();
+    assert_eq!(command_id, ids::work_id("acme", "s", "A", &e_id, 0));
+    let actions = env.dispatch(ran(&env, &command_id, "e", "succeeded", serde_json::json!({})));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Delivered { .. })),
+        "deleted before its result applied: {actions:?}"
+    );
+    assert_eq!(env.core().blocked_keys(), 1);
+    assert!(env.outbox().iter().any(|(k, _)| *k == item_key), "the item went while its result waits in memory");
+}
