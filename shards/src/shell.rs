@@ -401,6 +401,7 @@ impl Shell {
             let info = self.core.store().commit_unflushed(&staged.batch)?;
             (Some(started.elapsed()), info.unflushed)
         };
+        tracing::debug!(shard = self.core.shard(), txn = ?unflushed, timers_fired = staged.stats.timers_fired, applied = staged.stats.applied, "committed");
         self.work.drain(..work.min(self.work.len()));
         self.core.adopt(staged.overlay);
         if unflushed.is_some() {

@@ -174,6 +174,8 @@ type Raw = Database<Bytes, Bytes>;
 const META_LAYOUT_VERSION: &[u8] = b"layout_version";
 const META_PARTITIONS: &[u8] = b"partitions";
 const META_SHARD: &[u8] = b"shard_index";
+/// How many times opening discarded an unflushed last transaction (u64 BE).
+const META_RECOVERIES: &[u8] = b"recoveries";
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// One write of a batch.
@@ -481,6 +483,7 @@ impl Store {
             unsafe { opts.open(path) }.map_err(lmdb)
         };
         let mut env = open(config.durability.flags())?;
+        let mut rolled_back = false;
         if let Some(marker) = marker {
             let last = env.info().last_txn_id as u64;
             if last == marker + 1 {
@@ -489,8 +492,21 @@ impl Store {
                 tracing::warn!(shard, path = %path.display(), transaction = last, "the last commit did not finish reaching the disk; it is discarded");
                 env.prepare_for_closing().wait();
                 env = open(config.durability.flags() | EnvFlags::PREV_SNAPSHOT)?;
+                rolled_back = true;
             } else if last != marker {
                 return Err(StoreError::Marker { shard, path: path.join(DURABLE_MARKER), marker, last });
+            }
+        }
+        if rolled_back {
+            // LMDB leaves MDB_PREVSNAPSHOT on until a transaction that changes something
+            // commits, and that first commit still tells readers about the older snapshot:
+            // two real commits here, before anyone reads, put readers on the newest one.
+            for _ in 0..2 {
+                let mut wtxn = env.write_txn().map_err(lmdb)?;
+                let meta: Raw = env.create_database(&mut wtxn, Some(Db::Meta.name())).map_err(lmdb)?;
+                let n = meta.get(&wtxn, META_RECOVERIES).map_err(lmdb)?.and_then(decode_u64).unwrap_or(0);
+                meta.put(&mut wtxn, META_RECOVERIES, &(n + 1).to_be_bytes()).map_err(lmdb)?;
+                wtxn.commit().map_err(lmdb)?;
             }
         }
         let mut wtxn = env.write_txn().map_err(lmdb)?;

@@ -7,7 +7,7 @@
 use super::*;
 use runner::fixture::HttpFixture;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 pub const LEDGER: &str = r#"
@@ -269,7 +269,13 @@ impl Scenario {
         }
         let report = self.check(data_dirs);
         self.record(&report);
-        assert!(report.ok(), "{}: {report}", self.name);
+        if !report.ok() {
+            // Keep the evidence (logs, data directories) next to the reports.
+            let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults-failed").join(&self.name);
+            let _ = std::fs::remove_dir_all(&keep);
+            let _ = copy_tree(self.h.dir.path(), &keep);
+            panic!("{}: {report} (logs and data kept in {})", self.name, keep.display());
+        }
         report
     }
 
@@ -550,4 +556,19 @@ pub fn free_port() -> u16 {
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Copies a directory tree (evidence of a failed scenario).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@ pub(super) fn fire_due(core: &ShardCore, st: &mut Staged, now: u64) -> Result<()
         if core.is_held(st, &sk) {
             continue;
         }
+        tracing::debug!(shard = core.shard, correlation_id = %sk.saga.correlation_id, timer_id = %sk.timer_id, due_at = sk.due_at, "timer fires");
         let event = timer_event(&sk, &entry);
         let target =
             Target { saga: sk.saga.saga.clone(), correlation_id: sk.saga.correlation_id.clone(), may_start: false };

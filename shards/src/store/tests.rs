@@ -459,3 +459,41 @@ fn a_marker_that_does_not_match_the_environment_is_refused_naming_the_file() {
     assert!(!dir.path().join("durable").exists());
     drop(open(dir.path(), &fsync()));
 }
+
+#[test]
+fn a_crashed_process_s_unflushed_commit_is_discarded_at_open() {
+    // The writer is a child process that dies without closing the environment (as a
+    // SIGKILL leaves it: lock file and page cache as they were).
+    let dir = tempfile::tempdir().unwrap();
+    let key = |n: &str| SagaKey::new("t", "order", n);
+    // SAFETY: the child only uses the store and exits with _exit, never returning.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let store = open(dir.path(), &fsync());
+        let mut b = Batch::new();
+        b.put_saga(&key("kept"), &saga_record("1", 1));
+        b.put_saga(&key("deleted-later"), &saga_record("1", 1));
+        store.commit(&b).unwrap();
+        let mut b = Batch::new();
+        b.delete_saga(&key("deleted-later"));
+        b.put_saga(&key("unflushed"), &saga_record("2", 1));
+        store.commit_unflushed(&b).unwrap();
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(status, 0, "the writer process failed");
+    let store = open(dir.path(), &fsync());
+    let v = store.read().unwrap();
+    assert!(v.saga(&key("kept")).unwrap().is_some());
+    assert!(v.saga(&key("deleted-later")).unwrap().is_some(), "the unflushed delete survived the crash");
+    assert!(v.saga(&key("unflushed")).unwrap().is_none(), "the unflushed put survived the crash");
+    drop(v);
+    // After the recovery, a commit is seen by the next read at once (LMDB's previous-snapshot
+    // mode once showed readers the older snapshot after the first commit).
+    let mut b = Batch::new();
+    b.delete_saga(&key("kept"));
+    store.commit_unflushed(&b).unwrap();
+    assert!(store.read().unwrap().saga(&key("kept")).unwrap().is_none(), "a read missed the last commit");
+}
