@@ -208,6 +208,8 @@ impl ShardCaller {
         if let Some(reason) = &error {
             tracing::warn!(effect = %effect, command_id = %cmd.command_id, attempt, reason = %reason, "effect failed");
         }
+        // Crash point of the fault suite: the call was made, its result not yet anywhere.
+        fail::fail_point!("effect.after_call_before_commit");
         metrics::counter!("runner_effect_outcomes_total", "effect" => effect.clone(), "outcome" => outcome)
             .increment(1);
         self.ran(&item, cmd, outcome, payload, error, attempt)

@@ -107,11 +107,16 @@ impl Scenario {
     }
 
     pub fn config_at(&self, label: &str, shards: usize, port: u16, data: &Path, extra: &str) -> PathBuf {
+        self.config_mode(label, "combined", shards, port, data, extra)
+    }
+
+    /// A config file for a runner in `mode` (`combined`, `saga` or `effect`).
+    pub fn config_mode(&self, label: &str, mode: &str, shards: usize, port: u16, data: &Path, extra: &str) -> PathBuf {
         write(
             self.h.dir.path(),
             &format!("{label}.toml"),
             &format!(
-                "mode = \"combined\"\ndata_dir = \"{}\"\nshards = {shards}\npin_cores = false\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = [\"{}\"]\n[gateway]\nurl = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n[relay]\nbackoff_ms = 50\nmax_backoff_ms = 500\nconfirm_timeout_ms = 3000\n[consumers]\nack_wait_ms = 4000\n{extra}",
+                "mode = \"{mode}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_cores = false\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = [\"{}\"]\n[gateway]\nurl = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n[relay]\nbackoff_ms = 50\nmax_backoff_ms = 500\nconfirm_timeout_ms = 3000\n[consumers]\nack_wait_ms = 4000\n{extra}",
                 data.display(),
                 self.h.nats.url(),
                 self.manifests.display(),
