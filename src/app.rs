@@ -45,6 +45,7 @@ pub struct App {
     http_addr: Option<std::net::SocketAddr>,
     runtime: Option<ShardRuntime>,
     bridge: Option<Bridge>,
+    server: Option<crate::http::OpsServer>,
     nats: Option<NatsServer>,
     nats_url: String,
     manifests: Arc<ManifestSet>,
@@ -132,7 +133,6 @@ impl App {
             stop_pulling: stop_rx,
             manifests: manifests_rx,
             nats_calls: nats_calls_rx,
-            http,
         };
         let bridge = match Bridge::start(ops.clone(), nats_url.clone(), manifests.clone(), inputs) {
             Ok(b) => b,
@@ -141,8 +141,26 @@ impl App {
                 return Err(e).context("cannot start the I/O bridge");
             }
         };
+        let server = match crate::http::OpsServer::start(ops.clone(), http) {
+            Ok(s) => s,
+            Err(e) => {
+                bridge.shutdown();
+                runtime.shutdown();
+                return Err(e).context("cannot start the operations endpoints' threads");
+            }
+        };
         tracing::info!(mode = ?cfg.mode, shards = cfg.shards, nats = %nats_url, sagas = manifests.sagas.len(), effects = manifests.effects.len(), "runner started");
-        Ok(Self { cfg, ops, http_addr, runtime: Some(runtime), bridge: Some(bridge), nats, nats_url, manifests })
+        Ok(Self {
+            cfg,
+            ops,
+            http_addr,
+            runtime: Some(runtime),
+            bridge: Some(bridge),
+            server: Some(server),
+            nats,
+            nats_url,
+            manifests,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -207,6 +225,9 @@ impl App {
         if let Some(b) = self.bridge.take() {
             b.shutdown();
         }
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
         if let Some(mut n) = self.nats.take() {
             n.stop();
         }
@@ -221,6 +242,9 @@ impl App {
         }
         if let Some(b) = self.bridge.take() {
             b.shutdown();
+        }
+        if let Some(s) = self.server.take() {
+            s.stop();
         }
     }
 }

@@ -52,6 +52,58 @@ fn from<T: serde::Serialize>(r: Result<T, OpsError>) -> Resp {
     }
 }
 
+/// The operations endpoints on a thread of their own (a current-thread tokio runtime), so
+/// they never share the NATS bridge's thread; with a probe thread that checks the data
+/// directory once a second for `/health`.
+pub struct OpsServer {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    probe_stop: Option<flume::Sender<()>>,
+}
+
+impl OpsServer {
+    /// Starts the probe and, with a listener, the HTTP server.
+    pub fn start(ops: Arc<Ops>, listener: Option<std::net::TcpListener>) -> std::io::Result<Self> {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (probe_stop, probe_rx) = flume::bounded::<()>(1);
+        let mut threads = Vec::new();
+        ops.probe_data_dir();
+        let probing = ops.clone();
+        threads.push(std::thread::Builder::new().name("probe".into()).spawn(move || {
+            while let Err(flume::RecvTimeoutError::Timeout) = probe_rx.recv_timeout(Duration::from_secs(1)) {
+                probing.probe_data_dir();
+            }
+        })?);
+        if let Some(listener) = listener {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            threads.push(std::thread::Builder::new().name("ops-http".into()).spawn(move || {
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, serve(ops, listener, stop_rx));
+            })?);
+        }
+        Ok(Self { threads, stop, probe_stop: Some(probe_stop) })
+    }
+
+    /// Stops serving and joins the threads.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        let _ = self.stop.send(true);
+        self.probe_stop.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for OpsServer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// Serves until `stop` turns true.
 pub async fn serve(ops: Arc<Ops>, listener: std::net::TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
     let Ok(listener) = listener.set_nonblocking(true).and_then(|_| tokio::net::TcpListener::from_std(listener)) else {

@@ -56,6 +56,8 @@ pub struct Ops {
     nats_url: String,
     /// Set by the bridge once connected (replay reads stored messages).
     pub js: OnceLock<async_nats::jetstream::Context>,
+    /// The data directory's last probe (see [`Ops::probe_data_dir`]).
+    probe: Mutex<Result<(), String>>,
 }
 
 /// An error with its HTTP status.
@@ -114,6 +116,7 @@ impl Ops {
             started: Instant::now(),
             nats_url,
             js: OnceLock::new(),
+            probe: Mutex::new(Ok(())),
         }
     }
 
@@ -138,7 +141,9 @@ impl Ops {
             .filter(|s| !s.health.writable.load(Ordering::SeqCst))
             .filter_map(|s| s.health.last_error.lock().ok().and_then(|e| e.clone()))
             .collect();
-        let probe = probe_dir(&self.cfg.data_dir);
+        // The data directory's last probe (a thread of its own writes and syncs a file every
+        // second; nothing touches the disk on the request path).
+        let probe = self.probe.lock().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone());
         let nats = self.bridge.connected.load(Ordering::SeqCst);
         let ok = failing.is_empty() && probe.is_ok() && nats;
         (
@@ -512,6 +517,21 @@ impl Ops {
             }
         }
         Ok(n)
+    }
+}
+
+impl Ops {
+    /// Checks that the data directory takes a new file (create, write, sync, remove) and
+    /// keeps the answer for `/health`. Blocks on the disk: called by the probe thread.
+    pub fn probe_data_dir(&self) {
+        let r = probe_dir(&self.cfg.data_dir);
+        if let Err(e) = &r {
+            tracing::warn!(error = %e, "data directory probe failed");
+        }
+        match self.probe.lock() {
+            Ok(mut p) => *p = r,
+            Err(p) => *p.into_inner() = r,
+        }
     }
 }
 

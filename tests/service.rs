@@ -63,13 +63,25 @@ fn health_fails_while_the_data_directory_is_unwritable() {
     // Root ignores permissions; the immutable attribute stops even root.
     let chattr = |flag: &str| Command::new("chattr").arg(flag).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
     assert!(chattr("+i"), "chattr +i failed: the test needs e2fsprogs' chattr and an ext4/xfs data dir");
-    let (status, body) = h.http("GET", &format!("{base}/health"), None, None);
-    let ready = h.http("GET", &format!("{base}/ready"), None, None).0;
+    // The probe runs once a second on its own thread (no disk I/O on the request path).
+    let mut seen = (0, String::new(), 0);
+    let turned_red = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(10), "health red", || {
+            let (status, body) = h.http("GET", &format!("{base}/health"), None, None);
+            seen = (status, body, h.http("GET", &format!("{base}/ready"), None, None).0);
+            seen.0 == 503
+        })
+    }));
+    // The attribute comes off whatever happened, or the temp dir cannot be removed.
     assert!(chattr("-i"));
+    assert!(turned_red.is_ok(), "health never turned red");
+    let (status, body, ready) = seen;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not writable"), "{body}");
     assert_eq!(ready, 503);
-    assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
+    wait_until(Duration::from_secs(10), "health green again", || {
+        h.http("GET", &format!("{base}/health"), None, None).0 == 200
+    });
     app.shutdown();
 }
 

@@ -48,8 +48,6 @@ pub struct BridgeInputs {
     pub manifests: flume::Receiver<Arc<ManifestSet>>,
     /// NATS requests the shards' effect providers ask the bridge to send.
     pub nats_calls: flume::Receiver<crate::effects::provider::NatsCall>,
-    /// The operations endpoints' listener, if they are served.
-    pub http: Option<std::net::TcpListener>,
 }
 
 impl Bridge {
@@ -76,7 +74,7 @@ impl Bridge {
                 };
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, async move {
-                    let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, nats_calls, http } = inputs;
+                    let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, nats_calls } = inputs;
                     let (ctx, effects) = match setup(ops2.clone(), url, manifests, stop_pulling).await {
                         Ok((ctx, effects)) => (Rc::new(ctx), effects.map(Rc::new)),
                         Err(e) => {
@@ -85,9 +83,6 @@ impl Bridge {
                         }
                     };
                     let _ = ops2.js.set(ctx.js.clone());
-                    if let Some(listener) = http {
-                        tokio::task::spawn_local(crate::http::serve(ops2.clone(), listener, shutdown_rx.clone()));
-                    }
                     run(ctx, effects, dispatch, nats_calls, manifests_rx, shutdown_rx, ready_tx).await;
                 });
             })
