@@ -146,7 +146,8 @@ fn two_instances_with_disjoint_tenant_ranges_survive_a_rolling_restart() {
         assert!(a.sigterm(), "instance a did not drain cleanly:\n{}", a.log());
         a = RunnerProcess::start(&ca, pa, &[], &dir.join("a-1.log"));
         a.wait_ready(&sc.h, T);
-        let target = sc.upstream.count() + 150;
+        // Calls go on after the restart (or the load was done by then: 1,200 calls in all).
+        let target = (sc.upstream.count() + 150).min(1_200);
         wait_until(T, "load under way after a's restart", || sc.upstream.count() >= target);
         assert!(b.sigterm(), "instance b did not drain cleanly:\n{}", b.log());
         b = RunnerProcess::start(&cb, pb, &[], &dir.join("b-1.log"));

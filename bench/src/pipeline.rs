@@ -233,8 +233,14 @@ pub fn throughput(
     }
     rt.shutdown();
     let _ = bridge.join();
-    if acked != (orders * 4) as u64 || transitions != (orders * 4) as u64 {
-        return Err(format!("expected {} transitions, got {transitions} applied and {acked} acked", orders * 4));
+    // Every event answered once; a payment timer that falls due between an order's events
+    // adds a transition (a no-op) or ends the order early (its later events are skipped),
+    // so transitions are 3 to 5 per order.
+    let events = (orders * 4) as u64;
+    if acked != events || transitions < (orders * 3) as u64 || transitions > (orders * 5) as u64 {
+        return Err(format!(
+            "expected {events} events acked and 3-5 transitions per order, got {transitions} applied and {acked} acked"
+        ));
     }
     Ok(Throughput {
         transitions_per_s: transitions as f64 / secs,
