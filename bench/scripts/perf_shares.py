@@ -28,7 +28,7 @@ COMPONENTS = [
     ("work and timer ids (sha1)", r"shards::ids::"),
     (
         "pipeline bookkeeping (batch staging, answers, relay window, dispatch results)",
-        r"shards::pipeline|shards::relay|shards::store|shards::shard",
+        r"shards::pipeline|shards::core|shards::shell|shards::relay|shards::store|shards::shard",
     ),
     ("NATS client (async-nats)", r"async_nats::"),
     ("decode / route / settle (bridge)", r"runner::bridge::ingest|runner::envelope"),
@@ -39,7 +39,7 @@ COMPONENTS = [
 
 # (kind, pattern on the leaf frame): where the time is spent, whoever called it.
 LEAVES = [
-    ("allocator (malloc/free)", r"malloc|_int_free|cfree|calloc|realloc|_int_realloc"),
+    ("allocator (malloc/free)", r"malloc|_int_free|cfree|calloc|realloc|_int_realloc|\bmi_|_mi_"),
     ("memcpy/memmove", r"memmove|memcpy|memset"),
     ("kernel", r"\[kernel|\(\[kernel|^[0-9a-f]+ [a-z_0-9.]+ \(\[kernel"),
     ("LMDB", r"\bmdb_"),
@@ -51,6 +51,8 @@ LEAVES = [
 def group(comm):
     if comm.startswith("shard-"):
         return "shard"
+    if comm.startswith("flush-"):
+        return "flush"
     return comm
 
 

@@ -42,7 +42,10 @@ pub struct ShardConfig {
     pub max_batch: usize,
     /// Time a batch should take to decide, at most: the shard takes fewer requests into a
     /// batch when recent ones cost more per request, so one step never holds the thread
-    /// for long (queries, the relay and timers wait meanwhile). Default 20 ms.
+    /// for long (queries, the relay and timers wait meanwhile). Default 50 ms: at saturation
+    /// a commit rewrites the B-tree pages its batch touched, so smaller batches write the
+    /// same pages more often (20 ms cost 12% of the pipeline benchmark's throughput, see
+    /// bench/README.md); below saturation batches are small anyway.
     pub batch_budget: Duration,
     /// First wait after a failed commit; doubles up to 5 s. Default 50 ms.
     pub commit_retry_ms: u64,
@@ -61,7 +64,7 @@ impl Default for ShardConfig {
             relay: RelayConfig::default(),
             store: StoreConfig::default(),
             max_batch: 4_096,
-            batch_budget: Duration::from_millis(20),
+            batch_budget: Duration::from_millis(50),
             commit_retry_ms: 50,
             stall_threshold: None,
             caller: None,
@@ -89,6 +92,8 @@ pub struct ShardHealth {
     pub stalls: AtomicU64,
     /// Batches the core decided (committed or not yet).
     pub batches_decided: AtomicU64,
+    /// When (ms) the shard last logged late timers: the warning goes out at most every 10 s.
+    pub late_timers_logged_ms: AtomicU64,
     /// The last commit error, for `/health` (touched only when commits fail).
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -981,8 +986,13 @@ fn flushed(
             health.commits.fetch_add(1, Ordering::Relaxed);
         }
         let stats = &c.report().stats;
-        if stats.timer_lag_ms_max > 5_000 {
-            tracing::warn!(shard = index, lag_ms = stats.timer_lag_ms_max, "timers fired late");
+        if stats.timer_lag_ms_max > 5_000 && now >= health.late_timers_logged_ms.load(Ordering::Relaxed) + 10_000 {
+            health.late_timers_logged_ms.store(now, Ordering::Relaxed);
+            tracing::warn!(
+                shard = index,
+                lag_ms = stats.timer_lag_ms_max,
+                "timers fired late (logged at most every 10 s; see the schedule-lag metric)"
+            );
         }
         health.requests.fetch_add(c.report().work as u64, Ordering::Relaxed);
         health.transitions.fetch_add(stats.applied, Ordering::Relaxed);

@@ -47,6 +47,7 @@ use crate::routing::Router;
 use crate::store::{Batch, Store, StoreError};
 use ahash::{AHashMap, AHashSet};
 use rhai::Dynamic;
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::rc::Rc;
@@ -255,7 +256,8 @@ pub enum CoreError {
 }
 
 /// One shard's saga executor, effect gate, outbox bookkeeping and scheduler state.
-/// Owned by the shard's shell; changed only by [`ShardCore::adopt`] and [`ShardCore::reload`].
+/// Owned by the shard's shell; changed only by [`ShardCore::adopt`] and [`ShardCore::reload`]
+/// (the instance cache aside: a batch borrows cached instances, see [`ShardCore::instance`]).
 pub struct ShardCore {
     shard: usize,
     router: Router,
@@ -263,7 +265,9 @@ pub struct ShardCore {
     store: Store,
     manifests: Arc<ManifestSet>,
     programs: Programs,
-    cache: lru::LruCache<SagaKey, Rc<Instance>, ahash::RandomState>,
+    /// Committed instances, most recently used first. `None`: a batch has taken the
+    /// instance (it comes back on adoption); to everyone else that is a miss.
+    cache: RefCell<lru::LruCache<SagaKey, Option<Rc<Instance>>, ahash::RandomState>>,
     blocked: AHashMap<SagaKey, Blocked>,
     in_flight_effects: AHashMap<EffectKey, u64>,
     held_timers: AHashSet<ScheduleKey>,
@@ -295,7 +299,7 @@ impl ShardCore {
             store,
             manifests,
             programs,
-            cache: lru::LruCache::with_hasher(capacity, ahash::RandomState::new()),
+            cache: RefCell::new(lru::LruCache::with_hasher(capacity, ahash::RandomState::new())),
             blocked: AHashMap::new(),
             in_flight_effects: AHashMap::new(),
             held_timers: AHashSet::new(),
@@ -429,14 +433,15 @@ impl ShardCore {
             retention,
             schedules_changed,
         } = overlay;
+        let cache = self.cache.get_mut();
         for (key, inst) in loaded {
-            self.cache.put(key, inst);
+            cache.put(key, Some(inst));
         }
         for (key, inst) in instances {
-            self.cache.put(key, Rc::new(inst));
+            cache.put(key, Some(Rc::new(inst)));
         }
         for key in removed {
-            self.cache.pop(&key);
+            cache.pop(&key);
         }
         for (key, b) in blocked {
             match b {
@@ -565,39 +570,44 @@ impl ShardCore {
         st.overlay.deadletter_at
     }
 
-    /// The instance as of this point of the batch: changed in it, loaded by it, cached, or
-    /// read from the store (then kept in the overlay, so it is read once per batch).
+    /// The instance as of this point of the batch: changed in it, taken by it from the cache,
+    /// or read from the store (then kept in the overlay, so it is read once per batch).
+    ///
+    /// The batch takes a cached instance out of the cache rather than copy it (a saga's
+    /// state is cloned nowhere on the hot path); adoption puts it back. A batch that is never
+    /// adopted (its commit failed, or a test ran it only to look) leaves the key uncached,
+    /// and the next batch reads the store, which holds exactly what the cache held: the cache
+    /// only ever holds committed instances. So no decision depends on the cache.
     fn instance<'a>(&'a self, st: &'a mut Staged, key: &SagaKey) -> Result<Option<&'a Instance>, CoreError> {
-        if !st.overlay.instances.contains_key(key) && !st.overlay.loaded.contains_key(key) && !self.cache.contains(key)
-        {
-            let Some(inst) = self.read_instance(key)? else { return Ok(None) };
-            st.overlay.loaded.insert(key.clone(), Rc::new(inst));
+        if !st.overlay.instances.contains_key(key) && !st.overlay.loaded.contains_key(key) {
+            // The entry stays (no node freed and allocated again): only its value moves.
+            let cached = self.cache.borrow_mut().peek_mut(key).and_then(Option::take);
+            let inst = match cached {
+                Some(rc) => rc,
+                None => match self.read_instance(key)? {
+                    Some(inst) => Rc::new(inst),
+                    None => return Ok(None),
+                },
+            };
+            st.overlay.loaded.insert(key.clone(), inst);
         }
-        Ok(self.peek(st, key))
+        Ok(Self::peek(st, key))
     }
 
-    /// The instance if the batch or the cache holds it (no store read).
-    fn peek<'a>(&'a self, st: &'a Staged, key: &SagaKey) -> Option<&'a Instance> {
-        if let Some(i) = st.overlay.instances.get(key) {
-            return Some(i);
-        }
-        if let Some(i) = st.overlay.loaded.get(key) {
-            return Some(i);
-        }
-        self.cache.peek(key).map(|i| &**i)
+    /// The instance if the batch holds it.
+    fn peek<'a>(st: &'a Staged, key: &SagaKey) -> Option<&'a Instance> {
+        st.overlay.instances.get(key).or_else(|| st.overlay.loaded.get(key).map(|i| &**i))
     }
 
-    /// The instance to change in this batch: the overlay's own copy (made from the loaded
-    /// or cached one the first time; the program's state is left out when `without_state`,
-    /// because the caller replaces it). Call [`Self::instance`] first.
+    /// The instance to change in this batch: the overlay's own copy (moved from the one the
+    /// batch loaded, copied only if something else still shares it; the program's state is
+    /// left out of a copy when `without_state`, because the caller replaces it). Call
+    /// [`Self::instance`] first.
     fn instance_mut<'a>(&self, st: &'a mut Staged, key: &SagaKey, without_state: bool) -> Option<&'a mut Instance> {
         if !st.overlay.instances.contains_key(key) {
-            let copy = |base: &Instance| if without_state { copy_meta(base) } else { base.clone() };
-            let own = match st.overlay.loaded.remove(key) {
-                // Read from the store by this batch: nobody else holds it, no copy needed.
-                Some(rc) => Rc::try_unwrap(rc).unwrap_or_else(|rc| copy(&rc)),
-                None => copy(self.cache.peek(key)?),
-            };
+            let rc = st.overlay.loaded.remove(key)?;
+            let own =
+                Rc::try_unwrap(rc).unwrap_or_else(|rc| if without_state { copy_meta(&rc) } else { (*rc).clone() });
             st.overlay.instances.insert(key.clone(), own);
         }
         st.overlay.instances.get_mut(key)

@@ -297,6 +297,33 @@ fn run_batch_decides_without_changing_anything_and_decides_the_same_twice() {
 }
 
 #[test]
+fn a_batch_that_borrows_a_cached_instance_and_is_dropped_decides_the_same_again() {
+    let mut env = TestEnv::new(example_manifests);
+    let placed = order_placed(&mut env, "o-1");
+    assert_eq!(settles(&env.apply(placed, SAGA, "o-1", true)), ACK);
+    env.confirm_all();
+    // o-1 is committed and cached; the next batch takes it out of the cache to change it.
+    let reserved = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-1"}));
+    let work = vec![Work::Apply(Pending {
+        event: reserved,
+        target: Target { saga: SAGA.into(), correlation_id: "o-1".into(), may_start: false },
+        origin: Origin::Delivery(RequestId(9)),
+    })];
+    let now = env.now;
+    let first = env.core().run_batch(&work, now).unwrap();
+    assert_eq!(first.stats.applied, 1);
+    drop(first);
+    // Never adopted: the instance is read from the store again, unchanged, and the same
+    // work decides the same (one transition from version 1, one outbox item).
+    let second = env.core().run_batch(&work, now).unwrap();
+    assert_eq!(second.stats.applied, 1);
+    assert_eq!(second.stats.outbox_written, 1);
+    assert_eq!(env.record(SAGA, "o-1").unwrap().version, 1, "a dropped batch changed the store");
+    let third = env.core().run_batch(&work, now).unwrap();
+    assert_eq!(format!("{:?}", second.actions), format!("{:?}", third.actions));
+}
+
+#[test]
 fn happy_path_emits_exact_work_items_and_completes() {
     let mut env = TestEnv::new(example_manifests);
     let placed = order_placed(&mut env, "o-1");
@@ -968,8 +995,8 @@ fn the_instance_cache_is_bounded_and_evicts_the_least_recently_used() {
         shell.take(Request::Apply { event, targets: vec![target], reply: tx });
         shell.step(T0).unwrap();
     }
-    assert_eq!(shell.core().cache.len(), 3, "the cache grew past its bound");
-    let cached: Vec<String> = shell.core().cache.iter().map(|(k, _)| k.correlation_id.clone()).collect();
+    assert_eq!(shell.core().cache.borrow().len(), 3, "the cache grew past its bound");
+    let cached: Vec<String> = shell.core().cache.borrow().iter().map(|(k, _)| k.correlation_id.clone()).collect();
     assert_eq!(cached, ["o-9", "o-8", "o-7"], "not the most recently used");
 }
 
