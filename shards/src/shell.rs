@@ -619,6 +619,9 @@ enum Wake {
     Closed,
 }
 
+/// A flush this slow is logged (the disk, not the shard, held the batch that long).
+const SLOW_FLUSH: Duration = Duration::from_millis(250);
+
 /// The shard's flusher: a thread that syncs committed transactions to disk, one at a time,
 /// so the shard's own thread never waits on the disk ([`crate::store::Durability::Fsync`]).
 struct FlushThread {
@@ -635,7 +638,14 @@ impl FlushThread {
             .name(format!("flush-{index}"))
             .spawn(move || {
                 while let Ok(txn) = rx.recv() {
-                    if tx.send(flusher.flush(txn)).is_err() {
+                    let started = std::time::Instant::now();
+                    let result = flusher.flush(txn);
+                    let took = started.elapsed();
+                    if took >= SLOW_FLUSH {
+                        // The disk held this shard's acks, dispatches and next commit that long.
+                        tracing::warn!(shard = index, txn, took_ms = took.as_millis() as u64, "slow flush");
+                    }
+                    if tx.send(result).is_err() {
                         return;
                     }
                 }

@@ -5,13 +5,19 @@
 //!
 //! Connections are opened when no idle one is ready and kept (up to `max_idle` per
 //! upstream, the calls a shard may have in flight) after their response was read in full.
+//! At most `max_connecting` connection attempts per upstream run at once: a burst of calls
+//! opens connections a few at a time and the rest wait for one to come back or for a free
+//! attempt, instead of flooding the upstream's accept queue (a SYN dropped there costs the
+//! caller a 1 s retransmit; measured in bench/README.md, issue 16).
 //! Host names are resolved off the shard's thread and cached; IP literals are not resolved.
 
 use ahash::AHashMap;
 use bytes::Bytes;
+use futures::channel::oneshot;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
@@ -70,23 +76,57 @@ pub struct Client {
 }
 
 struct Inner {
-    idle: RefCell<AHashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    upstreams: RefCell<AHashMap<String, Upstream>>,
     addrs: RefCell<AHashMap<String, SocketAddr>>,
     max_idle: usize,
+    max_connecting: usize,
     connect_timeout: Duration,
     connections: Cell<u64>,
+    connecting_peak: Cell<usize>,
 }
+
+/// One upstream's pool.
+#[derive(Default)]
+struct Upstream {
+    idle: Vec<SendRequest<Full<Bytes>>>,
+    /// Connection attempts running now.
+    connecting: usize,
+    /// Calls waiting for a connection to come back or an attempt to end.
+    waiters: VecDeque<oneshot::Sender<()>>,
+}
+
+impl Upstream {
+    /// Tells the longest-waiting call that is still there to look again.
+    fn wake_one(&mut self) {
+        while let Some(w) = self.waiters.pop_front() {
+            if w.send(()).is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// Connection attempts per upstream at once, by default.
+pub const MAX_CONNECTING: usize = 16;
 
 impl Client {
     /// `max_idle`: idle connections kept per upstream (size it to the calls in flight).
     pub fn new(max_idle: usize, connect_timeout: Duration) -> Self {
+        Self::with_limits(max_idle, MAX_CONNECTING, connect_timeout)
+    }
+
+    /// As [`Client::new`], with at most `max_connecting` connection attempts per upstream
+    /// at once.
+    pub fn with_limits(max_idle: usize, max_connecting: usize, connect_timeout: Duration) -> Self {
         Self {
             inner: Rc::new(Inner {
-                idle: RefCell::new(AHashMap::new()),
+                upstreams: RefCell::new(AHashMap::new()),
                 addrs: RefCell::new(AHashMap::new()),
                 max_idle: max_idle.max(1),
+                max_connecting: max_connecting.max(1),
                 connect_timeout,
                 connections: Cell::new(0),
+                connecting_peak: Cell::new(0),
             }),
         }
     }
@@ -94,6 +134,11 @@ impl Client {
     /// Connections opened so far (a pool that works opens few).
     pub fn connections_opened(&self) -> u64 {
         self.inner.connections.get()
+    }
+
+    /// The most connection attempts that ran at once to one upstream.
+    pub fn connecting_peak(&self) -> usize {
+        self.inner.connecting_peak.get()
     }
 
     /// Sends `req` (an absolute `http://` URL) and reads the whole answer, all within
@@ -131,27 +176,61 @@ impl Client {
             parts.headers.insert(hyper::header::HOST, v);
         }
         let mut sender = self.sender(&host, port, &upstream).await?;
+        // A call that fails or is dropped (its timeout) gives no connection back: it still
+        // wakes a waiting call, which may then open one.
+        let lease = Lease { client: self, upstream: &upstream };
         let transport = |source| HttpError::Transport { upstream: upstream.clone(), source };
         let resp = sender.send_request(hyper::Request::from_parts(parts, body)).await.map_err(transport)?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.map_err(transport)?.to_bytes();
+        std::mem::forget(lease);
         self.give_back(&upstream, sender);
         Ok(Response { status, body })
     }
 
-    /// An idle connection to the upstream that is ready, or a new one.
+    /// An idle connection to the upstream that is ready, or a new one (within the limit of
+    /// attempts at once; over it, the call waits for a connection to come back).
     async fn sender(&self, host: &str, port: u16, upstream: &str) -> Result<SendRequest<Full<Bytes>>, HttpError> {
         loop {
-            let idle = self.inner.idle.borrow_mut().get_mut(upstream).and_then(Vec::pop);
-            let Some(mut s) = idle else { break };
-            if s.is_closed() {
-                continue;
+            loop {
+                let idle = self.inner.upstreams.borrow_mut().get_mut(upstream).and_then(|u| u.idle.pop());
+                let Some(mut s) = idle else { break };
+                if s.is_closed() {
+                    continue;
+                }
+                // A kept connection may have been closed by the server meanwhile.
+                if s.ready().await.is_ok() {
+                    return Ok(s);
+                }
             }
-            // A kept connection may have been closed by the server meanwhile.
-            if s.ready().await.is_ok() {
-                return Ok(s);
+            let waiting = {
+                let mut ups = self.inner.upstreams.borrow_mut();
+                let u = ups.entry(upstream.to_owned()).or_default();
+                if u.connecting < self.inner.max_connecting {
+                    u.connecting += 1;
+                    self.inner.connecting_peak.set(self.inner.connecting_peak.get().max(u.connecting));
+                    None
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    u.waiters.push_back(tx);
+                    Some(rx)
+                }
+            };
+            match waiting {
+                // Woken by a connection given back or an attempt that ended: look again.
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => {
+                    // Ends the attempt however it ends, the call's timeout included.
+                    let _attempt = Attempt { client: self, upstream };
+                    return self.connect(host, port, upstream).await;
+                }
             }
         }
+    }
+
+    async fn connect(&self, host: &str, port: u16, upstream: &str) -> Result<SendRequest<Full<Bytes>>, HttpError> {
         let addr = self.resolve(host, port).await?;
         let connect = |source| HttpError::Connect { addr, source };
         let stream = glommio::net::TcpStream::connect_timeout(addr, self.inner.connect_timeout)
@@ -172,14 +251,12 @@ impl Client {
     }
 
     fn give_back(&self, upstream: &str, sender: SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
-            return;
+        let mut ups = self.inner.upstreams.borrow_mut();
+        let u = ups.entry(upstream.to_owned()).or_default();
+        if !sender.is_closed() && u.idle.len() < self.inner.max_idle {
+            u.idle.push(sender);
         }
-        let mut idle = self.inner.idle.borrow_mut();
-        let list = idle.entry(upstream.to_owned()).or_default();
-        if list.len() < self.inner.max_idle {
-            list.push(sender);
-        }
+        u.wake_one();
     }
 
     async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, HttpError> {
@@ -202,6 +279,37 @@ impl Client {
         };
         self.inner.addrs.borrow_mut().insert(key, addr);
         Ok(addr)
+    }
+}
+
+/// A connection attempt in progress: ending it (done, failed or dropped with its call)
+/// frees its place and wakes a waiting call.
+struct Attempt<'a> {
+    client: &'a Client,
+    upstream: &'a str,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if let Some(u) = self.client.inner.upstreams.borrow_mut().get_mut(self.upstream) {
+            u.connecting = u.connecting.saturating_sub(1);
+            u.wake_one();
+        }
+    }
+}
+
+/// A connection in use by a call; dropped without being given back (the call failed or was
+/// cancelled), it wakes a waiting call.
+struct Lease<'a> {
+    client: &'a Client,
+    upstream: &'a str,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(u) = self.client.inner.upstreams.borrow_mut().get_mut(self.upstream) {
+            u.wake_one();
+        }
     }
 }
 
@@ -274,10 +382,14 @@ mod tests {
                             if path == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(5)).await;
                             }
+                            if path.starts_with("/fail") {
+                                // No answer: the connection breaks under the call.
+                                return Err(std::io::Error::other("dropped"));
+                            }
                             let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let text = format!("{path} {host} {}", String::from_utf8_lossy(&body));
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                            Ok::<_, std::io::Error>(hyper::Response::new(Full::new(Bytes::from(text))))
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -332,5 +444,43 @@ mod tests {
             assert!(client.connections_opened() <= opened + 1);
         });
         assert!(conns.load(Ordering::SeqCst) <= 9);
+    }
+
+    #[test]
+    fn a_burst_opens_connections_a_few_at_a_time_and_every_call_is_served() {
+        let (addr, conns) = server();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
+        ex.run(async move {
+            let client = Client::with_limits(64, 3, Duration::from_secs(2));
+            // 48 calls at once, a third of them broken by the server: the rest still get a
+            // connection (a failed call wakes a waiter like a returned connection does).
+            let calls: Vec<_> = (0..48)
+                .map(|i| {
+                    let c = client.clone();
+                    let path = if i % 3 == 0 { format!("/fail/{i}") } else { format!("/ok/{i}") };
+                    glommio::spawn_local(async move {
+                        (i, c.request(post(&format!("http://{addr}{path}"), ""), Duration::from_secs(10)).await)
+                    })
+                })
+                .collect();
+            for c in calls {
+                let (i, r) = c.await;
+                if i % 3 == 0 {
+                    assert!(matches!(r, Err(HttpError::Transport { .. })), "call {i}: {r:?}");
+                } else {
+                    let r = r.unwrap_or_else(|e| panic!("call {i}: {e}"));
+                    assert_eq!(r.body, Bytes::from(format!("/ok/{i} {addr} ")));
+                }
+            }
+            assert!(client.connecting_peak() <= 3, "{} connection attempts at once", client.connecting_peak());
+            assert!(client.connecting_peak() >= 2, "the burst never connected in parallel");
+            assert!(client.connections_opened() <= 48);
+            // A timed-out call frees its place too: the pool still serves.
+            let e = client.request(post(&format!("http://{addr}/slow"), ""), Duration::from_millis(50)).await;
+            assert!(matches!(e, Err(HttpError::TimedOut { .. })), "{e:?}");
+            let r = client.request(post(&format!("http://{addr}/after"), ""), Duration::from_secs(5)).await.unwrap();
+            assert_eq!(r.status, 200);
+        });
+        assert!(conns.load(Ordering::SeqCst) <= 50);
     }
 }

@@ -451,7 +451,9 @@ fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
         "sagas": { "manifests": [arg(&sagas)] },
         "effects": { "manifests": [arg(&effects)], "secrets_dir": arg(&secrets) },
         "storage": { "durability": a.durability },
-        "log": { "level": "warn" },
+        // RUNNER_BENCH_LOG (a tracing filter, e.g. `shards=debug`) for diagnosis; `warn`
+        // otherwise, so logging costs nothing measurable.
+        "log": { "level": std::env::var("RUNNER_BENCH_LOG").unwrap_or_else(|_| "warn".into()) },
         "shutdown": { "drain_deadline_ms": 10_000 },
     });
     if let Some(s) = a.shards {
