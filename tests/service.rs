@@ -192,6 +192,7 @@ fn metrics_parse_as_prometheus_text_with_the_named_series() {
         "runner_redeliveries_total",
         "runner_batch_size",
         "runner_commit_seconds",
+        "runner_flush_seconds",
         "runner_transition_seconds",
         "runner_outbox_depth",
         "runner_dispatch_seconds",

@@ -637,10 +637,12 @@ impl FlushThread {
         let thread = std::thread::Builder::new()
             .name(format!("flush-{index}"))
             .spawn(move || {
+                let seconds = metrics::histogram!("runner_flush_seconds", "shard" => index.to_string());
                 while let Ok(txn) = rx.recv() {
                     let started = std::time::Instant::now();
                     let result = flusher.flush(txn);
                     let took = started.elapsed();
+                    seconds.record(took.as_secs_f64());
                     if took >= SLOW_FLUSH {
                         // The disk held this shard's acks, dispatches and next commit that long.
                         tracing::warn!(shard = index, txn, took_ms = took.as_millis() as u64, "slow flush");
@@ -766,7 +768,7 @@ pub async fn run_shard(
             break;
         }
         // From here to the next await the shard holds its thread.
-        let busy = Instant::now();
+        let busy = Held::start(cfg.stall_threshold.is_some());
         if failed_until.is_some_and(|t| clock.now_ms() < t) && !stopping {
             continue;
         }
@@ -805,7 +807,7 @@ pub async fn run_shard(
             let per = deciding.elapsed().as_nanos() as f64 / st.work as f64;
             cost_ns = cost_ns * 0.7 + per * 0.3;
         }
-        note_busy(index, &health, cfg.stall_threshold, busy);
+        note_busy(index, &health, cfg.stall_threshold, &busy);
         // A batch that writes nothing needs no commit: its in-memory changes are adopted at
         // once and its answers queue behind the running flush (they may depend on it).
         let writes = staged.as_ref().is_ok_and(|st| !st.writes_nothing());
@@ -819,7 +821,7 @@ pub async fn run_shard(
                 }
             }
         }
-        let busy = Instant::now();
+        let busy = Held::start(cfg.stall_threshold.is_some());
         let committed = staged.and_then(|st| shell.borrow_mut().commit(st));
         match committed {
             Ok(c) => {
@@ -874,7 +876,7 @@ pub async fn run_shard(
             health.blocked_keys.store(blocked as u64, Ordering::Relaxed);
             metrics.blocked_keys.set(blocked as f64);
         }
-        note_busy(index, &health, cfg.stall_threshold, busy);
+        note_busy(index, &health, cfg.stall_threshold, &busy);
         if store_failed {
             break;
         }
@@ -1024,10 +1026,42 @@ fn batch_size(max_batch: usize, budget: Duration, cost_ns: f64) -> usize {
 }
 
 /// Counts a synchronous section that held the shard's thread past the stall threshold.
-fn note_busy(index: usize, health: &ShardHealth, threshold: Option<Duration>, since: Instant) {
+fn note_busy(index: usize, health: &ShardHealth, threshold: Option<Duration>, since: &Held) {
     if let Some(t) = threshold {
-        note_stall(index, health, "committer", since.elapsed(), t);
+        note_stall(index, health, "committer", since.held(), t);
     }
+}
+
+/// The start of a synchronous section on the shard's thread, to tell how long the shard
+/// held its thread: wall time less the time the thread sat runnable on the run queue while
+/// the kernel gave the CPU to someone else (`/proc/thread-self/schedstat`, field 2). A
+/// shard that blocks (an fsync, a lock) is holding its thread; a shard preempted on a
+/// crowded machine is not, and counting that as a stall made the check flaky on 2 cores.
+/// Reads the run-queue time only when `measure` is set (stall detection is on).
+pub(crate) struct Held {
+    at: Instant,
+    queued_ns: Option<u64>,
+}
+
+impl Held {
+    pub(crate) fn start(measure: bool) -> Self {
+        Self { at: Instant::now(), queued_ns: if measure { run_queue_ns() } else { None } }
+    }
+
+    pub(crate) fn held(&self) -> Duration {
+        let wall = self.at.elapsed();
+        match (self.queued_ns, run_queue_ns()) {
+            (Some(before), Some(after)) => wall.saturating_sub(Duration::from_nanos(after.saturating_sub(before))),
+            _ => wall,
+        }
+    }
+}
+
+/// Nanoseconds this thread has spent runnable but waiting for a CPU, or `None` where the
+/// kernel does not tell.
+fn run_queue_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The relay task: hands ready outbox items to the bridge within the in-flight limits.
@@ -1046,7 +1080,7 @@ async fn relay_loop(
     let dispatch_latency = metrics::histogram!("runner_outbox_handoff_seconds", "shard" => index.to_string());
     while !stop.get() {
         let now = clock.now_ms();
-        let busy = Instant::now();
+        let busy = Held::start(stall_threshold.is_some());
         let ready = {
             let mut s = shell.borrow_mut();
             if let Err(e) = s.relay_scan(now) {
@@ -1055,7 +1089,7 @@ async fn relay_loop(
             s.relay_mut().take_ready(now)
         };
         if let Some(threshold) = stall_threshold {
-            note_stall(index, &health, "relay", busy.elapsed(), threshold);
+            note_stall(index, &health, "relay", busy.held(), threshold);
         }
         if !ready.suppressed.is_empty() {
             let results = ready
@@ -1135,6 +1169,55 @@ mod tests {
         assert_eq!(batch_size(4_096, budget, 100_000.0), 200);
         assert_eq!(batch_size(4_096, budget, 10_000_000.0), 64, "never below the floor");
         assert_eq!(batch_size(10, budget, 10_000_000.0), 10);
+    }
+
+    /// Spins on the calling thread for `wall` of wall-clock time.
+    fn spin(wall: Duration) {
+        let until = Instant::now() + wall;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn pin_to(cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+        }
+    }
+
+    #[test]
+    fn blocking_counts_as_holding_the_thread() {
+        let held = Held::start(true);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(held.held() >= Duration::from_millis(40), "a blocked shard holds its thread: {:?}", held.held());
+    }
+
+    #[test]
+    fn time_preempted_by_another_thread_does_not_count_as_holding() {
+        assert!(run_queue_ns().is_some(), "this kernel reports run-queue time");
+        // Two spinning threads on one CPU: each runs about half the wall time and waits
+        // on the run queue for the rest.
+        let cpu = 0;
+        let rival = std::thread::spawn(move || {
+            pin_to(cpu);
+            spin(Duration::from_millis(400));
+        });
+        let measured = std::thread::spawn(move || {
+            pin_to(cpu);
+            let held = Held::start(true);
+            let wall = Instant::now();
+            spin(Duration::from_millis(300));
+            (held.held(), wall.elapsed())
+        })
+        .join()
+        .expect("measuring thread");
+        rival.join().expect("rival thread");
+        let (held, wall) = measured;
+        assert!(held < wall.mul_f64(0.8), "held {held:?} of {wall:?} wall while sharing its CPU");
+        assert!(Held::start(false).queued_ns.is_none(), "no /proc read while stall detection is off");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::report::{Report, fmt_ms, fmt_rate};
 use check::{Flow, Verdict};
 use hdrhistogram::Histogram;
 use procs::{Proc, command, free_port, http_get};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,11 @@ struct RunResult {
     per_s: f64,
     hist: Histogram<u64>,
     commits: Option<f64>,
+    /// Flushes over the run and the seconds they took (fsync mode).
+    flushes: Option<(f64, f64)>,
+    /// The critical path of the orders that were not declined, step by step: publish → first
+    /// call, first → second call, second → third (µs).
+    segments: Vec<Histogram<u64>>,
     wall_s: f64,
     /// CPU seconds per process during the load.
     cpu: BTreeMap<String, f64>,
@@ -118,6 +123,31 @@ struct RunResult {
 impl RunResult {
     fn commits_per_order(&self) -> Option<f64> {
         self.commits.map(|c| c / self.published.max(1) as f64)
+    }
+
+    fn flushes_line(&self) -> Option<String> {
+        let (n, secs) = self.flushes?;
+        (n > 0.0).then(|| {
+            format!(
+                "{:.2} flushes per order, {:.2} ms each on average (`runner_flush_seconds`)",
+                n / self.published.max(1) as f64,
+                secs * 1e3 / n
+            )
+        })
+    }
+
+    fn segments_line(&self) -> Option<String> {
+        const NAMES: [&str; 3] = ["publish → 1st call", "1st → 2nd call", "2nd → 3rd call"];
+        let parts: Vec<String> = self
+            .segments
+            .iter()
+            .zip(NAMES)
+            .filter(|(h, _)| !h.is_empty())
+            .map(|(h, name)| {
+                format!("{name} {} ({})", fmt_ms(h.value_at_quantile(0.5)), fmt_ms(h.value_at_quantile(0.99)))
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     fn pct_ms(&self, q: f64) -> String {
@@ -165,6 +195,10 @@ impl RunResult {
             "worst_publisher_late_us": self.worst_late_us,
             "commits": self.commits,
             "commits_per_order": self.commits_per_order(),
+            "flushes": self.flushes.map(|f| f.0),
+            "flush_seconds": self.flushes.map(|f| f.1),
+            "segments_p50_us": self.segments.iter().map(|h| (!h.is_empty()).then(|| h.value_at_quantile(0.5))).collect::<Vec<_>>(),
+            "segments_p99_us": self.segments.iter().map(|h| (!h.is_empty()).then(|| h.value_at_quantile(0.99))).collect::<Vec<_>>(),
             "wall_s": self.wall_s,
             "cpu": per_order(&self.cpu),
             "runner_threads": per_order(&self.threads),
@@ -291,18 +325,35 @@ fn write_manifests(dir: &Path, flow: Flow) -> Result<(PathBuf, PathBuf), String>
 }
 
 /// Sum of the runner's commits over its shards (`runner_commit_seconds_count`): every
-/// non-empty LMDB write transaction, each made durable before the commit returns.
+/// non-empty LMDB write transaction.
 fn commits(addr: &str) -> Option<f64> {
+    metric_sum(addr, &["runner_commit_seconds_count"]).map(|v| v[0])
+}
+
+/// Each named series summed over its labels (shards), in the order asked; `None` when the
+/// runner does not answer or has none of the first.
+fn metric_sum(addr: &str, names: &[&str]) -> Option<Vec<f64>> {
     let (status, text) = http_get(addr, "/metrics", Duration::from_secs(10)).ok()?;
     if status != 200 {
         return None;
     }
-    let v: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with("runner_commit_seconds_count"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!v.is_empty()).then(|| v.iter().sum())
+    let mut sums = vec![0.0; names.len()];
+    let mut seen = false;
+    for line in text.lines() {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        if let Some(i) = names.iter().position(|n| *n == name)
+            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+        {
+            sums[i] += v;
+            seen |= i == 0;
+        }
+    }
+    seen.then_some(sums)
+}
+
+/// Flushes so far and the seconds they took (`runner_flush_seconds`, fsync mode only).
+fn flushes(addr: &str) -> Option<(f64, f64)> {
+    metric_sum(addr, &["runner_flush_seconds_count", "runner_flush_seconds_sum"]).map(|v| (v[0], v[1]))
 }
 
 /// Waits until the commit counter holds still for 300 ms (at most `limit`); its last value.
@@ -474,6 +525,7 @@ fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
         pids.push(("gateway", g.pid()));
     }
     let commits_before = commits(&addr);
+    let flushes_before = flushes(&addr);
     let before = cpu_now(&pids, runner.pid());
     let started = Instant::now();
 
@@ -520,6 +572,7 @@ fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
     // The runner still applies the last results after the final calls: count its commits and
     // CPU until its commit counter stands still.
     let commits_after = settle(&addr, Duration::from_secs(10));
+    let flushes_after = flushes(&addr);
     let after = cpu_now(&pids, runner.pid());
     let wall_s = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
@@ -573,6 +626,7 @@ fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
         }
     }
     let per_s = if completed > 0 { completed as f64 / (last.saturating_sub(first).max(1) as f64 / 1e6) } else { 0.0 };
+    let segments = segments(&out, &calls, warm_until, a.decline_pct)?;
     let mut cpu = since(&after.procs, &before.procs);
     cpu.insert("load".into(), out.cpu_s);
     Ok(RunResult {
@@ -581,6 +635,8 @@ fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
         completed,
         hist,
         commits: commits_before.zip(commits_after).map(|(b, a)| a - b),
+        flushes: flushes_before.zip(flushes_after).map(|(b, a)| (a.0 - b.0, a.1 - b.1)),
+        segments,
         wall_s,
         cpu,
         threads: since(&after.threads, &before.threads),
@@ -589,6 +645,38 @@ fn run_once(env: &Env, k: usize, load: Load) -> Result<RunResult, String> {
         problem,
         load,
     })
+}
+
+/// The critical path of the good (not declined) orders after the warm-up, from the servers'
+/// records: scheduled publish → first call, and between consecutive calls (µs).
+fn segments(
+    out: &load::LoadOutput,
+    calls: &[check::Call],
+    warm_until: u64,
+    decline_pct: f64,
+) -> Result<Vec<Histogram<u64>>, String> {
+    let mut by_order: HashMap<&str, Vec<u64>> = HashMap::new();
+    for c in calls {
+        by_order.entry(c.order.as_str()).or_default().push(c.at_us);
+    }
+    let mut hs = Vec::new();
+    for _ in 0..3 {
+        hs.push(Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).map_err(err("histogram"))?);
+    }
+    for (i, &sched) in out.scheduled_us.iter().enumerate() {
+        let id = check::order_id(i as u64);
+        if sched < warm_until || out.done_us.get(i).is_none_or(|d| *d == 0) || check::declined(&id, decline_pct) {
+            continue;
+        }
+        let Some(times) = by_order.get_mut(id.as_str()) else { continue };
+        times.sort_unstable();
+        let mut prev = sched;
+        for (h, &t) in hs.iter_mut().zip(times.iter()) {
+            h.record(t.saturating_sub(prev).max(1)).map_err(err("histogram"))?;
+            prev = t;
+        }
+    }
+    Ok(hs)
 }
 
 fn report(args: &Args, raw: Option<f64>, results: &[RunResult]) -> Report {
@@ -658,9 +746,10 @@ fn report(args: &Args, raw: Option<f64>, results: &[RunResult]) -> Report {
          publish) to its final upstream call as the upstream received it (ship, or the last compensation call); \
          open loops leave their first {} s out. Orders/s: completed orders from the first publish to the last \
          final call. Commits per order: the runner's `runner_commit_seconds_count` (every non-empty LMDB write \
-         transaction of any shard; in `fsync` mode each is flushed to disk before it returns: an fdatasync of the \
-         data pages plus the synchronous meta-page write) over the run, divided by the orders; nats-server's own \
-         flushes are not counted. Exactly-once: every order has one call per expected step with the runner's \
+         transaction of any shard; in `fsync` mode each is made durable by the shard's flusher thread — an \
+         fdatasync of the data file, then of the durability marker — before the batch's acks and dispatches \
+         leave; a runner older than the flusher syncs inside the commit) over the run, divided by the orders; \
+         nats-server's own flushes are not counted. Exactly-once: every order has one call per expected step with the runner's \
          deterministic work id as `Idempotency-Key`; a repeated call with the right key counts as a duplicate, a \
          missing, extra or wrongly keyed call fails.",
         args.decline_pct,
@@ -672,11 +761,15 @@ fn report(args: &Args, raw: Option<f64>, results: &[RunResult]) -> Report {
     ));
     for x in results {
         r.notes.push(format!(
-            "{}: CPU µs per order (cores busy over {:.1} s): {}. Runner threads: {}.{}",
+            "{}: CPU µs per order (cores busy over {:.1} s): {}. Runner threads: {}.{}{}{}",
             x.load.label,
             x.wall_s,
             x.cpu_line(&x.cpu),
             x.cpu_line(&x.threads),
+            x.segments_line()
+                .map(|l| format!(" Critical path of the good orders, p50 (p99) ms: {l}."))
+                .unwrap_or_default(),
+            x.flushes_line().map(|l| format!(" {l}.")).unwrap_or_default(),
             if x.load.rate.is_some() {
                 format!(" Publisher late by {} at worst.", fmt_ms(x.worst_late_us) + " ms")
             } else {
