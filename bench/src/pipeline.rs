@@ -186,7 +186,7 @@ pub fn throughput(
             let results = req
                 .items
                 .into_iter()
-                .map(|(key, _)| DispatchResult { key, outcome: DispatchOutcome::Delivered })
+                .map(|d| DispatchResult { key: d.key, send: d.send, outcome: DispatchOutcome::Delivered })
                 .collect();
             let _ = handles[req.shard].control(Control::Dispatched(results));
         }

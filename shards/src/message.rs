@@ -415,7 +415,19 @@ pub struct RanEffect {
 #[derive(Debug, Clone)]
 pub struct DispatchResult {
     pub key: OutboxKey,
+    /// The send it answers ([`Dispatch::send`]): an answer to an earlier send of an item
+    /// sent again is stale, and only a confirmation of it counts.
+    pub send: u64,
     pub outcome: DispatchOutcome,
+}
+
+/// One send of an outbox item, as the relay hands it out.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub key: OutboxKey,
+    /// Names this send among the sends of the item (unique per shard until restart).
+    pub send: u64,
+    pub item: OutboxItem,
 }
 
 /// Control messages: never block the bridge (the relay bounds how many are in flight).
@@ -430,5 +442,5 @@ pub enum Control {
 #[derive(Debug)]
 pub struct DispatchRequest {
     pub shard: usize,
-    pub items: Vec<(OutboxKey, OutboxItem)>,
+    pub items: Vec<Dispatch>,
 }

@@ -13,6 +13,7 @@
 //! ```
 
 use crate::keys::OutboxKey;
+use crate::message::Dispatch;
 use crate::record::OutboxItem;
 use crate::store::{Store, StoreError};
 use ahash::{AHashMap, AHashSet};
@@ -58,17 +59,29 @@ impl Default for RelayConfig {
 #[derive(Debug, Default)]
 pub struct Ready {
     /// Items to dispatch, in order.
-    pub dispatch: Vec<(OutboxKey, OutboxItem)>,
-    /// Items created by a replay for work already dispatched: delete without dispatching.
-    pub suppressed: Vec<OutboxKey>,
+    pub dispatch: Vec<Dispatch>,
+    /// Items created by a replay for work already dispatched: delete without dispatching
+    /// (key and send, answered like a send).
+    pub suppressed: Vec<(OutboxKey, u64)>,
 }
 
+#[derive(Debug)]
+struct InFlight {
+    item: OutboxItem,
+    deadline: u64,
+    send: u64,
+}
+
+/// Every known item is in exactly one of `pending`, `parked`, `delayed` and `in_flight`.
 #[derive(Debug)]
 pub struct RelayState {
     cfg: RelayConfig,
     pending: VecDeque<(OutboxKey, OutboxItem)>,
     known: AHashSet<OutboxKey>,
-    in_flight: AHashMap<OutboxKey, (OutboxItem, u64)>,
+    /// Sent and not answered: the item, its confirmation deadline and the send's id.
+    in_flight: AHashMap<OutboxKey, InFlight>,
+    /// The id of the next send.
+    next_send: u64,
     /// The in-flight items by confirmation deadline (expiry is found without walking them all).
     deadlines: BTreeSet<(u64, OutboxKey)>,
     delayed: BTreeMap<(u64, OutboxKey), OutboxItem>,
@@ -95,6 +108,7 @@ impl RelayState {
             pending: VecDeque::new(),
             known: AHashSet::new(),
             in_flight: AHashMap::new(),
+            next_send: 1,
             deadlines: BTreeSet::new(),
             delayed: BTreeMap::new(),
             parked: AHashMap::new(),
@@ -221,7 +235,7 @@ impl RelayState {
             }
             self.deadlines.pop_first();
             // Only the deadline of the item's current send counts.
-            if self.in_flight.get(&key).is_some_and(|(_, d)| *d == deadline)
+            if self.in_flight.get(&key).is_some_and(|f| f.deadline == deadline)
                 && let Some(item) = self.untrack(&key)
             {
                 tracing::warn!(work_id = %item.work_id, tenant = %item.tenant, "dispatch not confirmed in time; sending again");
@@ -268,8 +282,8 @@ impl RelayState {
         while self.in_flight.len() < self.cfg.max_in_flight && ready.dispatch.len() < self.cfg.batch {
             let Some((key, item)) = self.pending.pop_front() else { break };
             if item.suppressed {
-                ready.suppressed.push(key);
-                self.track(key, item, deadline);
+                let send = self.track(key, item, deadline);
+                ready.suppressed.push((key, send));
                 continue;
             }
             let at_limit = self.per_tenant.get(&item.tenant).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_tenant;
@@ -284,30 +298,33 @@ impl RelayState {
     }
 
     fn send(&mut self, ready: &mut Ready, key: OutboxKey, item: OutboxItem, deadline: u64) {
-        self.track(key, item.clone(), deadline);
-        ready.dispatch.push((key, item));
+        let send = self.track(key, item.clone(), deadline);
+        ready.dispatch.push(Dispatch { key, send, item });
     }
 
     /// Starts tracking a dispatch of `key` until `deadline`: in flight, by deadline, and (unless
     /// suppressed) in its tenant's count. A send over a key already in flight replaces it, so
-    /// a key never holds two deadlines or two tenant slots.
-    fn track(&mut self, key: OutboxKey, item: OutboxItem, deadline: u64) {
+    /// a key never holds two deadlines or two tenant slots. Returns the send's id.
+    fn track(&mut self, key: OutboxKey, item: OutboxItem, deadline: u64) -> u64 {
         self.untrack(&key);
         if !item.suppressed {
             *self.per_tenant.entry(item.tenant.clone()).or_default() += 1;
         }
+        let send = self.next_send;
+        self.next_send += 1;
         self.deadlines.insert((deadline, key));
-        self.in_flight.insert(key, (item, deadline));
+        self.in_flight.insert(key, InFlight { item, deadline, send });
+        send
     }
 
     /// Stops tracking `key`'s dispatch (the reverse of [`Self::track`]); returns its item.
     fn untrack(&mut self, key: &OutboxKey) -> Option<OutboxItem> {
-        let (item, deadline) = self.in_flight.remove(key)?;
-        self.deadlines.remove(&(deadline, *key));
-        if !item.suppressed {
-            self.dec_tenant(&item.tenant);
+        let f = self.in_flight.remove(key)?;
+        self.deadlines.remove(&(f.deadline, *key));
+        if !f.item.suppressed {
+            self.dec_tenant(&f.item.tenant);
         }
-        Some(item)
+        Some(f.item)
     }
 
     fn dec_tenant(&mut self, tenant: &str) {
@@ -321,7 +338,17 @@ impl RelayState {
 
     /// The item an in-flight dispatch is for.
     pub fn in_flight_item(&self, key: &OutboxKey) -> Option<&OutboxItem> {
-        self.in_flight.get(key).map(|(i, _)| i)
+        self.in_flight.get(key).map(|f| &f.item)
+    }
+
+    /// An answer to send `send` of `key` came in. When it answers the item's current send,
+    /// the item is held (see [`Self::hold`]) and returned; an answer to an earlier send
+    /// (the item was sent again since, or settled) gets `None`.
+    pub fn answer(&mut self, key: &OutboxKey, send: u64) -> Option<OutboxItem> {
+        let f = self.in_flight.get(key).filter(|f| f.send == send)?;
+        let item = f.item.clone();
+        self.hold(key);
+        Some(item)
     }
 
     /// `key`'s dispatch was confirmed (or its call ran in place) and the commit that
@@ -329,16 +356,25 @@ impl RelayState {
     /// waits (a full disk). It keeps its in-flight slot until [`Self::delivered`] or
     /// [`Self::retry_later`].
     pub fn hold(&mut self, key: &OutboxKey) {
-        if let Some((_, deadline)) = self.in_flight.get_mut(key) {
-            self.deadlines.remove(&(*deadline, *key));
-            *deadline = u64::MAX;
+        if let Some(f) = self.in_flight.get_mut(key) {
+            self.deadlines.remove(&(f.deadline, *key));
+            f.deadline = u64::MAX;
         }
     }
 
-    /// The committer durably deleted `key`.
+    /// The committer durably deleted `key`. An item confirmed by an earlier send may sit
+    /// in a queue to go again (its deadline passed, or a retry was due): it leaves that
+    /// queue too, so nothing is sent after its delivery.
     pub fn delivered(&mut self, key: OutboxKey) {
-        self.untrack(&key);
-        self.known.remove(&key);
+        let was_in_flight = self.untrack(&key).is_some();
+        if self.known.remove(&key) && !was_in_flight {
+            self.pending.retain(|(k, _)| *k != key);
+            self.delayed.retain(|(_, k), _| *k != key);
+            self.parked.retain(|_, q| {
+                q.retain(|(k, _)| *k != key);
+                !q.is_empty()
+            });
+        }
     }
 
     /// The committer re-stored `key` with a later `next_attempt_at`.
@@ -428,7 +464,7 @@ mod tests {
         r.scan(&store, 0).unwrap();
         assert_eq!(r.depth(), 16);
         assert!(r.needs_scan(), "items 17..=20 are still in the store only");
-        let ready: Vec<u64> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        let ready: Vec<u64> = r.take_ready(0).dispatch.into_iter().map(|d| d.key.seq).collect();
         assert_eq!(ready, (1..=16).collect::<Vec<_>>());
         // One slot free is less than the scan threshold (min(batch 16, window/8 = 2)): no scan yet.
         let delete = |seq: u64| {
@@ -444,7 +480,7 @@ mod tests {
         r.delivered(key(2));
         r.scan(&store, 0).unwrap();
         assert_eq!(r.depth(), 16);
-        let ready: Vec<u64> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        let ready: Vec<u64> = r.take_ready(0).dispatch.into_iter().map(|d| d.key.seq).collect();
         assert_eq!(ready, [17, 18]);
     }
 
@@ -455,10 +491,10 @@ mod tests {
         r.offer(key(2), item("a", "2"), 0);
         r.offer(key(3), item("a", "3"), 0);
         r.offer(key(4), item("b", "4"), 0);
-        let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|d| d.key.seq).collect();
         assert_eq!(ready, [1, 2, 4]); // tenant a capped at 2, overall at 3
         r.delivered(key(1));
-        let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        let ready: Vec<_> = r.take_ready(0).dispatch.into_iter().map(|d| d.key.seq).collect();
         assert_eq!(ready, [3]);
         assert_eq!(r.depth(), 3);
     }
@@ -478,7 +514,7 @@ mod tests {
             r.offer(key(seq), item("a", &seq.to_string()), 0);
         }
         r.offer(key(501), item("b", "501"), 0);
-        let seqs = |r: &mut RelayState| r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect::<Vec<_>>();
+        let seqs = |r: &mut RelayState| r.take_ready(0).dispatch.into_iter().map(|d| d.key.seq).collect::<Vec<_>>();
         assert_eq!(seqs(&mut r), [1, 2, 501]);
         r.offer(key(502), item("b", "502"), 0);
         assert_eq!(seqs(&mut r), [502]);
@@ -507,7 +543,7 @@ mod tests {
             r.offer(key(seq), item("a", &seq.to_string()), 0);
         }
         let seqs =
-            |r: &mut RelayState, now| r.take_ready(now).dispatch.into_iter().map(|(k, _)| k.seq).collect::<Vec<_>>();
+            |r: &mut RelayState, now| r.take_ready(now).dispatch.into_iter().map(|d| d.key.seq).collect::<Vec<_>>();
         assert_eq!(seqs(&mut r, 0), [1]);
         assert_eq!(seqs(&mut r, 50), Vec::<u64>::new());
         assert_eq!(seqs(&mut r, 100), [1], "the unconfirmed item goes again, before 2 and 3");
@@ -533,7 +569,7 @@ mod tests {
             r.offer(key(seq), item("b", &seq.to_string()), 0);
         }
         r.offer(key(9), item("c", "9"), 0);
-        let seqs = |r: &mut RelayState| r.take_ready(0).dispatch.into_iter().map(|(k, _)| k.seq).collect::<Vec<_>>();
+        let seqs = |r: &mut RelayState| r.take_ready(0).dispatch.into_iter().map(|d| d.key.seq).collect::<Vec<_>>();
         // a1 a2, then a3 a4 are parked on the way to b1; b2, then b3 b4 parked on the way to c.
         let sent: Vec<Vec<u64>> = (0..5).map(|_| seqs(&mut r)).collect();
         assert_eq!(sent, [vec![1], vec![2], vec![5], vec![6], vec![9]]);
@@ -582,11 +618,39 @@ mod tests {
         r.offer(key(2), item("a", "2"), 0);
         assert_eq!(r.take_ready(0).dispatch.len(), 2);
         r.hold(&key(1));
-        let again: Vec<u64> = r.take_ready(500).dispatch.into_iter().map(|(k, _)| k.seq).collect();
+        let again: Vec<u64> = r.take_ready(500).dispatch.into_iter().map(|d| d.key.seq).collect();
         assert_eq!(again, [2], "a confirmed dispatch went out again");
         assert_eq!(r.next_deadline(), Some(600));
         r.delivered(key(1));
         assert_eq!(r.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_delivered_item_is_never_sent_again_from_any_queue() {
+        let mut r = RelayState::new(RelayConfig { batch: 1, ..cfg() });
+        r.offer(key(1), item("a", "1"), 0);
+        r.offer(key(2), item("b", "2"), 0);
+        assert_eq!(r.take_ready(0).dispatch.len(), 1);
+        assert_eq!(r.take_ready(0).dispatch.len(), 1);
+        // Both unconfirmed at 100: one goes again now (a batch of one), the other waits.
+        let again = r.take_ready(100).dispatch;
+        assert_eq!(again.len(), 1);
+        let waiting = if again[0].key == key(1) { key(2) } else { key(1) };
+        // The waiting one's first send is confirmed late, and its item deleted.
+        r.delivered(waiting);
+        let later: Vec<OutboxKey> = r.take_ready(100).dispatch.into_iter().map(|d| d.key).collect();
+        assert!(!later.contains(&waiting), "sent after its delivery");
+        assert_eq!(r.depth(), 1);
+        // A retry waiting for its time, then a late confirmation of an earlier send.
+        r.offer(key(3), item("c", "3"), 100);
+        assert_eq!(r.take_ready(100).dispatch.len(), 1);
+        let mut retry = item("c", "3");
+        retry.next_attempt_at = 150;
+        r.retry_later(key(3), retry);
+        r.delivered(key(3));
+        let later: Vec<OutboxKey> = r.take_ready(150).dispatch.into_iter().map(|d| d.key).collect();
+        assert!(!later.contains(&key(3)), "a delivered item's retry went out");
+        assert_eq!(r.next_deadline().filter(|&d| d <= 150), None, "a deleted item keeps a wake-up");
     }
 
     #[test]
@@ -597,6 +661,6 @@ mod tests {
         r.offer(key(1), i, 0);
         let ready = r.take_ready(0);
         assert!(ready.dispatch.is_empty());
-        assert_eq!(ready.suppressed, [key(1)]);
+        assert_eq!(ready.suppressed.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(1)]);
     }
 }

@@ -19,8 +19,8 @@ use crate::core::{Action, BatchStats, CoreConfig, CoreError, RequestId, ShardCor
 use crate::layout::DataDir;
 use crate::manifest::ManifestSet;
 use crate::message::{
-    AdminAnswer, AdminError, ApplyOutcome, Control, DispatchOutcome, DispatchRequest, DispatchResult, FinishError,
-    GateDecision, Query, Reply, Request, ShardError,
+    AdminAnswer, AdminError, ApplyOutcome, Control, Dispatch, DispatchOutcome, DispatchRequest, DispatchResult,
+    FinishError, GateDecision, Query, Reply, Request, ShardError,
 };
 use crate::relay::{RelayConfig, RelayState};
 use crate::store::{StoreConfig, StoreError};
@@ -316,16 +316,33 @@ impl Shell {
         match c {
             Control::Dispatched(results) => {
                 for r in results {
-                    // A failed dispatch re-stores the item as the relay sent it; a call that ran
-                    // in place is recorded from it.
-                    let item = match r.outcome {
-                        DispatchOutcome::Delivered => None,
-                        _ => self.relay.in_flight_item(&r.key).cloned(),
-                    };
-                    // Answered: not sent again on its deadline while the commit that settles it
-                    // waits (a full disk, a blocked key).
-                    self.relay.hold(&r.key);
-                    self.work.push(Work::Dispatched { key: r.key, outcome: r.outcome, item });
+                    // An answer to the item's current send holds it (not sent again on its
+                    // deadline while the commit that settles it waits: a full disk, a blocked
+                    // key); a failed dispatch re-stores the item as the relay sent it, a call
+                    // that ran in place is recorded from it.
+                    match (self.relay.answer(&r.key, r.send), r.outcome) {
+                        (Some(item), outcome) => {
+                            self.work.push(Work::Dispatched { key: r.key, outcome, item: Some(item) })
+                        }
+                        // An earlier send was confirmed after the item went again: delivered
+                        // all the same (deleting twice is harmless).
+                        (None, DispatchOutcome::Delivered) => self.work.push(Work::Dispatched {
+                            key: r.key,
+                            outcome: DispatchOutcome::Delivered,
+                            item: None,
+                        }),
+                        // Any other answer to an earlier send is stale: the current send
+                        // answers for the item (one retry per attempt, none after delivery).
+                        (None, outcome) => {
+                            tracing::debug!(
+                                shard = self.core.shard(),
+                                seq = r.key.seq,
+                                send = r.send,
+                                ?outcome,
+                                "stale dispatch answer ignored"
+                            )
+                        }
+                    }
                 }
                 false
             }
@@ -1095,7 +1112,7 @@ async fn relay_loop(
             let results = ready
                 .suppressed
                 .into_iter()
-                .map(|key| DispatchResult { key, outcome: DispatchOutcome::Delivered })
+                .map(|(key, send)| DispatchResult { key, send, outcome: DispatchOutcome::Delivered })
                 .collect();
             if control.send_async(Control::Dispatched(results)).await.is_err() {
                 return;
@@ -1105,14 +1122,14 @@ async fn relay_loop(
         let items = match caller {
             Some(caller) => {
                 // Calls this shard makes itself run here; the rest go to the bridge.
-                let (local, bridged): (Vec<_>, Vec<_>) =
-                    ready.dispatch.into_iter().partition(|(_, item)| caller.runs(item));
-                for (key, item) in local {
+                let (local, bridged): (Vec<_>, Vec<_>) = ready.dispatch.into_iter().partition(|d| caller.runs(&d.item));
+                for Dispatch { key, send, item } in local {
                     let call = caller.call(item);
                     let control = control.clone();
                     glommio::spawn_local(async move {
                         let outcome = call.await;
-                        let _ = control.send_async(Control::Dispatched(vec![DispatchResult { key, outcome }])).await;
+                        let _ =
+                            control.send_async(Control::Dispatched(vec![DispatchResult { key, send, outcome }])).await;
                     })
                     .detach();
                 }

@@ -97,7 +97,7 @@ fn a_held_flush_holds_the_batchs_acks_and_dispatches_but_not_the_shard() {
         let results = req
             .items
             .iter()
-            .map(|(key, _)| DispatchResult { key: *key, outcome: DispatchOutcome::Delivered })
+            .map(|d| DispatchResult { key: d.key, send: d.send, outcome: DispatchOutcome::Delivered })
             .collect();
         rt.handle(0).control(Control::Dispatched(results)).unwrap();
         req.items.len()

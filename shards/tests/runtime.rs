@@ -65,7 +65,7 @@ fn start_with(cfg: &RuntimeConfig, data: &DataDir, set: Arc<ManifestSet>) -> Run
             let results = req
                 .items
                 .into_iter()
-                .map(|(key, _)| DispatchResult { key, outcome: DispatchOutcome::Delivered })
+                .map(|d| DispatchResult { key: d.key, send: d.send, outcome: DispatchOutcome::Delivered })
                 .collect();
             let _ = handles[req.shard].control(Control::Dispatched(results));
         }

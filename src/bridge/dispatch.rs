@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use shards::keys::OutboxKey;
-use shards::message::{Control, DispatchOutcome, DispatchRequest, DispatchResult};
+use shards::message::{Control, Dispatch, DispatchOutcome, DispatchRequest, DispatchResult};
 use shards::record::{OutboxItem, WorkKind};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -28,8 +28,8 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
         ctx.shared.dispatching.fetch_add(n, Ordering::SeqCst);
         // Start every publish in order (one connection keeps them in order), then wait for
         // the acks together: many in flight, never one-at-a-time.
-        let mut waits: Vec<(OutboxKey, Pending)> = Vec::with_capacity(req.items.len());
-        for (key, item) in req.items {
+        let mut waits: Vec<(OutboxKey, u64, Pending)> = Vec::with_capacity(req.items.len());
+        for Dispatch { key, send, item } in req.items {
             let p = match &item.kind {
                 WorkKind::Effect { effect } => publish_command(&ctx, &item, effect).await,
                 WorkKind::Audit { .. } => publish_audit(&ctx, &item).await,
@@ -37,7 +37,7 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
                     error: format!("Gateway command {} reached the bridge; shards call the Gateway", item.work_id),
                 }),
             };
-            waits.push((key, p));
+            waits.push((key, send, p));
         }
         let ctx2 = ctx.clone();
         let latency = latency.clone();
@@ -48,7 +48,7 @@ pub async fn run(ctx: Rc<Ctx>, rx: flume::Receiver<DispatchRequest>) {
             // call would be made again).
             let mut waiting: FuturesUnordered<_> = waits
                 .into_iter()
-                .map(|(key, p)| async move { DispatchResult { key, outcome: p.resolve().await } })
+                .map(|(key, send, p)| async move { DispatchResult { key, send, outcome: p.resolve().await } })
                 .collect();
             while let Some(first) = waiting.next().await {
                 let mut results = vec![first];

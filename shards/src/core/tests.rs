@@ -198,9 +198,9 @@ impl TestEnv {
         let results = ready
             .dispatch
             .into_iter()
-            .map(|(key, _)| key)
+            .map(|d| (d.key, d.send))
             .chain(ready.suppressed)
-            .map(|key| DispatchResult { key, outcome: outcome.clone() })
+            .map(|(key, send)| DispatchResult { key, send, outcome: outcome.clone() })
             .collect();
         assert!(!self.shell().take_control(Control::Dispatched(results)));
         self.tick()
@@ -790,6 +790,46 @@ fn dispatch_failures_retry_then_dead_letter_and_are_never_dropped() {
     assert_eq!(letters[0].kind, DeadLetterKind::Dispatch);
     assert!(letters[0].error.contains("503"));
     assert!(letters[0].work.is_some());
+}
+
+#[test]
+fn a_stale_answer_for_a_resent_item_neither_resends_it_nor_outlives_its_delivery() {
+    let mut env = TestEnv::new(example_manifests);
+    let e = order_placed(&mut env, "o-stale");
+    env.apply(e, SAGA, "o-stale", true);
+    let now = env.now;
+    let first = env.shell().relay_mut().take_ready(now).dispatch;
+    assert_eq!(first.len(), 1);
+    // Not confirmed in time: sent again.
+    env.now += RelayConfig::default().confirm_timeout_ms;
+    let now = env.now;
+    let second = env.shell().relay_mut().take_ready(now).dispatch;
+    assert_eq!(second.len(), 1, "re-sent after its confirmation deadline");
+    // The first send's failure arrives late, while the second is still out.
+    let stale = vec![DispatchResult {
+        key: first[0].key,
+        send: first[0].send,
+        outcome: DispatchOutcome::Retry { error: "503".into() },
+    }];
+    assert!(!env.shell().take_control(Control::Dispatched(stale)));
+    env.tick();
+    assert_eq!(env.outbox()[0].1.attempts, 0, "a stale failure is not counted against the item");
+    // Past its backoff, within the second send's deadline: not sent a third time.
+    env.now += 5_000;
+    let now = env.now;
+    assert!(env.shell().relay_mut().take_ready(now).dispatch.is_empty(), "sent again on a stale failure");
+    // The second send is confirmed: deleted, and never sent again.
+    let confirmed =
+        vec![DispatchResult { key: second[0].key, send: second[0].send, outcome: DispatchOutcome::Delivered }];
+    assert!(!env.shell().take_control(Control::Dispatched(confirmed)));
+    env.tick();
+    assert!(env.outbox().is_empty());
+    for _ in 0..3 {
+        env.now += 120_000;
+        let now = env.now;
+        let ready = env.shell().relay_mut().take_ready(now);
+        assert!(ready.dispatch.is_empty(), "sent after its delivery: {:?}", ready.dispatch);
+    }
 }
 
 #[test]
