@@ -165,7 +165,8 @@ pub struct RawRelay {
     pub max_in_flight_per_tenant: Option<usize>,
     /// Resend a dispatch not confirmed within this time. Default 30,000 ms.
     pub confirm_timeout_ms: Option<u64>,
-    /// Failed dispatches before an item becomes a dead letter. Default 20.
+    /// Failed dispatches before an item becomes a dead letter. Default: no limit (retried
+    /// with capped backoff until delivered).
     pub max_attempts: Option<u32>,
     /// First retry backoff. Default 200 ms.
     pub backoff_ms: Option<u64>,
@@ -539,9 +540,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         max_in_flight: raw.relay.max_in_flight.unwrap_or(relay_defaults.max_in_flight),
         max_in_flight_per_tenant: raw.relay.max_in_flight_per_tenant.unwrap_or(relay_defaults.max_in_flight_per_tenant),
         confirm_timeout_ms: raw.relay.confirm_timeout_ms.unwrap_or(relay_defaults.confirm_timeout_ms),
-        max_attempts: raw.relay.max_attempts.unwrap_or(relay_defaults.max_attempts),
+        max_attempts: raw.relay.max_attempts,
         retry: shards::manifest::RetrySpec {
-            attempts: raw.relay.max_attempts.unwrap_or(relay_defaults.max_attempts),
+            attempts: raw.relay.max_attempts.unwrap_or(u32::MAX),
             backoff_ms: raw.relay.backoff_ms.unwrap_or(relay_defaults.retry.backoff_ms),
             max_backoff_ms: raw.relay.max_backoff_ms.unwrap_or(relay_defaults.retry.max_backoff_ms),
             jitter: relay_defaults.retry.jitter,
@@ -554,8 +555,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     if relay.max_in_flight_per_tenant == 0 {
         bad("relay.max_in_flight_per_tenant", &relay.max_in_flight_per_tenant, "must be at least 1");
     }
-    if relay.max_attempts == 0 {
-        bad("relay.max_attempts", &relay.max_attempts, "must be at least 1");
+    if relay.max_attempts == Some(0) {
+        bad("relay.max_attempts", &0, "must be at least 1 (leave it out to retry without limit)");
     }
     if relay.retry.max_backoff_ms < relay.retry.backoff_ms {
         bad("relay.max_backoff_ms", &relay.retry.max_backoff_ms, "must not be below relay.backoff_ms");

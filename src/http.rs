@@ -13,6 +13,7 @@
 //! | `GET /admin/deadletters?tenant=T&limit=N` | list |
 //! | `POST /admin/deadletters/requeue` | `{tenant, saga, correlation_id, skip_poison?}` |
 //! | `POST /admin/deadletters/discard` | `{tenant, at, id}` |
+//! | `POST /admin/deadletters/resend` | `{tenant, at, id}`: a failed dispatch back to the outbox |
 //! | `GET /sagas/{tenant}/{saga}/{correlation_id}` | one instance (`_` is the empty tenant) |
 //!
 //! `/admin/*` and `/sagas/*` need `Authorization: Bearer <http.admin_token>` when a token
@@ -280,7 +281,7 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
             let skip = body.get("skip_poison").and_then(|s| s.as_bool()).unwrap_or(false);
             from(ops.requeue(SagaKey::new(tenant, saga, cid), skip).await)
         }
-        (&Method::POST, "/admin/deadletters/discard") => {
+        (&Method::POST, path @ ("/admin/deadletters/discard" | "/admin/deadletters/resend")) => {
             let body = match body_json(req).await {
                 Ok(b) => b,
                 Err(e) => return error(e.status, e.reason),
@@ -292,7 +293,8 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
             let (Some(at), Ok(id)) = (body.get("at").and_then(|a| a.as_u64()), str_field(&body, "id")) else {
                 return error(400, "fields `at` (number) and `id` (string) are required");
             };
-            from(ops.discard(DeadLetterKey { tenant, at, id }).await)
+            let key = DeadLetterKey { tenant, at, id };
+            if path.ends_with("resend") { from(ops.resend(key).await) } else { from(ops.discard(key).await) }
         }
         (&Method::GET, p) if p.starts_with("/sagas/") => {
             let parts: Vec<String> = p["/sagas/".len()..].split('/').map(percent_decode).collect();

@@ -342,10 +342,24 @@ impl Ops {
     }
 
     pub async fn discard(&self, key: DeadLetterKey) -> Result<AdminAnswer, OpsError> {
+        self.on_letter(key, |key| AdminOp::Discard { key }).await
+    }
+
+    /// Puts a failed dispatch back in the outbox (see [`AdminOp::Resend`]).
+    pub async fn resend(&self, key: DeadLetterKey) -> Result<AdminAnswer, OpsError> {
+        self.on_letter(key, |key| AdminOp::Resend { key }).await
+    }
+
+    /// Runs `op` on the shard that holds the dead letter `key`.
+    async fn on_letter(
+        &self,
+        key: DeadLetterKey,
+        op: impl Fn(DeadLetterKey) -> AdminOp,
+    ) -> Result<AdminAnswer, OpsError> {
         // A dead letter lives in the shard of its partition; ask each (a point lookup).
         let mut last = OpsError::new(404, format!("no dead letter {} for tenant {:?}", key.id, key.tenant));
         for s in 0..self.shards.len() {
-            match self.admin(s, AdminOp::Discard { key: key.clone() }).await {
+            match self.admin(s, op(key.clone())).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.status == 404 => last = e,
                 Err(e) => return Err(e),

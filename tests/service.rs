@@ -85,6 +85,87 @@ fn health_fails_while_the_data_directory_is_unwritable() {
     app.shutdown();
 }
 
+fn place(h: &Harness, msg: &str, order: &str) {
+    h.event(
+        "acme",
+        "order",
+        "OrderPlaced",
+        msg,
+        serde_json::json!({"order_id": order, "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+    );
+}
+
+#[test]
+fn a_long_gateway_outage_ends_with_each_command_delivered_once() {
+    // No `relay.max_attempts`: 200 failed attempts (backoff capped at 10 ms), then the
+    // Gateway is back and the command goes through once; the wait is visible meanwhile.
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    gateway.script(|s| s.fail_next = 200);
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    assert_eq!(cfg.relay.max_attempts, None, "no attempt limit by default");
+    cfg.relay.retry.backoff_ms = 1;
+    cfg.relay.retry.max_backoff_ms = 10;
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    place(&h, "p-out", "o-out");
+    let mut seen_retrying = false;
+    wait_until(T, "the outbox drains", || {
+        let (_, stats) = h.http("GET", &format!("{base}/admin/stats"), None, None);
+        seen_retrying |= stats.contains("\"outbox_retrying\": 1");
+        saga_state(&app, "acme", SAGA, "o-out")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let calls = gateway.records();
+    assert_eq!(calls.len(), 201, "200 failures, then one delivery");
+    let key = calls[0].header("idempotency-key").unwrap().to_owned();
+    assert!(calls.iter().all(|c| c.header("idempotency-key") == Some(key.as_str())), "a retry changed the key");
+    assert!(seen_retrying, "/admin/stats never showed the item waiting to retry");
+    let (_, letters) = h.http("GET", &format!("{base}/admin/deadletters?tenant=acme"), None, None);
+    assert!(!letters.contains("\"dispatch\""), "given up: {letters}");
+    let (_, metrics) = h.http("GET", &format!("{base}/metrics"), None, None);
+    assert!(metrics.contains("runner_outbox_retrying"), "no retry gauge");
+    app.shutdown();
+}
+
+#[test]
+fn a_dispatch_stopped_by_its_attempt_limit_can_be_resent_by_an_operator() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    gateway.script(|s| s.fail_next = 2);
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    cfg.relay.max_attempts = Some(2);
+    cfg.relay.retry.backoff_ms = 1;
+    cfg.relay.retry.max_backoff_ms = 10;
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    place(&h, "p-dl", "o-dl");
+    let mut letter = serde_json::Value::Null;
+    wait_until(T, "the dispatch is given up", || {
+        let (_, body) = h.http("GET", &format!("{base}/admin/deadletters?tenant=acme"), None, None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if let Some(l) = v["deadletters"].as_array().and_then(|a| a.iter().find(|l| l["kind"] == "dispatch")) {
+            letter = l.clone();
+        }
+        !letter.is_null()
+    });
+    assert_eq!(gateway.records().len(), 2);
+    let body = serde_json::json!({"tenant": "acme", "at": letter["at"], "id": letter["id"]});
+    let (status, answer) = h.http("POST", &format!("{base}/admin/deadletters/resend"), None, Some(body.clone()));
+    assert_eq!(status, 200, "{answer}");
+    wait_until(T, "the re-sent command is delivered", || gateway.records().len() == 3);
+    wait_until(T, "the outbox drains", || {
+        saga_state(&app, "acme", SAGA, "o-dl")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let calls = gateway.records();
+    assert_eq!(calls[2].header("idempotency-key"), calls[0].header("idempotency-key"), "re-sent under another key");
+    let (status, answer) = h.http("POST", &format!("{base}/admin/deadletters/resend"), None, Some(body));
+    assert_eq!(status, 404, "a letter re-sent twice: {answer}");
+    assert_eq!(gateway.records().len(), 3, "one delivery");
+    app.shutdown();
+}
+
 #[test]
 fn a_broken_reload_keeps_the_running_set_and_says_why() {
     let h = Harness::new();

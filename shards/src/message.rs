@@ -208,6 +208,10 @@ pub struct ShardStats {
     /// Outbox items the relay holds in memory (at most its window).
     pub outbox_window: usize,
     pub outbox_in_flight: usize,
+    /// Items waiting for their next attempt after a failed dispatch.
+    pub outbox_retrying: usize,
+    /// The most failed attempts among them (0 when none is waiting).
+    pub outbox_most_attempts: u32,
     pub blocked_keys: usize,
     pub effects_in_flight: usize,
     pub next_timer_due: Option<u64>,
@@ -221,6 +225,9 @@ pub enum AdminOp {
     Requeue { key: SagaKey, skip_poison: bool },
     /// Delete one dead letter.
     Discard { key: DeadLetterKey },
+    /// Put the work item of a dispatch dead letter back in the outbox (attempts from 0,
+    /// same work id, so the receiver's dedupe still holds) and delete the letter.
+    Resend { key: DeadLetterKey },
     /// Reset instances of a saga so their events can be applied again (controlled replay):
     /// every instance of `saga` for `tenant` (or only `correlation_id`) is cleared, its
     /// dispatched work ids remembered so nothing is dispatched twice, and the checkpoint set
@@ -242,6 +249,7 @@ pub enum AdminOp {
 pub enum AdminAnswer {
     Requeued { requeued: usize, skipped: Option<String> },
     Discarded { discarded: String },
+    Resent { resent: String, work_id: String },
     Reset(ReplayReset),
     TimerFired { fired: String },
     ReplayEnded { replay_ended: String },
@@ -278,6 +286,8 @@ pub enum AdminError {
     UnreadableLetter { key: SagaKey, id: String, error: String },
     #[error("no dead letter {id} for tenant {tenant:?}")]
     NoSuchLetter { tenant: String, id: String },
+    #[error("dead letter {id} of tenant {tenant:?} is a {kind} letter, not a failed dispatch: requeue or discard it")]
+    NotResendable { tenant: String, id: String, kind: String },
     #[error("no pending timer {timer_id} for {key}")]
     NoSuchTimer { key: SagaKey, timer_id: String },
     #[error("no recorded result {event_id} for {key}")]

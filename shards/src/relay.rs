@@ -34,10 +34,12 @@ pub struct RelayConfig {
     pub confirm_timeout_ms: u64,
     /// Safety-net poll of the store. Default 1 s.
     pub poll_ms: u64,
-    /// Backoff between failed dispatches.
+    /// Backoff between failed dispatches (capped exponential, jittered).
     pub retry: crate::manifest::RetrySpec,
-    /// Failed dispatches after which an item becomes a dead letter. Default 20.
-    pub max_attempts: u32,
+    /// Failed dispatches after which an item becomes a dead letter (an operator can re-send
+    /// or discard it). Default `None`: retried until delivered, however long the Gateway or
+    /// NATS is away — an outage of hours ends with every command delivered once.
+    pub max_attempts: Option<u32>,
 }
 
 impl Default for RelayConfig {
@@ -49,8 +51,13 @@ impl Default for RelayConfig {
             window: 8192,
             confirm_timeout_ms: 30_000,
             poll_ms: 1_000,
-            retry: crate::manifest::RetrySpec { attempts: 20, backoff_ms: 200, max_backoff_ms: 30_000, jitter: 0.2 },
-            max_attempts: 20,
+            retry: crate::manifest::RetrySpec {
+                attempts: u32::MAX,
+                backoff_ms: 200,
+                max_backoff_ms: 30_000,
+                jitter: 0.2,
+            },
+            max_attempts: None,
         }
     }
 }
@@ -393,6 +400,17 @@ impl RelayState {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Items waiting for their next attempt after a failed dispatch (or an open breaker).
+    pub fn retrying(&self) -> usize {
+        self.delayed.len()
+    }
+
+    /// The most failed attempts of an item waiting to be retried (walks the waiting items:
+    /// for stats, not for every batch).
+    pub fn most_attempts(&self) -> u32 {
+        self.delayed.values().map(|i| i.attempts).max().unwrap_or(0)
     }
 
     /// Whether anything is waiting that could be dispatched right now.

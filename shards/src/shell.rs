@@ -370,6 +370,8 @@ impl Shell {
                 let stats = c.stats().map(|mut s| {
                     s.outbox_window = self.relay.depth();
                     s.outbox_in_flight = self.relay.in_flight();
+                    s.outbox_retrying = self.relay.retrying();
+                    s.outbox_most_attempts = self.relay.most_attempts();
                     s
                 });
                 let _ = reply.send(stats.map_err(ShardError::from));
@@ -547,6 +549,7 @@ struct Metrics {
     effects_completed: metrics::Counter,
     commit_failures: metrics::Counter,
     outbox_depth: metrics::Gauge,
+    outbox_retrying: metrics::Gauge,
     blocked_keys: metrics::Gauge,
     schedule_lag: metrics::Histogram,
 }
@@ -573,6 +576,7 @@ impl Metrics {
             effects_completed: metrics::counter!("runner_effect_gate_completed_total", "shard" => s.clone()),
             commit_failures: metrics::counter!("runner_commit_failures_total", "shard" => s.clone()),
             outbox_depth: metrics::gauge!("runner_outbox_depth", "shard" => s.clone()),
+            outbox_retrying: metrics::gauge!("runner_outbox_retrying", "shard" => s.clone()),
             blocked_keys: metrics::gauge!("runner_blocked_keys", "shard" => s.clone()),
             schedule_lag: metrics::histogram!("runner_schedule_lag_seconds", "shard" => s),
         }
@@ -889,6 +893,7 @@ pub async fn run_shard(
             let depth = s.relay().depth();
             health.outbox_window.store(depth as u64, Ordering::Relaxed);
             metrics.outbox_depth.set(depth as f64);
+            metrics.outbox_retrying.set(s.relay().retrying() as f64);
             let blocked = s.core().blocked_keys();
             health.blocked_keys.store(blocked as u64, Ordering::Relaxed);
             metrics.blocked_keys.set(blocked as f64);
@@ -1240,12 +1245,12 @@ mod tests {
     #[test]
     fn the_dispatch_retry_policy_comes_from_the_relay_settings() {
         let mut cfg = ShardConfig::default();
-        cfg.relay.max_attempts = 7;
+        cfg.relay.max_attempts = Some(7);
         cfg.relay.retry.backoff_ms = 11;
         cfg.relay.retry.max_backoff_ms = 13;
         cfg.core.cache_capacity = 5;
         let core = core_config(&cfg);
-        assert_eq!(core.dispatch_attempts, 7);
+        assert_eq!(core.dispatch_attempts, Some(7));
         assert_eq!((core.dispatch_retry.backoff_ms, core.dispatch_retry.max_backoff_ms), (11, 13));
         assert_eq!(core.cache_capacity, 5);
     }

@@ -1,9 +1,9 @@
-//! Operator actions that write: requeue or discard dead letters, reset instances for a
+//! Operator actions that write: requeue, re-send or discard dead letters, reset instances for a
 //! controlled replay and step through it. Each is checked before anything is staged, so a
 //! refused action writes nothing.
 
 use super::{Action, CoreError, Origin, Pending, RequestId, ShardCore, Staged};
-use crate::keys::{CheckpointKey, DeadLetterKey, SagaKey, ScheduleKey};
+use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, SagaKey, ScheduleKey};
 use crate::message::{AdminAnswer, AdminError, AdminOp, Event, ReplayReset, ResetInstance, Target};
 use crate::record::{DeadLetter, DeadLetterKind, InstanceStatus};
 use rhai::Dynamic;
@@ -20,6 +20,7 @@ pub(super) fn run(
     let answer = match op {
         AdminOp::Requeue { key, skip_poison } => requeue(core, st, key, *skip_poison, now)?,
         AdminOp::Discard { key } => discard(core, st, key)?,
+        AdminOp::Resend { key } => resend(core, st, key, now)?,
         AdminOp::Replay { tenant, saga, correlation_id, from_seq } => {
             replay(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)?
         }
@@ -41,6 +42,37 @@ fn discard(
     }
     st.batch.delete_deadletter(key);
     Ok(Ok(AdminAnswer::Discarded { discarded: key.id.clone() }))
+}
+
+/// A dispatch given up after `relay.max_attempts`: its item goes back to the outbox as new
+/// (same work id: the Gateway's idempotency key and the stream's `Nats-Msg-Id` still hold)
+/// and the letter goes, in one commit.
+fn resend(
+    core: &ShardCore,
+    st: &mut Staged,
+    key: &DeadLetterKey,
+    now: u64,
+) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
+    let Some(letter) = core.store.read()?.deadletter(key)? else {
+        return Ok(Err(AdminError::NoSuchLetter { tenant: key.tenant.clone(), id: key.id.clone() }));
+    };
+    let Some(mut item) = letter.work.filter(|_| letter.kind == DeadLetterKind::Dispatch) else {
+        return Ok(Err(AdminError::NotResendable {
+            tenant: key.tenant.clone(),
+            id: key.id.clone(),
+            kind: format!("{:?}", letter.kind).to_lowercase(),
+        }));
+    };
+    item.attempts = 0;
+    item.next_attempt_at = 0;
+    item.last_error = None;
+    let okey = OutboxKey { partition: letter.partition, seq: core.next_outbox_seq(st, now) };
+    st.batch.put_outbox(okey, &item);
+    st.batch.delete_deadletter(key);
+    st.stats.outbox_written += 1;
+    let work_id = item.work_id.clone();
+    st.actions.push(Action::Offer { key: okey, item });
+    Ok(Ok(AdminAnswer::Resent { resent: key.id.clone(), work_id }))
 }
 
 /// The dead letters of one instance that hold its events (poison and parked), in order.

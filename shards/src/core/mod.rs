@@ -69,9 +69,9 @@ pub struct CoreConfig {
     /// Backoff between failed dispatches of an outbox item. The shell sets it from the
     /// relay's settings (`RelayConfig::retry`).
     pub dispatch_retry: RetrySpec,
-    /// Failed dispatches after which an item becomes a dead letter. The shell sets it from
-    /// the relay's settings (`RelayConfig::max_attempts`).
-    pub dispatch_attempts: u32,
+    /// Failed dispatches after which an item becomes a dead letter (`None`: no limit). The
+    /// shell sets it from the relay's settings (`RelayConfig::max_attempts`).
+    pub dispatch_attempts: Option<u32>,
 }
 
 impl Default for CoreConfig {

@@ -1,6 +1,7 @@
 //! Dispatch results from the bridge (invariant 2): an item is deleted only after its
 //! dispatch was durably confirmed; a failed one is re-stored with its next attempt time,
-//! and past its limit becomes a dead letter — never silently dropped.
+//! and past its limit (if one is configured) becomes a dead letter — never silently
+//! dropped; an operator can re-send it (see `admin::resend`).
 
 use super::{Action, CoreError, Origin, Pending, ShardCore, Staged};
 use crate::ids;
@@ -29,8 +30,9 @@ pub(super) fn dispatched(
         (DispatchOutcome::Retry { error }, Some(item)) => {
             let mut item = item.clone();
             item.attempts += 1;
-            let limit = core.cfg.dispatch_attempts;
-            if item.attempts >= limit {
+            if let Some(limit) = core.cfg.dispatch_attempts
+                && item.attempts >= limit
+            {
                 let error = format!("dispatch failed {limit} times, last: {error}");
                 dead_letter(core, st, key, item, &error, now);
                 return Ok(());

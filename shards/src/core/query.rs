@@ -106,6 +106,8 @@ impl ShardCore {
             map_size: self.store.map_size(),
             outbox_window: 0,
             outbox_in_flight: 0,
+            outbox_retrying: 0,
+            outbox_most_attempts: 0,
             blocked_keys: self.blocked.len(),
             effects_in_flight: self.in_flight_effects.len(),
             next_timer_due: self.next_due,

@@ -52,13 +52,20 @@ pub(crate) struct TestEnv {
     pub now: u64,
     manifests: Arc<ManifestSet>,
     seq: u64,
+    /// The core's settings (the shard is opened with them).
+    pub cfg: CoreConfig,
 }
 
 impl TestEnv {
     pub fn new(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>) -> Self {
+        let cfg = CoreConfig { retention_ms: Some(60_000), dispatch_attempts: Some(3), ..CoreConfig::default() };
+        Self::with_config(manifests, cfg)
+    }
+
+    pub fn with_config(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>, cfg: CoreConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manifests = manifests(dir.path());
-        let mut env = Self { dir, shell: None, now: T0, manifests, seq: 0 };
+        let mut env = Self { dir, shell: None, now: T0, manifests, seq: 0, cfg };
         env.open();
         env
     }
@@ -75,8 +82,7 @@ impl TestEnv {
             &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() },
         )
         .unwrap();
-        let cfg = CoreConfig { retention_ms: Some(60_000), dispatch_attempts: 3, ..CoreConfig::default() };
-        let core = ShardCore::new(0, Router::new(64, 1), cfg, store, self.manifests.clone()).unwrap();
+        let core = ShardCore::new(0, Router::new(64, 1), self.cfg.clone(), store, self.manifests.clone()).unwrap();
         self.shell = Some(Shell::new(core, RelayState::new(RelayConfig::default())));
     }
 
@@ -790,6 +796,109 @@ fn dispatch_failures_retry_then_dead_letter_and_are_never_dropped() {
     assert_eq!(letters[0].kind, DeadLetterKind::Dispatch);
     assert!(letters[0].error.contains("503"));
     assert!(letters[0].work.is_some());
+}
+
+#[test]
+fn dispatch_retries_without_a_limit_by_default_and_delivers_once() {
+    let cfg = CoreConfig {
+        retention_ms: Some(60_000),
+        dispatch_retry: crate::manifest::RetrySpec {
+            attempts: u32::MAX,
+            backoff_ms: 1,
+            max_backoff_ms: 10,
+            jitter: 0.2,
+        },
+        ..CoreConfig::default()
+    };
+    assert_eq!(cfg.dispatch_attempts, None, "no attempt limit unless configured");
+    let mut env = TestEnv::with_config(example_manifests, cfg);
+    let e = order_placed(&mut env, "o-out");
+    env.apply(e, SAGA, "o-out", true);
+    let (key, _) = env.outbox()[0].clone();
+    for attempt in 1..=200u32 {
+        let actions = env.dispatch(DispatchOutcome::Retry { error: "503 gateway away".into() });
+        assert!(
+            matches!(&actions[..], [Action::RetryLater { key: k, item }] if *k == key && item.attempts == attempt),
+            "attempt {attempt}: {actions:?}"
+        );
+        let item = env.outbox()[0].1.clone();
+        assert!(item.next_attempt_at - env.now <= 12, "backoff above its 10 ms cap (+jitter)");
+        env.now = item.next_attempt_at;
+    }
+    let stats = env.shell().core().stats().unwrap();
+    assert_eq!(stats.outbox_window, 0, "the core's view; the shell adds the relay's figures");
+    assert_eq!(env.shell().relay().retrying(), 1);
+    assert_eq!(env.shell().relay().most_attempts(), 200);
+    let actions = env.confirm_all();
+    assert!(matches!(actions[..], [Action::Delivered { key: k }] if k == key), "{actions:?}");
+    assert!(env.outbox().is_empty());
+    assert!(env.deadletters().is_empty(), "nothing given up");
+    env.now += 3_600_000;
+    let now = env.now;
+    assert!(env.shell().relay_mut().take_ready(now).dispatch.is_empty(), "delivered once, never again");
+    assert_eq!(env.shell().relay().retrying(), 0);
+}
+
+#[test]
+fn a_given_up_dispatch_can_be_resent_once_or_discarded() {
+    let mut env = TestEnv::new(example_manifests);
+    for cid in ["o-r1", "o-r2"] {
+        let e = order_placed(&mut env, cid);
+        env.apply(e, SAGA, cid, true);
+    }
+    let work: Vec<String> = env.outbox().iter().map(|(_, i)| i.work_id.clone()).collect();
+    for _ in 0..3 {
+        env.dispatch(DispatchOutcome::Retry { error: "503".into() });
+        env.now += 60_000;
+    }
+    assert!(env.outbox().is_empty());
+    let letters = env.deadletters();
+    assert_eq!(letters.len(), 2, "both given up after 3 attempts (configured)");
+    let dk = |l: &crate::record::DeadLetter| DeadLetterKey { tenant: l.tenant.clone(), at: l.at, id: l.id.clone() };
+    // Re-send the first: back in the outbox as new, same work id, the letter gone.
+    let answer = env.admin(AdminOp::Resend { key: dk(&letters[0]) });
+    let Ok(AdminAnswer::Resent { work_id, .. }) = answer else { panic!("{answer:?}") };
+    assert_eq!(work_id, letters[0].work.as_ref().unwrap().work_id);
+    assert!(work.contains(&work_id));
+    let outbox = env.outbox();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!((outbox[0].1.work_id.as_str(), outbox[0].1.attempts), (work_id.as_str(), 0));
+    assert_eq!(env.deadletters().len(), 1);
+    // Re-sending it again finds nothing: one re-send per letter.
+    let again = env.admin(AdminOp::Resend { key: dk(&letters[0]) });
+    assert!(matches!(again, Err(AdminError::NoSuchLetter { .. })), "{again:?}");
+    let actions = env.confirm_all();
+    assert!(actions.iter().any(|a| matches!(a, Action::Delivered { .. })), "{actions:?}");
+    assert!(env.outbox().is_empty());
+    // The second is discarded: nothing is sent.
+    assert!(env.admin(AdminOp::Discard { key: dk(&letters[1]) }).is_ok());
+    assert!(env.deadletters().is_empty());
+    let now = env.now;
+    assert!(env.shell().relay_mut().take_ready(now).dispatch.is_empty());
+}
+
+#[test]
+fn only_a_failed_dispatch_can_be_resent() {
+    let mut env = TestEnv::new(example_manifests);
+    let (tx, mut rx) = reply_channel();
+    env.run(vec![Request::Quarantine {
+        letter: RawLetter {
+            tenant: "acme".into(),
+            stream: "AGGREGATE_EVENTS".into(),
+            seq: 9,
+            subject: "acme.order.events".into(),
+            headers: Default::default(),
+            raw: b"not json".to_vec(),
+            error: "not JSON".into(),
+        },
+        reply: tx,
+    }])
+    .unwrap();
+    rx.try_recv().unwrap().unwrap();
+    let l = env.deadletters().remove(0);
+    let answer = env.admin(AdminOp::Resend { key: DeadLetterKey { tenant: l.tenant, at: l.at, id: l.id } });
+    assert!(matches!(answer, Err(AdminError::NotResendable { ref kind, .. }) if kind == "undecodable"), "{answer:?}");
+    assert_eq!(env.deadletters().len(), 1, "a refused re-send writes nothing");
 }
 
 #[test]
