@@ -96,6 +96,10 @@ impl App {
         // Shards call HTTP effects and the Gateway themselves; NATS requests go through the
         // bridge.
         let shared = Arc::new(BridgeShared::default());
+        if cfg.mode.runs_sagas() {
+            // Timers wait for the streams (invariant 9): the bridge moves the watermark.
+            rcfg.shard.watermark = Some(shared.stream_watermark.clone());
+        }
         let (nats_calls_tx, nats_calls_rx) = flume::bounded(cfg.effect_concurrency.max(64));
         if cfg.mode.runs_sagas() || cfg.mode.runs_effects() {
             let settings = crate::effects::caller::CallerSettings::of(&cfg);

@@ -30,6 +30,9 @@ pub struct BridgeShared {
     /// Circuit breaker states by upstream and shard (0 closed, 1 half-open, 2 open); each
     /// shard has its own breakers and writes here when one is first used or changes state.
     pub breaker_states: std::sync::Mutex<std::collections::BTreeMap<(String, usize), u8>>,
+    /// How far the consumers feeding the sagas have caught up (wall-clock ms): the least of
+    /// their marks (see `bridge::ingest::Marks`); the shards' timers wait for it.
+    pub stream_watermark: Arc<shards::clock::StreamWatermark>,
 }
 
 impl BridgeShared {

@@ -6,6 +6,7 @@
 mod support;
 
 use bytes::Bytes;
+use runner::app::App;
 use runner::config::Mode;
 use runner::fixture::HttpFixture;
 use std::time::Duration;
@@ -68,15 +69,36 @@ fn a_failed_commit_is_never_acked() {
     app.abort();
 }
 
-const TIMER_PROGRAM: &str = r#"
+/// A transition that fails until the program is swapped: `Go` waits (blocked, retried in
+/// place) until a reload, so its work is decided while the server is away (a timer cannot do
+/// that any more: timers wait for the streams).
+const HELD_PROGRAM: &str = r#"
 fn on_event(state, event) {
-    if event.type == "timer" {
-        #{ state: #{ fired: true }, work: [ #{ effect: "e", payload: #{ k: event.correlation_id } } ] }
-    } else {
-        #{ state: #{ fired: false }, schedules: [ #{ name: "go", after_ms: 1500, payload: #{} } ] }
-    }
+    if event.type == "Go" { throw "not yet"; }
+    #{ state: #{ fired: false } }
 }
 "#;
+
+const HELD_RETRY: &str = "    retry: { attempts: 10000, backoff_ms: 50, max_backoff_ms: 100 }\n";
+
+/// Starts `k1` and makes its `Go` event wait, retried in place.
+fn hold_go(h: &Harness, app: &App) {
+    h.publish("events.t.x.Start", &[], &serde_json::json!({"type": "Start", "tenant_id": "t", "data": {"k": "k1"}}));
+    wait_until(T, "instance started", || saga_state(app, "t", "s", "k1")["version"] == 1);
+    h.publish("events.t.x.Go", &[], &serde_json::json!({"type": "Go", "tenant_id": "t", "data": {"k": "k1"}}));
+    wait_until(T, "Go waits for its retry", || saga_state(app, "t", "s", "k1")["blocked"].is_object());
+}
+
+/// Lets `Go` through: `work` is what it emits.
+fn release_go(h: &Harness, app: &App, dir: &std::path::Path, work: &str) {
+    let program = format!(
+        "fn on_event(state, event) {{\n    if event.type == \"Go\" {{ return #{{ state: #{{ fired: true }}, work: [ {work} ] }}; }}\n    #{{ state: #{{ fired: false }} }}\n}}\n"
+    );
+    write(dir, "p.rhai", &program);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    let (status, body) = h.http("POST", &format!("{base}/admin/reload"), None, None);
+    assert_eq!(status, 200, "{body}");
+}
 
 #[test]
 fn a_publish_failure_keeps_the_outbox_item_until_the_server_is_back_then_delivers_once() {
@@ -84,19 +106,16 @@ fn a_publish_failure_keeps_the_outbox_item_until_the_server_is_back_then_deliver
     let dir = h.dir.path().join("m");
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = h.config(Mode::Saga);
-    cfg.saga_manifests = vec![custom_saga(&dir, TIMER_PROGRAM, "", "")];
+    cfg.saga_manifests = vec![custom_saga(&dir, HELD_PROGRAM, HELD_RETRY, "")];
     cfg.effect_manifests = vec![];
     cfg.relay.retry.backoff_ms = 100;
     cfg.relay.retry.max_backoff_ms = 500;
     let app = h.start(cfg);
-    // The event time decides the timer: now + 1.5 s.
-    let now = shards::clock::SystemClock.now_ms();
-    let body = serde_json::json!({"type": "Start", "tenant_id": "t", "timestamp": now, "data": {"k": "k1"}});
-    h.publish("events.t.x.Start", &[], &body);
-    wait_until(T, "instance started", || saga_state(&app, "t", "s", "k1")["version"] == 1);
-    // The server goes away before the timer fires; the timer's command cannot be published.
+    hold_go(&h, &app);
+    // The server goes away; then `Go` is applied and its command cannot be published.
     h.nats.kill();
-    wait_until(T, "timer fired while NATS is down", || saga_state(&app, "t", "s", "k1")["state"]["fired"] == true);
+    release_go(&h, &app, &dir, r#"#{ effect: "e", payload: #{ k: event.data.k } }"#);
+    wait_until(T, "Go applied while NATS is down", || saga_state(&app, "t", "s", "k1")["state"]["fired"] == true);
     wait_until(T, "a failed dispatch is recorded", || {
         saga_state(&app, "t", "s", "k1")["pending_outbox"]
             .as_array()
@@ -114,19 +133,6 @@ fn a_publish_failure_keeps_the_outbox_item_until_the_server_is_back_then_deliver
 
 use shards::clock::Clock;
 
-const TWO_KINDS_PROGRAM: &str = r#"
-fn on_event(state, event) {
-    if event.type == "timer" {
-        #{ state: #{ fired: true }, work: [
-            #{ effect: "e", payload: #{ k: event.correlation_id } },
-            #{ command: "Reserve", aggregate: "inventory", aggregate_id: "a-1", payload: #{ k: event.correlation_id } }
-        ] }
-    } else {
-        #{ state: #{ fired: false }, schedules: [ #{ name: "go", after_ms: 1000, payload: #{} } ] }
-    }
-}
-"#;
-
 /// One transition emits an effect command (a JetStream publish) and a Gateway command; they
 /// go to the bridge in the same dispatch request. With the server frozen (SIGSTOP) the
 /// publish's ack cannot come, yet the Gateway call's confirmation must reach the shard at
@@ -139,20 +145,21 @@ fn a_publish_stuck_on_a_frozen_server_does_not_hold_back_the_gateway_call_sent_w
     let dir = h.dir.path().join("m");
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = h.config(Mode::Saga);
-    cfg.saga_manifests = vec![custom_saga(&dir, TWO_KINDS_PROGRAM, "", "")];
+    cfg.saga_manifests = vec![custom_saga(&dir, HELD_PROGRAM, HELD_RETRY, "")];
     cfg.effect_manifests = vec![];
     cfg.gateway_url = Some(gateway.url());
     let app = h.start(cfg);
-    let now = shards::clock::SystemClock.now_ms();
-    let body = serde_json::json!({"type": "Start", "tenant_id": "t", "timestamp": now, "data": {"k": "k1"}});
-    h.publish("events.t.x.Start", &[], &body);
-    wait_until(T, "instance started", || saga_state(&app, "t", "s", "k1")["version"] == 1);
+    hold_go(&h, &app);
     let pid = h.nats.pid().expect("nats-server running") as libc::pid_t;
     // SAFETY: signals the test's own nats-server child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    wait_until(T, "the timer fired with the server frozen", || {
-        saga_state(&app, "t", "s", "k1")["state"]["fired"] == true
-    });
+    release_go(
+        &h,
+        &app,
+        &dir,
+        r#"#{ effect: "e", payload: #{ k: event.data.k } }, #{ command: "Reserve", aggregate: "inventory", aggregate_id: "a-1", payload: #{ k: event.data.k } }"#,
+    );
+    wait_until(T, "Go applied with the server frozen", || saga_state(&app, "t", "s", "k1")["state"]["fired"] == true);
     let kinds = || -> Vec<String> {
         saga_state(&app, "t", "s", "k1")["pending_outbox"]
             .as_array()
@@ -308,5 +315,60 @@ fn undecodable_messages_become_dead_letters_and_the_consumer_keeps_going() {
     assert!(errors.iter().any(|e| e.contains("exceeds the limit of 65536 bytes")), "{errors:?}");
     assert!(errors.iter().any(|e| e.starts_with("timestamp \"2023-02-31T00:00:00Z\"")), "{errors:?}");
     assert!(saga_state(&app, "t", "s", "bad-date").is_null(), "the bad-date event reached its saga");
+    app.shutdown();
+}
+
+const TIMEOUT_PROGRAM: &str = r#"
+fn on_event(state, event) {
+    let s = if state == () { #{ paid: false, timed_out: false } } else { state };
+    if event.type == "Started" {
+        return #{ state: s, schedules: [ #{ name: "pay_timeout", after_ms: 1500, payload: #{} } ] };
+    }
+    if event.type == "Paid" { s.paid = true; }
+    if event.type == "timer" && !s.paid { s.timed_out = true; }
+    #{ state: s }
+}
+"#;
+
+#[test]
+fn timers_wait_for_events_already_in_the_stream_after_an_outage() {
+    // The runner is down while the payments arrive and the timeouts fall due; started again,
+    // it applies the payments before any timer fires (invariant 9).
+    const KEYS: usize = 20;
+    let h = Harness::new();
+    let dir = h.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.saga_manifests = vec![custom_saga(&dir, TIMEOUT_PROGRAM, "", "")];
+    cfg.effect_manifests = vec![];
+    let app = h.start(cfg.clone());
+    for k in 0..KEYS {
+        let mut e = ev(&format!("k{k}"), 0, serde_json::json!({}));
+        e["type"] = "Started".into();
+        h.publish(&format!("events.t.x.S{k}"), &[], &e);
+    }
+    wait_until(T, "every timer armed", || {
+        (0..KEYS).all(|k| saga_state(&app, "t", "s", &format!("k{k}"))["version"] == 1)
+    });
+    let due = (0..KEYS)
+        .map(|k| saga_state(&app, "t", "s", &format!("k{k}"))["pending_timers"][0]["due_at"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    app.shutdown();
+    for k in 0..KEYS {
+        let mut e = ev(&format!("k{k}"), 1, serde_json::json!({}));
+        e["type"] = "Paid".into();
+        h.publish(&format!("events.t.x.P{k}"), &[], &e);
+    }
+    wait_until(T, "every timer overdue", || shards::clock::SystemClock.now_ms() > due + 300);
+    let app = h.start(cfg);
+    wait_until(T, "payments and timers applied", || {
+        (0..KEYS).all(|k| saga_state(&app, "t", "s", &format!("k{k}"))["version"] == 3)
+    });
+    for k in 0..KEYS {
+        let s = saga_state(&app, "t", "s", &format!("k{k}"));
+        assert_eq!(s["state"]["paid"], true, "k{k}: {s}");
+        assert_eq!(s["state"]["timed_out"], false, "k{k}: a timeout overtook a payment in the stream");
+    }
     app.shutdown();
 }

@@ -45,3 +45,21 @@ pub type SharedClock = Arc<dyn Clock>;
 pub fn system() -> SharedClock {
     Arc::new(SystemClock)
 }
+
+/// How far the streams that feed this runner's sagas have been consumed, in milliseconds
+/// since the Unix epoch: every message published before it has been handed to its shard.
+/// The bridge moves it; a shard fires a timer only once it has passed the timer's due time
+/// (invariant 9: an outage or a lagging consumer never lets a timeout overtake an event
+/// already in the stream). Starts at 0: nothing fires before the consumers have caught up.
+#[derive(Debug, Default)]
+pub struct StreamWatermark(AtomicU64);
+
+impl StreamWatermark {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::Release);
+    }
+}

@@ -55,6 +55,9 @@ pub struct ShardConfig {
     /// Makes the shard's caller (HTTP effects, Gateway commands run in place); `None`: the
     /// relay hands every item to the bridge.
     pub caller: Option<crate::caller::CallerFactory>,
+    /// Timers wait for the streams: a due timer fires only once this watermark has passed
+    /// its due time. `None`: timers fire on the clock alone (no bridge feeds the shard).
+    pub watermark: Option<Arc<crate::clock::StreamWatermark>>,
 }
 
 impl Default for ShardConfig {
@@ -68,6 +71,7 @@ impl Default for ShardConfig {
             commit_retry_ms: 50,
             stall_threshold: None,
             caller: None,
+            watermark: None,
         }
     }
 }
@@ -195,6 +199,9 @@ pub struct Shell {
     work: Vec<Work>,
     reloads: Vec<Reload>,
     caller: Option<Rc<dyn Caller>>,
+    /// Due timers up to this time may fire in the next step (see [`Self::set_timers_until`]);
+    /// `None`: up to the step's `now`.
+    timers_until: Option<u64>,
 }
 
 /// A manifest swap asked for, done between steps.
@@ -210,6 +217,7 @@ impl Shell {
             work: Vec::new(),
             reloads: Vec::new(),
             caller: None,
+            timers_until: None,
         }
     }
 
@@ -405,7 +413,29 @@ impl Shell {
     /// The core decides a batch from the work taken in so far (plus due retries and
     /// timers). Nothing changes; a previous batch's flush may still be running.
     pub fn stage(&self, now: u64) -> Result<StagedWork, StepError> {
-        Ok(StagedWork { staged: self.core.run_batch(&self.work, now)?, work: self.work.len() })
+        let timers_until = self.timers_until.map_or(now, |t| t.min(now));
+        Ok(StagedWork { staged: self.core.run_batch_with(&self.work, now, timers_until)?, work: self.work.len() })
+    }
+
+    /// Due timers fire only up to `until` (the streams' watermark, read before the work of
+    /// the step was taken in, so every event published before it is in that work or was
+    /// applied earlier); `None` lifts the limit.
+    pub fn set_timers_until(&mut self, until: Option<u64>) {
+        self.timers_until = until;
+    }
+
+    /// When the shard should run without new input: the core's next timer or retry; a
+    /// timer that is due but waits for the streams is looked at again every
+    /// [`STREAM_WAIT_POLL_MS`] (the watermark moves without waking the shard).
+    pub fn next_wake(&self, now: u64) -> Option<u64> {
+        let wake = self.core.next_wake();
+        match (self.core.next_due(), self.timers_until) {
+            (Some(due), Some(until)) if due <= now && due > until => {
+                let poll = now + STREAM_WAIT_POLL_MS;
+                Some(self.core.next_retry().map_or(poll, |r| r.min(poll)))
+            }
+            _ => wake,
+        }
     }
 
     /// Commits a staged batch (without waiting for the disk) and adopts its in-memory
@@ -767,7 +797,7 @@ pub async fn run_shard(
         // When to run without new input: a due timer or retry, or the next commit attempt.
         let wake_at = match failed_until {
             Some(t) => Some(t),
-            None => shell.borrow().core().next_wake(),
+            None => shell.borrow().next_wake(now),
         };
         let immediate = !backing_off && (shell.borrow().has_work() || wake_at.is_some_and(|t| t <= now));
         // Stopping, the loop still waits for a running flush (and answers its batch).
@@ -795,13 +825,17 @@ pub async fn run_shard(
         }
         failed_until = None;
 
-        // Gather the batch: control first (it unblocks the relay), then the inbox.
+        // Gather the batch: control first (it unblocks the relay), then the inbox. The
+        // streams' watermark is read first: every event published before it is in the inbox
+        // by then, so when the inbox is drained the batch's timers cannot overtake one.
         {
+            let watermark = cfg.watermark.as_ref().map(|w| w.get());
             let mut s = shell.borrow_mut();
             while let Ok(c) = chans.control.try_recv() {
                 stopping |= s.take_control(c);
             }
             let mut requests = 0usize;
+            let mut drained = false;
             let take = batch_size(cfg.max_batch, cfg.batch_budget, cost_ns);
             while requests < take {
                 match chans.inbox.try_recv() {
@@ -809,13 +843,19 @@ pub async fn run_shard(
                         requests += 1;
                         s.take(r);
                     }
-                    Err(flume::TryRecvError::Empty) => break,
+                    Err(flume::TryRecvError::Empty) => {
+                        drained = true;
+                        break;
+                    }
                     Err(flume::TryRecvError::Disconnected) => {
                         stopping = true;
+                        drained = true;
                         break;
                     }
                 }
             }
+            // Events left in the inbox may be older than the watermark: timers wait a step.
+            s.set_timers_until(watermark.map(|w| if drained { w } else { 0 }));
         }
 
         // Decide the next batch now, while the previous one may still be flushing.
@@ -1053,6 +1093,9 @@ fn note_busy(index: usize, health: &ShardHealth, threshold: Option<Duration>, si
         note_stall(index, health, "committer", since.held(), t);
     }
 }
+
+/// How often a shard looks again at a due timer that waits for the streams.
+pub const STREAM_WAIT_POLL_MS: u64 = 20;
 
 /// The start of a synchronous section on the shard's thread, to tell how long the shard
 /// held its thread: wall time less the time the thread sat runnable on the run queue while

@@ -10,9 +10,11 @@ use crate::quarantine::quarantine;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{Consumer, pull};
 use futures::StreamExt;
+use shards::clock::StreamWatermark;
 use shards::keys::SagaKey;
 use shards::message::{ApplyOutcome, Event, Request, Target, reply_channel};
 use shards::routing::RouteKey;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -39,10 +41,55 @@ impl Kind {
     }
 }
 
+/// The marks of the consumers that feed the sagas (aggregate events, effect results), one
+/// slot each: the wall-clock time up to which every message the consumer will deliver has
+/// been handed to its shard. Their least is the streams' watermark, which the shards' timers
+/// wait for (invariant 9). Marks only move forward; all start at 0, so no timer fires
+/// before every consumer has caught up once.
+pub struct Marks {
+    marks: RefCell<Vec<u64>>,
+    out: Arc<StreamWatermark>,
+    lag: metrics::Gauge,
+}
+
+impl Marks {
+    pub fn new(consumers: usize, out: Arc<StreamWatermark>) -> Rc<Self> {
+        Rc::new(Self {
+            marks: RefCell::new(vec![0; consumers]),
+            out,
+            lag: metrics::gauge!("runner_stream_watermark_lag_seconds"),
+        })
+    }
+
+    fn advance(&self, slot: usize, ms: u64) {
+        let mut marks = self.marks.borrow_mut();
+        let Some(mark) = marks.get_mut(slot) else { return };
+        if ms <= *mark {
+            return;
+        }
+        *mark = ms;
+        let least = marks.iter().copied().min().unwrap_or(0);
+        if least > self.out.get() {
+            self.out.set(least);
+        }
+        self.lag.set(wall_ms().saturating_sub(self.out.get()) as f64 / 1e3);
+    }
+}
+
+fn wall_ms() -> u64 {
+    use shards::clock::Clock;
+    shards::clock::SystemClock.now_ms()
+}
+
+/// How often an idle consumer asks the server whether it has caught up (its mark moves to
+/// the time of the question when it has).
+const CAUGHT_UP_POLL: Duration = Duration::from_millis(50);
+
 /// Pulls from one durable consumer until told to stop; re-binds after errors (server
 /// restarts) without losing its position (the consumer is durable).
 /// `effects` is the effect workers' runtime, which [`Kind::Effects`] consumers hand their
-/// messages to.
+/// messages to. `mark` is the consumer's slot among the watermark's marks (consumers that
+/// feed sagas).
 pub async fn consume(
     ctx: Rc<Ctx>,
     kind: Kind,
@@ -50,6 +97,7 @@ pub async fn consume(
     filter: String,
     mut consumer: Consumer<pull::Config>,
     effects: Option<Rc<EffectsRuntime>>,
+    mark: Option<(Rc<Marks>, usize)>,
 ) {
     let mut stop = ctx.stop_pulling.clone();
     let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
@@ -57,6 +105,9 @@ pub async fn consume(
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
     let durable = crate::config::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
     let mut received = super::screen::Received::default();
+    // The highest stream sequence handed on (to compare with what the server delivered).
+    let mut last_seq = 0u64;
+    let mut idle_since_poll = true;
     loop {
         if *stop.borrow() {
             return;
@@ -83,6 +134,7 @@ pub async fn consume(
             }
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut poll = tokio::time::interval(CAUGHT_UP_POLL);
         loop {
             let next = tokio::select! {
                 m = messages.next() => m,
@@ -94,16 +146,41 @@ pub async fn consume(
                     }
                     continue;
                 }
+                _ = poll.tick(), if mark.is_some() => {
+                    // Idle since the last look: has everything the server holds for this
+                    // consumer been handed on? Then its mark is the time of the question.
+                    if std::mem::replace(&mut idle_since_poll, true)
+                        && let Some((marks, slot)) = &mark
+                    {
+                        let asked_at = wall_ms();
+                        if let Ok(info) = consumer.get_info().await
+                            && info.num_pending == 0
+                            && info.delivered.stream_sequence <= last_seq
+                        {
+                            marks.advance(*slot, asked_at);
+                        }
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok(msg)) => {
+                    idle_since_poll = false;
                     consumed.increment(1);
+                    // Every message of this consumer published before this one was delivered
+                    // before it; none was left when the server sent it if nothing is pending.
+                    let mut handed = None;
                     if let Ok(info) = msg.info() {
                         received.note(info.stream_sequence);
                         if info.delivered > 1 {
                             redelivered.increment(1);
                         }
                         lag.set(info.pending as f64);
+                        let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                        handed = Some((
+                            info.stream_sequence,
+                            if info.pending == 0 { published } else { published.saturating_sub(1) },
+                        ));
                     }
                     ctx.shared.consumed.fetch_add(1, Ordering::Relaxed);
                     match (kind, &effects) {
@@ -111,6 +188,13 @@ pub async fn consume(
                         // No runtime, no effect workers: the message stays for redelivery.
                         (Kind::Effects, None) => {}
                         _ => handle(&ctx, kind, msg).await,
+                    }
+                    // Handed to its shard(s) now (or settled without one).
+                    if let Some((seq, at)) = handed {
+                        last_seq = last_seq.max(seq);
+                        if let Some((marks, slot)) = &mark {
+                            marks.advance(*slot, at);
+                        }
                     }
                 }
                 Some(Err(e)) => {

@@ -221,14 +221,30 @@ async fn run(
     ctx.shared.pulling.store(true, Ordering::SeqCst);
     let dispatcher = tokio::task::spawn_local(dispatch::run(ctx.clone(), dispatch_rx));
     let mut consumers = Vec::new();
+    // Every consumer that feeds the sagas has a mark before any starts (see `ingest::Marks`).
+    let feeding = bound.iter().filter(|(_, role, _, _)| *role != "effects").count();
+    let marks = ingest::Marks::new(feeding, ctx.shared.stream_watermark.clone());
+    let mut slot = 0;
     for (stream, role, filter, consumer) in bound {
         let kind = match role {
             "events" => ingest::Kind::Aggregate,
             "results" => ingest::Kind::Results,
             _ => ingest::Kind::Effects,
         };
+        let mark = (kind != ingest::Kind::Effects).then(|| {
+            slot += 1;
+            (marks.clone(), slot - 1)
+        });
         let effects = effects.clone();
-        consumers.push(tokio::task::spawn_local(ingest::consume(ctx.clone(), kind, stream, filter, consumer, effects)));
+        consumers.push(tokio::task::spawn_local(ingest::consume(
+            ctx.clone(),
+            kind,
+            stream,
+            filter,
+            consumer,
+            effects,
+            mark,
+        )));
     }
     let reload_ctx = ctx.clone();
     let reloader = tokio::task::spawn_local(async move {

@@ -339,6 +339,11 @@ impl ShardCore {
         self.next_due
     }
 
+    /// The earliest retry of a blocked key.
+    pub fn next_retry(&self) -> Option<u64> {
+        self.blocked.values().map(|b| b.retry_at).min()
+    }
+
     /// When the core wants to run again without new input: the earliest timer or retry.
     pub fn next_wake(&self) -> Option<u64> {
         let retry = self.blocked.values().map(|b| b.retry_at).min();
@@ -358,6 +363,12 @@ impl ShardCore {
 
     /// Runs one batch: `work`, then due retries, due timers and the retention sweep.
     pub fn run_batch(&self, work: &[Work], now: u64) -> Result<Staged, CoreError> {
+        self.run_batch_with(work, now, now)
+    }
+
+    /// [`Self::run_batch`] with timers due up to `timers_until` (≤ `now`: the streams'
+    /// watermark) firing, not those due up to `now`.
+    pub fn run_batch_with(&self, work: &[Work], now: u64, timers_until: u64) -> Result<Staged, CoreError> {
         let mut st = Staged {
             batch: Batch::new(),
             overlay: Overlay { outbox_seq: self.outbox_seq, deadletter_at: self.deadletter_at, ..Overlay::default() },
@@ -368,7 +379,7 @@ impl ShardCore {
             self.process(&mut st, w, now)?;
         }
         apply::retry_due(self, &mut st, now)?;
-        timers::fire_due(self, &mut st, now)?;
+        timers::fire_due(self, &mut st, timers_until.min(now), now)?;
         timers::sweep_retention(self, &mut st, now)?;
         self.finish(&mut st);
         Ok(st)

@@ -7,11 +7,12 @@ use crate::message::{Event, Target};
 use crate::record::InstanceStatus;
 use std::sync::Arc;
 
-pub(super) fn fire_due(core: &ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
-    if core.next_due.is_none_or(|t| t > now) {
+/// Fires the timers due up to `until` (the streams' watermark, at most `now`).
+pub(super) fn fire_due(core: &ShardCore, st: &mut Staged, until: u64, now: u64) -> Result<(), CoreError> {
+    if core.next_due.is_none_or(|t| t > until) {
         return Ok(());
     }
-    let due = core.store.read()?.due_schedules(now, core.cfg.timer_batch + core.held_count(st))?;
+    let due = core.store.read()?.due_schedules(until, core.cfg.timer_batch + core.held_count(st))?;
     for (sk, entry) in due {
         if core.is_held(st, &sk) {
             continue;
