@@ -496,6 +496,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     };
+    // Two consumers of one stream must not share a subject: the sequence gate is per
+    // (instance, stream), so a lower sequence arriving later through the other consumer
+    // would be dropped as already applied.
+    let check_overlaps = |field: &str, list: &[String], errs: &mut Vec<String>| {
+        for (i, a) in list.iter().enumerate() {
+            for b in &list[i + 1..] {
+                if shards::manifest::filters_overlap(a, b) {
+                    errs.push(format!(
+                        "field `{field}`: {a:?} and {b:?} overlap (a subject matches both); one consumer per subject"
+                    ));
+                }
+            }
+        }
+    };
     let aggregate_subjects = raw.streams.aggregate_subjects.clone().unwrap_or_else(|| vec!["events.>".into()]);
     let aggregate_filters = raw.consumers.aggregate_filters.clone().unwrap_or_else(|| vec!["events.>".into()]);
     let result_filters = raw.consumers.result_filters.clone().unwrap_or_else(|| vec!["workflow.events.>".into()]);
@@ -504,6 +518,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     check_filters("consumers.aggregate_filters", &aggregate_filters, &mut errs);
     check_filters("consumers.result_filters", &result_filters, &mut errs);
     check_filters("consumers.command_filters", &command_filters, &mut errs);
+    check_overlaps("consumers.aggregate_filters", &aggregate_filters, &mut errs);
+    check_overlaps("consumers.result_filters", &result_filters, &mut errs);
+    check_overlaps("consumers.command_filters", &command_filters, &mut errs);
     let mut bad = |field: &str, value: &dyn std::fmt::Debug, rule: &str| {
         errs.push(format!("field `{field}` = {value:?}: {rule}"))
     };

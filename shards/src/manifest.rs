@@ -297,6 +297,21 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
     }
 }
 
+/// Whether some subject matches both NATS filters `a` and `b` (valid filters: `*` one
+/// token, `>` one or more at the end).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let mut a = a.split('.');
+    let mut b = b.split('.');
+    loop {
+        match (a.next(), b.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == "*" || y == "*" || x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Resolves `program` against the manifest directory, refusing anything that could leave
 /// it (absolute paths, `..`).
 fn resolve_program(manifest: &Path, program: &Path) -> Result<PathBuf, String> {

@@ -81,6 +81,25 @@ fn every_problem_names_field_value_and_rule_at_once() {
 }
 
 #[test]
+fn overlapping_consumer_filters_are_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("overlap.toml");
+    std::fs::write(
+        &p,
+        "[consumers]\naggregate_filters = [\"events.t1.>\", \"events.t2.>\", \"events.*.order.*\"]\nresult_filters = [\"workflow.events.t1.>\", \"workflow.events.t2.>\"]\n",
+    )
+    .unwrap();
+    let text = load(Some(&p), &[]).unwrap_err().to_string();
+    for needle in [
+        "field `consumers.aggregate_filters`: \"events.t1.>\" and \"events.*.order.*\" overlap",
+        "field `consumers.aggregate_filters`: \"events.t2.>\" and \"events.*.order.*\" overlap",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(!text.contains("result_filters"), "disjoint filters refused:\n{text}");
+}
+
+#[test]
 fn unknown_fields_and_wrong_types_are_rejected_with_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.yaml");

@@ -146,6 +146,17 @@ fn subject_matching_follows_nats_rules() {
 }
 
 #[test]
+fn filters_overlap_when_one_subject_matches_both() {
+    use crate::manifest::filters_overlap;
+    for (a, b) in [("t1.>", "t1.order.*"), ("*.order.x", "t2.*.x"), ("a.b", "a.b"), ("a.>", ">"), ("*.*", "a.b")] {
+        assert!(filters_overlap(a, b) && filters_overlap(b, a), "{a} / {b}");
+    }
+    for (a, b) in [("t1.>", "t2.>"), ("a.>", "a"), ("a.b", "a.b.c"), ("a.*", "b.*"), ("*.x", "*.y")] {
+        assert!(!filters_overlap(a, b) && !filters_overlap(b, a), "{a} / {b}");
+    }
+}
+
+#[test]
 fn lookup_path_reads_nested_values() {
     let v = serde_json::json!({"data": {"order_id": "o-1", "n": 7, "list": [{"x": "y"}]}, "aggregate_id": "a"});
     assert_eq!(lookup_path(&v, "data.order_id").as_deref(), Some("o-1"));
