@@ -127,6 +127,10 @@ pub struct RawConsumers {
     /// Deliveries before JetStream stops redelivering. Default -1 (unlimited: the runner
     /// quarantines itself, so a message is never dropped by the server).
     pub max_deliver: Option<i64>,
+    /// An aggregate event that matches no saga trigger is counted (metric
+    /// `runner_unmatched_events_total`, `/admin/stats` `unmatched`) and acked; with this set
+    /// it is also kept as a dead letter. Default false.
+    pub dead_letter_unmatched: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -264,6 +268,8 @@ pub struct Config {
     pub ack_wait_ms: u64,
     pub max_deliver: i64,
     pub tenancy_required: bool,
+    /// Keep aggregate events that match no trigger as dead letters (`consumers.dead_letter_unmatched`).
+    pub dead_letter_unmatched: bool,
     pub saga_manifests: Vec<PathBuf>,
     pub effect_manifests: Vec<PathBuf>,
     pub secrets_dir: PathBuf,
@@ -680,6 +686,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         ack_wait_ms,
         max_deliver,
         tenancy_required: raw.tenancy.required.unwrap_or(false),
+        dead_letter_unmatched: raw.consumers.dead_letter_unmatched.unwrap_or(false),
         saga_manifests,
         effect_manifests,
         secrets_dir: raw.effects.secrets_dir.unwrap_or_else(|| "/run/secrets".into()),

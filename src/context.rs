@@ -33,6 +33,24 @@ pub struct BridgeShared {
     /// How far the consumers feeding the sagas have caught up (wall-clock ms): the least of
     /// their marks (see `bridge::ingest::Marks`); the shards' timers wait for it.
     pub stream_watermark: Arc<shards::clock::StreamWatermark>,
+    /// Aggregate events that matched no saga trigger, by subject pattern (the tenant token
+    /// masked); at most [`UNMATCHED_PATTERNS`] patterns, the rest counted under `(other)`.
+    pub unmatched: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Subject patterns of unmatched events kept apart (bounded memory).
+pub const UNMATCHED_PATTERNS: usize = 256;
+
+impl BridgeShared {
+    /// Counts an aggregate event on `subject` that matched no trigger.
+    pub fn note_unmatched(&self, subject: &str) {
+        // `events.{tenant}.…`: the tenant token is the second.
+        let pattern: String =
+            subject.split('.').enumerate().map(|(i, t)| if i == 1 { "*" } else { t }).collect::<Vec<_>>().join(".");
+        let mut m = self.unmatched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = if m.contains_key(&pattern) || m.len() < UNMATCHED_PATTERNS { pattern } else { "(other)".into() };
+        *m.entry(key).or_default() += 1;
+    }
 }
 
 impl BridgeShared {

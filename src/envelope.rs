@@ -234,6 +234,8 @@ pub enum DecodeError {
     BadTimestamp { value: String, why: String },
     #[error("missing field `{0}`")]
     Missing(&'static str),
+    #[error("effect result for saga {0:?}, which is not loaded")]
+    UnknownSaga(String),
 }
 
 fn parse_timestamp(v: &serde_json::Value) -> Result<u64, DecodeError> {

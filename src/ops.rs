@@ -82,6 +82,8 @@ pub struct StatsReport {
     /// Outbox items stored, all shards.
     pub outbox_total: u64,
     pub shards: Vec<ShardStats>,
+    /// Aggregate events that matched no saga trigger, by subject pattern.
+    pub unmatched: std::collections::BTreeMap<String, u64>,
 }
 
 /// `/admin/deadletters`: a tenant's dead letters in the order they were written.
@@ -302,7 +304,8 @@ impl Ops {
             shards.push(self.ask(s, |reply| Query::Stats { reply }).await?);
         }
         let outbox_total = shards.iter().map(|s| s.store.outbox).sum();
-        Ok(StatsReport { partitions: self.router.partitions(), outbox_total, shards })
+        let unmatched = self.bridge.unmatched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        Ok(StatsReport { partitions: self.router.partitions(), outbox_total, shards, unmatched })
     }
 
     pub async fn deadletters(&self, tenant: &str, limit: usize) -> Result<DeadLetterList, OpsError> {

@@ -167,6 +167,49 @@ fn a_dispatch_stopped_by_its_attempt_limit_can_be_resent_by_an_operator() {
 }
 
 #[test]
+fn nothing_is_dropped_without_a_trace() {
+    // Events no trigger matches are counted by subject pattern (and, configured, kept as dead
+    // letters); a result for a saga nobody runs becomes a dead letter naming it.
+    let h = Harness::new();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.dead_letter_unmatched = true;
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    for tenant in ["acme", "beta", "acme"] {
+        let body = serde_json::json!({"type": "InvoiceSent", "tenant_id": tenant, "data": {"invoice": "i-1"}});
+        h.publish(&format!("events.{tenant}.billing.InvoiceSent"), &[], &body);
+    }
+    let result = serde_json::json!({"command_id": "c-1", "tenant_id": "acme", "effect": "charge_payment", "saga": "no_such_saga", "correlation_id": "x", "outcome": "succeeded"});
+    h.publish("workflow.events.acme.charge_payment.succeeded", &[], &result);
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&h.http("GET", &format!("{base}/admin/stats"), None, None).1).unwrap_or_default()
+    };
+    wait_until(T, "three unmatched events counted", || stats()["unmatched"]["events.*.billing.InvoiceSent"] == 3);
+    let letters = |tenant: &str| -> Vec<serde_json::Value> {
+        let (_, body) = h.http("GET", &format!("{base}/admin/deadletters?tenant={tenant}"), None, None);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["deadletters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_until(T, "unmatched events and the orphan result kept", || {
+        letters("acme").len() == 3 && letters("beta").len() == 1
+    });
+    let acme = letters("acme");
+    assert_eq!(
+        acme.iter().filter(|l| l["error"].as_str().unwrap_or("").contains("matches no saga trigger")).count(),
+        2
+    );
+    assert!(
+        acme.iter().any(|l| l["error"].as_str().unwrap_or("").contains("\"no_such_saga\", which is not loaded")),
+        "{acme:?}"
+    );
+    let (_, metrics) = h.http("GET", &format!("{base}/metrics"), None, None);
+    assert!(metrics.contains("runner_unmatched_events_total"), "no unmatched counter");
+    app.shutdown();
+}
+
+#[test]
 fn a_broken_reload_keeps_the_running_set_and_says_why() {
     let h = Harness::new();
     let dir = h.dir.path().join("m");

@@ -244,8 +244,14 @@ async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) 
         }
     };
     if groups.is_empty() {
-        // No saga reacts to this event.
-        let _ = msg.ack().await;
+        // No saga reacts to this event: counted by subject pattern (and kept, if asked).
+        unmatched(ctx, &t);
+        if ctx.cfg.dead_letter_unmatched {
+            let error = format!("event on {:?} matches no saga trigger (consumers.dead_letter_unmatched)", t.subject);
+            quarantine(ctx, msg, t, error).await;
+        } else {
+            let _ = msg.ack().await;
+        }
         return;
     }
     let mut replies = Vec::with_capacity(groups.len());
@@ -258,6 +264,11 @@ async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) 
         replies.push(rx);
     }
     settle(ctx, msg, replies);
+}
+
+fn unmatched(ctx: &Ctx, t: &Transport) {
+    metrics::counter!("runner_unmatched_events_total", "stream" => t.stream.clone()).increment(1);
+    ctx.shared.note_unmatched(&t.subject);
 }
 
 type Groups = Vec<(usize, Arc<Event>, Vec<Target>)>;
@@ -305,8 +316,9 @@ fn route_aggregate(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, Deco
 fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeError> {
     let (r, event) = envelope::decode_result(body, t, ctx.cfg.max_event_bytes)?;
     if !ctx.manifests.borrow().sagas.contains_key(&r.saga) {
-        // A result for a saga this instance does not run (another instance's): not ours.
-        return Ok(Vec::new());
+        // Nobody would ever apply it: kept as a dead letter, like the shard does with a
+        // result for an instance it does not have.
+        return Err(DecodeError::UnknownSaga(r.saga));
     }
     let target = Target { saga: r.saga, correlation_id: r.correlation_id, may_start: false };
     Ok(group(ctx, Arc::new(event), vec![target]))
