@@ -48,6 +48,26 @@ pub struct Parked {
     pub poison_event_id: String,
     pub since: u64,
     pub error: String,
+    /// The highest stream sequence held in this key's dead letters (the poison event and
+    /// those parked behind it), per stream: a redelivered copy (consumers restart at their
+    /// ack floor) is a duplicate, not a second letter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seqs: BTreeMap<String, u64>,
+}
+
+impl Parked {
+    /// Notes that the event at `seq` of `stream` is held in a dead letter of the key.
+    pub fn hold(&mut self, stream: &str, seq: u64) {
+        if seq > 0 {
+            let s = self.seqs.entry(stream.to_owned()).or_insert(0);
+            *s = (*s).max(seq);
+        }
+    }
+
+    /// Whether the event at `seq` of `stream` is already held in a dead letter of the key.
+    pub fn holds(&self, stream: &str, seq: u64) -> bool {
+        seq > 0 && self.seqs.get(stream).is_some_and(|&s| s >= seq)
+    }
 }
 
 /// One saga instance (db `sagas`). `S` is the state's representation: JSON text when

@@ -75,8 +75,26 @@ fn resend(
     Ok(Ok(AdminAnswer::Resent { resent: key.id.clone(), work_id }))
 }
 
-/// The dead letters of one instance that hold its events (poison and parked), in order.
-fn letters_of(core: &ShardCore, key: &SagaKey) -> Result<Vec<(DeadLetterKey, DeadLetter)>, CoreError> {
+/// The dead letters of one instance that hold its events (poison and parked), committed or
+/// written earlier in this batch, in stream order (the poison event first: nothing of the
+/// key applied past it); letters without a stream position (timers) after them, as written.
+fn letters_of(core: &ShardCore, st: &Staged, key: &SagaKey) -> Result<Vec<(DeadLetterKey, DeadLetter)>, CoreError> {
+    let mut out = committed_letters_of(core, key)?;
+    for (k, l) in &st.overlay.letters {
+        let mine = l.saga.as_deref() == Some(&key.saga) && l.correlation_id.as_deref() == Some(&key.correlation_id);
+        if mine
+            && matches!(l.kind, DeadLetterKind::Poison | DeadLetterKind::Parked)
+            && l.event.is_some()
+            && !out.iter().any(|(o, _)| o == k)
+        {
+            out.push((k.clone(), l.clone()));
+        }
+    }
+    out.sort_by_key(|(_, l)| (l.kind != DeadLetterKind::Poison, l.seq == 0, l.stream.clone(), l.seq));
+    Ok(out)
+}
+
+fn committed_letters_of(core: &ShardCore, key: &SagaKey) -> Result<Vec<(DeadLetterKey, DeadLetter)>, CoreError> {
     let view = core.store.read()?;
     let mut out = Vec::new();
     let mut after: Option<DeadLetterKey> = None;
@@ -106,7 +124,7 @@ fn requeue(
     if core.is_blocked(st, key) {
         return Ok(Err(AdminError::RequeueWhileRetrying { key: key.clone() }));
     }
-    let mut letters = letters_of(core, key)?;
+    let mut letters = letters_of(core, st, key)?;
     if letters.is_empty() {
         return Ok(Err(AdminError::NothingToRequeue { key: key.clone() }));
     }
@@ -131,16 +149,22 @@ fn requeue(
         let target = Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: true };
         queue.push_back(Pending { event: Arc::new(event), target, origin: Origin::Requeue(k.clone()) });
     }
+    let skipped_at = skipped.as_ref().and_then(|(_, l)| l.stream.clone().map(|s| (s, l.seq)));
     let skipped = skipped.map(|(k, l)| {
         st.batch.delete_deadletter(&k);
         l.id
     });
-    // Unpark, so the requeued events apply rather than park again.
-    if core.instance(st, key)?.is_some_and(|i| i.parked.is_some())
+    // Unpark, so the requeued events apply rather than park again. A skipped poison event
+    // counts as passed: a redelivered copy of it is a duplicate.
+    if core.instance(st, key)?.is_some()
         && let Some(inst) = core.instance_mut(st, key, false)
     {
         inst.parked = None;
         inst.updated_at = now;
+        if let Some((stream, seq)) = skipped_at.filter(|(_, seq)| *seq > 0) {
+            let last = inst.last_seq.entry(stream).or_insert(0);
+            *last = (*last).max(seq);
+        }
     }
     let n = queue.len();
     tracing::info!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, events = n, skipped = ?skipped, "requeueing dead letters");

@@ -141,7 +141,8 @@ fn on_failure(
     tracing::error!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, error = %error, policy = ?policy, "event quarantined");
     let letter_id = quarantine(core, st, &head, &error, attempts, now);
     if policy == PoisonPolicy::Park {
-        let parked = Parked { poison_event_id: letter_id, since: now, error };
+        let mut parked = Parked { poison_event_id: letter_id, since: now, error, seqs: BTreeMap::new() };
+        parked.hold(&head.event.stream, head.event.seq);
         if core.instance(st, &key)?.is_some() {
             if let Some(inst) = core.instance_mut(st, &key, false) {
                 inst.parked = Some(parked);
@@ -152,6 +153,13 @@ fn on_failure(
             inst.parked = Some(parked);
             st.overlay.instances.insert(key.clone(), inst);
         }
+    } else if head.event.seq > 0
+        && core.instance(st, &key)?.is_some()
+        && let Some(inst) = core.instance_mut(st, &key, false)
+    {
+        // Skipped for good: a redelivered copy is a duplicate, not a second poison.
+        let last = inst.last_seq.entry(head.event.stream.clone()).or_insert(0);
+        *last = (*last).max(head.event.seq);
     }
     // Parked: the rest become dead letters in order (apply_one sees the mark). Skip: they
     // apply normally.
@@ -202,16 +210,20 @@ fn gate(core: &ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending) -> Result
     if inst.replaying && matches!(p.origin, Origin::Timer(_)) {
         return Ok(Gate::HoldTimer);
     }
-    // A parked key: later events wait behind the poison one, in order.
+    // The sequence gate (invariant 3), for requeued events too: each applies once.
+    let applied = event.seq > 0 && inst.last_seq.get(&event.stream).is_some_and(|&last| last >= event.seq);
+    // A parked key: later events wait behind the poison one, in order; a redelivered copy
+    // of one already applied or already held in a dead letter is a duplicate.
     if let Some(parked) = &inst.parked {
+        if applied || parked.holds(&event.stream, event.seq) {
+            return Ok(Gate::Skip { duplicate: true });
+        }
         return Ok(Gate::Park { why: format!("key parked behind dead letter {}", parked.poison_event_id) });
     }
     if inst.status.is_final() {
         return Ok(Gate::Skip { duplicate: false });
     }
-    // The sequence gate (invariant 3).
-    let requeued = matches!(p.origin, Origin::Requeue(_));
-    if !requeued && event.seq > 0 && inst.last_seq.get(&event.stream).is_some_and(|&last| last >= event.seq) {
+    if applied {
         return Ok(Gate::Skip { duplicate: true });
     }
     // A result is applied only for an outstanding command, once (invariant 4).
@@ -264,6 +276,11 @@ fn apply_one(
         }
         Gate::Park { why } => {
             st.stats.parked += 1;
+            if let Some(inst) = core.instance_mut(st, key, false)
+                && let Some(parked) = inst.parked.as_mut()
+            {
+                parked.hold(&event.stream, event.seq);
+            }
             write_deadletter(core, st, p, DeadLetterKind::Parked, &why, 0, now);
             settle(core, st, p, None, now);
             return Ok(Ok(()));
@@ -490,7 +507,9 @@ fn write_deadletter(
         work: None,
         attempts,
     };
-    st.batch.put_deadletter(&DeadLetterKey { tenant: key.tenant.clone(), at, id: id.clone() }, &letter);
+    let dk = DeadLetterKey { tenant: key.tenant.clone(), at, id: id.clone() };
+    st.batch.put_deadletter(&dk, &letter);
+    st.overlay.letters.push((dk, letter));
     st.stats.deadletters += 1;
     id
 }

@@ -225,6 +225,9 @@ pub struct Overlay {
     held: AHashMap<ScheduleKey, bool>,
     /// Effect records written in this batch (read back by later work of the batch).
     effects: AHashMap<EffectKey, EffectRecord>,
+    /// Dead letters of saga keys written in this batch (a requeue later in the batch reads
+    /// them with the committed ones).
+    letters: Vec<(crate::keys::DeadLetterKey, crate::record::DeadLetter)>,
     outbox_seq: u64,
     deadletter_at: u64,
     /// The retention sweep ran: where the next one starts and when.
@@ -439,6 +442,7 @@ impl ShardCore {
             in_flight,
             held,
             effects: _,
+            letters: _,
             outbox_seq,
             deadletter_at,
             retention,

@@ -650,6 +650,82 @@ fn a_poisoned_key_blocks_only_itself_parks_in_order_and_requeues_after_a_fix() {
     );
 }
 
+/// Key `K`: ticks 0..=7 in stream order, 4 poisoned (attempts 1): 0..=3 applied, 4 the poison
+/// letter, 5..=7 parked. Returns the events.
+fn parked_key(env: &mut TestEnv) -> Vec<Arc<Event>> {
+    let events: Vec<Arc<Event>> = (0..8).map(|n| ev(env, "K", serde_json::json!({"n": n, "poison": n == 4}))).collect();
+    for e in &events {
+        env.apply(e.clone(), "s", "K", true);
+    }
+    assert_eq!(env.state("s", "K")["seen"], serde_json::json!([0, 1, 2, 3]));
+    assert_eq!(env.deadletters().len(), 4, "1 poison + 3 parked");
+    events
+}
+
+#[test]
+fn a_redelivered_event_of_a_parked_key_is_a_duplicate_not_a_second_letter() {
+    let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "park", 1));
+    let events = parked_key(&mut env);
+    // Consumers restart at their ack floor: every event comes again, after a restart too.
+    for e in &events {
+        env.apply(e.clone(), "s", "K", true);
+    }
+    env.restart();
+    for e in &events {
+        env.apply(e.clone(), "s", "K", true);
+    }
+    assert_eq!(env.deadletters().len(), 4, "redeliveries became dead letters");
+    // The fix, then requeue: each event applied once, in stream order.
+    env.reload(custom_manifests(env.dir.path(), &BOMB.replace("throw \"poison event\";", ""), "park", 1));
+    let key = SagaKey::new("acme", "s", "K");
+    let answer = env.admin(AdminOp::Requeue { key, skip_poison: false });
+    assert_eq!(answer, Ok(AdminAnswer::Requeued { requeued: 4, skipped: None }));
+    assert_eq!(env.state("s", "K")["seen"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7]));
+    assert!(env.deadletters().is_empty());
+    // And again later: still duplicates.
+    for e in &events {
+        env.apply(e.clone(), "s", "K", true);
+    }
+    assert_eq!(env.state("s", "K")["seen"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7]));
+}
+
+#[test]
+fn skipping_the_poison_never_applies_it_even_when_it_comes_again() {
+    let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "park", 1));
+    let events = parked_key(&mut env);
+    env.apply(events[4].clone(), "s", "K", true);
+    env.reload(custom_manifests(env.dir.path(), &BOMB.replace("throw \"poison event\";", ""), "park", 1));
+    let key = SagaKey::new("acme", "s", "K");
+    let answer = env.admin(AdminOp::Requeue { key, skip_poison: true });
+    assert!(matches!(answer, Ok(AdminAnswer::Requeued { requeued: 3, skipped: Some(_) })), "{answer:?}");
+    assert_eq!(env.state("s", "K")["seen"], serde_json::json!([0, 1, 2, 3, 5, 6, 7]));
+    for e in &events {
+        env.apply(e.clone(), "s", "K", true);
+    }
+    assert_eq!(env.state("s", "K")["seen"], serde_json::json!([0, 1, 2, 3, 5, 6, 7]), "the poison applied after all");
+    assert!(env.deadletters().is_empty());
+}
+
+#[test]
+fn a_letter_parked_in_the_batch_of_its_requeue_is_requeued_with_the_rest() {
+    let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "park", 1));
+    parked_key(&mut env);
+    env.reload(custom_manifests(env.dir.path(), &BOMB.replace("throw \"poison event\";", ""), "park", 1));
+    // Event 8 parks and the requeue runs in the same batch.
+    let late = ev(&mut env, "K", serde_json::json!({"n": 8}));
+    let (tx, _rx) = reply_channel();
+    let (atx, mut arx) = reply_channel();
+    let target = Target { saga: "s".into(), correlation_id: "K".into(), may_start: true };
+    env.run(vec![
+        Request::Apply { event: late, targets: vec![target], reply: tx },
+        Request::Admin { op: AdminOp::Requeue { key: SagaKey::new("acme", "s", "K"), skip_poison: false }, reply: atx },
+    ])
+    .unwrap();
+    assert_eq!(arx.try_recv().unwrap().unwrap(), Ok(AdminAnswer::Requeued { requeued: 5, skipped: None }));
+    assert_eq!(env.state("s", "K")["seen"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8]));
+    assert!(env.deadletters().is_empty(), "a letter stranded: {:?}", env.deadletters());
+}
+
 #[test]
 fn skip_policy_moves_the_key_past_the_poison_event() {
     let mut env = TestEnv::new(|d| custom_manifests(d, BOMB, "skip", 1));
