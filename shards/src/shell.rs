@@ -850,7 +850,12 @@ pub async fn run_shard(
             Err(e) => {
                 // No answer was sent for anything in the failed batch (invariant 1); the
                 // same work runs again after a backoff.
-                tracing::error!(shard = index, error = %e, retry_in_ms = retry_delay, "batch commit failed; nothing acked, will retry");
+                // Only the store fails a whole batch (errors of one key quarantine the key).
+                let what = match &e {
+                    StepError::Core(_) => "batch cannot be decided: reading the store failed",
+                    StepError::Commit(_) => "batch commit failed",
+                };
+                tracing::error!(shard = index, error = %e, retry_in_ms = retry_delay, "{what}; the shard holds its work (nothing acked, not ready) and will retry");
                 metrics.commit_failures.increment(1);
                 health.failed_commits.fetch_add(1, Ordering::Relaxed);
                 health.writable.store(false, Ordering::Relaxed);

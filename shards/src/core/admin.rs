@@ -18,14 +18,21 @@ pub(super) fn run(
     now: u64,
 ) -> Result<(), CoreError> {
     let answer = match op {
-        AdminOp::Requeue { key, skip_poison } => requeue(core, st, key, *skip_poison, now)?,
-        AdminOp::Discard { key } => discard(core, st, key)?,
+        AdminOp::Requeue { key, skip_poison } => requeue(core, st, key, *skip_poison, now),
+        AdminOp::Discard { key } => discard(core, st, key),
         AdminOp::Replay { tenant, saga, correlation_id, from_seq } => {
-            replay(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)?
+            replay(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)
         }
-        AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now)?,
-        AdminOp::EndReplay { key } => end_replay(core, st, key)?,
-        AdminOp::ApplyRecorded { key, event_id } => apply_recorded(core, st, key, event_id, now)?,
+        AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now),
+        AdminOp::EndReplay { key } => end_replay(core, st, key),
+        AdminOp::ApplyRecorded { key, event_id } => apply_recorded(core, st, key, event_id, now),
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        // Each action reads its instances before it stages anything: refused, nothing
+        // written, and the shard goes on (invariant 12).
+        Err(CoreError::Unreadable { key, why, .. }) => Err(AdminError::UnreadableInstance { key, error: why }),
+        Err(e) => return Err(e),
     };
     st.actions.push(Action::Admin { request, answer });
     Ok(())
@@ -78,6 +85,7 @@ fn requeue(
     if letters.is_empty() {
         return Ok(Err(AdminError::NothingToRequeue { key: key.clone() }));
     }
+    let parked = core.instance(st, key)?.is_some_and(|i| i.parked.is_some());
     let mut skipped = None;
     if skip_poison && let Some(pos) = letters.iter().position(|(_, l)| l.kind == DeadLetterKind::Poison) {
         skipped = Some(letters.remove(pos));
@@ -104,9 +112,7 @@ fn requeue(
         l.id
     });
     // Unpark, so the requeued events apply rather than park again.
-    if core.instance(st, key)?.is_some_and(|i| i.parked.is_some())
-        && let Some(inst) = core.instance_mut(st, key, false)
-    {
+    if parked && let Some(inst) = core.instance_mut(st, key, false) {
         inst.parked = None;
         inst.updated_at = now;
     }
@@ -136,6 +142,10 @@ fn replay(
     };
     if let Some(key) = keys.iter().find(|k| core.is_blocked(st, k)) {
         return Ok(Err(AdminError::ReplayWhileRetrying { key: key.clone() }));
+    }
+    // Every instance is read before any is reset.
+    for key in &keys {
+        core.instance(st, key)?;
     }
     let mut instances = Vec::new();
     for key in keys {

@@ -142,15 +142,23 @@ fn on_failure(
     let letter_id = quarantine(core, st, &head, &error, attempts, now);
     if policy == PoisonPolicy::Park {
         let parked = Parked { poison_event_id: letter_id, since: now, error };
-        if core.instance(st, &key)?.is_some() {
-            if let Some(inst) = core.instance_mut(st, &key, false) {
-                inst.parked = Some(parked);
-                inst.updated_at = now;
+        match core.instance(st, &key) {
+            Ok(Some(_)) => {
+                if let Some(inst) = core.instance_mut(st, &key, false) {
+                    inst.parked = Some(parked);
+                    inst.updated_at = now;
+                }
             }
-        } else {
-            let mut inst = new_instance(&head.event, now);
-            inst.parked = Some(parked);
-            st.overlay.instances.insert(key.clone(), inst);
+            Ok(None) => {
+                let mut inst = new_instance(&head.event, now);
+                inst.parked = Some(parked);
+                st.overlay.instances.insert(key.clone(), inst);
+            }
+            // The record cannot be marked without overwriting it: it stays as it is for an
+            // operator, and each later event of the key fails the same way and is
+            // quarantined in its turn.
+            Err(CoreError::Unreadable { .. }) => {}
+            Err(e) => return Err(e),
         }
     }
     // Parked: the rest become dead letters in order (apply_one sees the mark). Skip: they
@@ -227,9 +235,25 @@ fn gate(core: &ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending) -> Result
     })
 }
 
-/// Applies one event to its instance. `Ok(Err(message))` is a program failure (retried by
-/// policy); `Err` aborts the batch.
+/// Applies one event to its instance. `Ok(Err(message))` is a failure of the key (retried
+/// by policy, then quarantined): the program failed, or its stored instance cannot be read;
+/// `Err` aborts the batch.
 fn apply_one(
+    core: &ShardCore,
+    st: &mut Staged,
+    key: &SagaKey,
+    p: &Pending,
+    now: u64,
+) -> Result<Result<(), String>, CoreError> {
+    match apply_read(core, st, key, p, now) {
+        // The gate reads the instance before anything is staged, so nothing of this event
+        // is in the batch.
+        Err(e @ CoreError::Unreadable { .. }) => Ok(Err(e.to_string())),
+        other => other,
+    }
+}
+
+fn apply_read(
     core: &ShardCore,
     st: &mut Staged,
     key: &SagaKey,

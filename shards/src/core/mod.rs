@@ -248,11 +248,18 @@ impl Staged {
     }
 }
 
-/// Errors that abort a whole batch (nothing of it is kept; the same work runs again later).
+/// Errors that abort a whole batch (nothing of it is kept; the same work runs again later),
+/// and one that belongs to a single key.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A stored instance cannot be decoded (a state nested deeper than serde_json reads,
+    /// written by a version without output limits, or a damaged record). It belongs to its
+    /// key: the event that needed it is quarantined (invariant 12), an operator action on
+    /// the key is refused.
+    #[error("shard {shard}: the stored instance {key} cannot be read: {why}")]
+    Unreadable { shard: usize, key: SagaKey, why: String },
 }
 
 /// One shard's saga executor, effect gate, outbox bookkeeping and scheduler state.
@@ -616,13 +623,10 @@ impl ShardCore {
     fn read_instance(&self, key: &SagaKey) -> Result<Option<Instance>, CoreError> {
         let view = self.store.read()?;
         let Some(raw) = view.saga_raw(key)? else { return Ok(None) };
-        let inst: Instance = serde_json::from_slice(raw).map_err(|e| {
-            CoreError::Store(StoreError::Corrupt {
-                shard: self.shard,
-                path: self.store.path().to_owned(),
-                db: "sagas",
-                why: format!("{key}: {e}"),
-            })
+        let inst: Instance = serde_json::from_slice(raw).map_err(|e| CoreError::Unreadable {
+            shard: self.shard,
+            key: key.clone(),
+            why: e.to_string(),
         })?;
         Ok(Some(inst))
     }
