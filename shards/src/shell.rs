@@ -528,6 +528,7 @@ struct Metrics {
     outbox_deleted: metrics::Counter,
     effects_started: metrics::Counter,
     effects_completed: metrics::Counter,
+    effects_pruned: metrics::Counter,
     commit_failures: metrics::Counter,
     outbox_depth: metrics::Gauge,
     blocked_keys: metrics::Gauge,
@@ -554,6 +555,7 @@ impl Metrics {
             outbox_deleted: metrics::counter!("runner_outbox_deleted_total", "shard" => s.clone()),
             effects_started: metrics::counter!("runner_effect_gate_started_total", "shard" => s.clone()),
             effects_completed: metrics::counter!("runner_effect_gate_completed_total", "shard" => s.clone()),
+            effects_pruned: metrics::counter!("runner_effect_gate_pruned_total", "shard" => s.clone()),
             commit_failures: metrics::counter!("runner_commit_failures_total", "shard" => s.clone()),
             outbox_depth: metrics::gauge!("runner_outbox_depth", "shard" => s.clone()),
             blocked_keys: metrics::gauge!("runner_blocked_keys", "shard" => s.clone()),
@@ -576,6 +578,7 @@ impl Metrics {
         self.outbox_deleted.increment(stats.outbox_deleted);
         self.effects_started.increment(stats.effects_started);
         self.effects_completed.increment(stats.effects_completed);
+        self.effects_pruned.increment(stats.effects_pruned);
         if stats.applied > 0 {
             self.transition_seconds.record(stats.program_ns as f64 / 1e9 / stats.applied as f64);
         }

@@ -974,6 +974,31 @@ impl<'s> ReadView<'s> {
         Ok(out)
     }
 
+    /// A page of effect-gate records after `after`, in key order, at most `limit`, each
+    /// decoded as `T` (a partial view is fine). A record that does not decode is returned as
+    /// its error, so the caller can pass over it and the page goes on.
+    #[allow(clippy::type_complexity)]
+    pub fn effects_page<T: serde::de::DeserializeOwned>(
+        &self,
+        after: Option<&EffectKey>,
+        limit: usize,
+    ) -> Result<Vec<(EffectKey, Result<T, StoreError>)>, StoreError> {
+        let db = self.store.db(Db::Effects);
+        let lmdb = |e| self.store.lmdb(e);
+        let start = after.map(EffectKey::encode);
+        let bounds = match &start {
+            Some(s) => (std::ops::Bound::Excluded(&s[..]), std::ops::Bound::Unbounded),
+            None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+        };
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &bounds).map_err(lmdb)?.take(limit) {
+            let (k, v) = item.map_err(lmdb)?;
+            let key = EffectKey::decode(k).map_err(|e| self.corrupt(Db::Effects, e))?;
+            out.push((key, self.decode(Db::Effects, v)));
+        }
+        Ok(out)
+    }
+
     /// An effect result an instance applied in place.
     pub fn result(&self, key: &ResultKey) -> Result<Option<crate::message::Event>, StoreError> {
         self.get_raw(Db::Results, &key.encode())?.map(|b| self.decode(Db::Results, b)).transpose()

@@ -66,6 +66,14 @@ pub struct CoreConfig {
     pub retention_ms: Option<u64>,
     /// Instances examined per retention sweep. Default 1,000.
     pub retention_sweep: usize,
+    /// Completed effect-gate records are removed this long after they completed; `None`
+    /// keeps them. Must outlast every way a command can be delivered again (the streams'
+    /// `Nats-Msg-Id` dedupe window, redeliveries, re-sends): past it a command runs again.
+    /// Default 7 days.
+    pub effect_retention_ms: Option<u64>,
+    /// Effect-gate records examined per slice of the prune (one slice per batch at most).
+    /// Default 1,000.
+    pub effect_sweep: usize,
     /// Backoff between failed dispatches of an outbox item. The shell sets it from the
     /// relay's settings (`RelayConfig::retry`).
     pub dispatch_retry: RetrySpec,
@@ -82,6 +90,8 @@ impl Default for CoreConfig {
             timer_batch: 1_000,
             retention_ms: Some(7 * 24 * 3_600_000),
             retention_sweep: 1_000,
+            effect_retention_ms: Some(7 * 24 * 3_600_000),
+            effect_sweep: 1_000,
             dispatch_retry: relay.retry,
             dispatch_attempts: relay.max_attempts,
         }
@@ -199,6 +209,8 @@ pub struct BatchStats {
     pub deadletters: u64,
     pub effects_started: u64,
     pub effects_completed: u64,
+    /// Completed effect-gate records deleted past their retention.
+    pub effects_pruned: u64,
     /// Program time in this batch, nanoseconds.
     pub program_ns: u64,
     /// Lateness of the timers fired in this batch (`now − due_at`), milliseconds.
@@ -229,6 +241,8 @@ pub struct Overlay {
     deadletter_at: u64,
     /// The retention sweep ran: where the next one starts and when.
     retention: Option<(Option<SagaKey>, u64)>,
+    /// A slice of the effect prune ran: where the next one starts and when.
+    effect_prune: Option<(Option<EffectKey>, u64)>,
     /// The schedule table changed (the next due time is recomputed on adoption).
     schedules_changed: bool,
 }
@@ -283,6 +297,8 @@ pub struct ShardCore {
     deadletter_at: u64,
     retention_cursor: Option<SagaKey>,
     next_sweep: u64,
+    effect_cursor: Option<EffectKey>,
+    next_effect_prune: u64,
 }
 
 impl ShardCore {
@@ -315,6 +331,8 @@ impl ShardCore {
             deadletter_at: 0,
             retention_cursor: None,
             next_sweep: 0,
+            effect_cursor: None,
+            next_effect_prune: 0,
         })
     }
 
@@ -363,7 +381,8 @@ impl ShardCore {
         Ok(())
     }
 
-    /// Runs one batch: `work`, then due retries, due timers and the retention sweep.
+    /// Runs one batch: `work`, then due retries, due timers, the retention sweep and a slice
+    /// of the effect prune.
     pub fn run_batch(&self, work: &[Work], now: u64) -> Result<Staged, CoreError> {
         let mut st = Staged {
             batch: Batch::new(),
@@ -377,6 +396,7 @@ impl ShardCore {
         apply::retry_due(self, &mut st, now)?;
         timers::fire_due(self, &mut st, now)?;
         timers::sweep_retention(self, &mut st, now)?;
+        effects::prune(self, &mut st, now)?;
         self.finish(&mut st);
         Ok(st)
     }
@@ -438,6 +458,7 @@ impl ShardCore {
             outbox_seq,
             deadletter_at,
             retention,
+            effect_prune,
             schedules_changed,
         } = overlay;
         let cache = self.cache.get_mut();
@@ -474,6 +495,10 @@ impl ShardCore {
         if let Some((cursor, next)) = retention {
             self.retention_cursor = cursor;
             self.next_sweep = next;
+        }
+        if let Some((cursor, next)) = effect_prune {
+            self.effect_cursor = cursor;
+            self.next_effect_prune = next;
         }
         if schedules_changed {
             self.next_due = timers::next_due(self);

@@ -51,14 +51,21 @@ pub(crate) struct TestEnv {
     pub shell: Option<Shell>,
     pub now: u64,
     manifests: Arc<ManifestSet>,
+    cfg: CoreConfig,
     seq: u64,
 }
 
 impl TestEnv {
     pub fn new(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>) -> Self {
+        let cfg = CoreConfig { retention_ms: Some(60_000), dispatch_attempts: 3, ..CoreConfig::default() };
+        Self::with_config(manifests, cfg)
+    }
+
+    /// [`Self::new`] with the core's settings given.
+    pub fn with_config(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>, cfg: CoreConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manifests = manifests(dir.path());
-        let mut env = Self { dir, shell: None, now: T0, manifests, seq: 0 };
+        let mut env = Self { dir, shell: None, now: T0, manifests, cfg, seq: 0 };
         env.open();
         env
     }
@@ -75,8 +82,7 @@ impl TestEnv {
             &StoreConfig { durability: Durability::NoSync, ..StoreConfig::default() },
         )
         .unwrap();
-        let cfg = CoreConfig { retention_ms: Some(60_000), dispatch_attempts: 3, ..CoreConfig::default() };
-        let core = ShardCore::new(0, Router::new(64, 1), cfg, store, self.manifests.clone()).unwrap();
+        let core = ShardCore::new(0, Router::new(64, 1), self.cfg.clone(), store, self.manifests.clone()).unwrap();
         self.shell = Some(Shell::new(core, RelayState::new(RelayConfig::default())));
     }
 
@@ -1195,3 +1201,4 @@ fn a_result_run_in_place_for_a_blocked_key_waits_with_its_item_kept() {
 }
 
 mod limits;
+mod prune;
