@@ -50,7 +50,8 @@ fn discard(
     Ok(Ok(AdminAnswer::Discarded { discarded: key.id.clone() }))
 }
 
-/// The dead letters of one instance that hold its events (poison and parked), in order.
+/// The dead letters of one instance that hold its events (poison and parked), in the order
+/// the instance received them (see [`received_order`]).
 fn letters_of(core: &ShardCore, key: &SagaKey) -> Result<Vec<(DeadLetterKey, DeadLetter)>, CoreError> {
     let view = core.store.read()?;
     let mut out = Vec::new();
@@ -66,9 +67,32 @@ fn letters_of(core: &ShardCore, key: &SagaKey) -> Result<Vec<(DeadLetterKey, Dea
             }
         }
         if done {
-            return Ok(out);
+            return Ok(received_order(out));
         }
     }
+}
+
+/// Letters of one key, listed by stamp, put in the order the key received their events:
+/// by stamp, except that the letters of one stream keep that stream's order among
+/// themselves (stamps written before they survived restarts may disagree with it).
+fn received_order(letters: Vec<(DeadLetterKey, DeadLetter)>) -> Vec<(DeadLetterKey, DeadLetter)> {
+    let mut slots: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (i, (_, l)) in letters.iter().enumerate() {
+        if let Some(stream) = &l.stream
+            && l.seq > 0
+        {
+            slots.entry(stream.clone()).or_default().push(i);
+        }
+    }
+    let mut out: Vec<Option<(DeadLetterKey, DeadLetter)>> = letters.into_iter().map(Some).collect();
+    for places in slots.values() {
+        let mut group: Vec<(DeadLetterKey, DeadLetter)> = places.iter().filter_map(|&i| out[i].take()).collect();
+        group.sort_by_key(|(_, l)| l.seq);
+        for (&i, letter) in places.iter().zip(group) {
+            out[i] = Some(letter);
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 fn requeue(

@@ -36,6 +36,7 @@ mod tests;
 
 pub use action::{Action, RequestId};
 pub use apply::{event_dynamic, json_dynamic};
+pub use query::deadletter_order;
 pub use timers::subject_token;
 
 use crate::keys::{EffectKey, OutboxKey, SagaKey, ScheduleKey};
@@ -310,9 +311,9 @@ impl ShardCore {
         manifests: Arc<ManifestSet>,
     ) -> Result<Self, ShardError> {
         let programs = Programs::build(&manifests)?;
-        let (outbox_seq, next_due) = {
+        let (outbox_seq, next_due, deadletter_at) = {
             let view = store.read()?;
-            (view.max_outbox_seq()?, view.next_due()?)
+            (view.max_outbox_seq()?, view.next_due()?, view.deadletter_clock()?)
         };
         let capacity = NonZeroUsize::new(cfg.cache_capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
         Ok(Self {
@@ -328,7 +329,7 @@ impl ShardCore {
             held_timers: AHashSet::new(),
             next_due,
             outbox_seq,
-            deadletter_at: 0,
+            deadletter_at,
             retention_cursor: None,
             next_sweep: 0,
             effect_cursor: None,
@@ -426,8 +427,12 @@ impl ShardCore {
         }
     }
 
-    /// Writes the changed instances into the batch (once each, however many events).
+    /// Writes the changed instances into the batch (once each, however many events), and
+    /// the dead-letter stamp if the batch gave any out.
     fn finish(&self, st: &mut Staged) {
+        if st.overlay.deadletter_at > self.deadletter_at {
+            st.batch.set_deadletter_clock(st.overlay.deadletter_at);
+        }
         let mut failed = Vec::new();
         for (key, inst) in &st.overlay.instances {
             match serde_json::to_vec(inst) {
@@ -595,8 +600,9 @@ impl ShardCore {
         st.overlay.outbox_seq
     }
 
-    /// Dead-letter times are strictly increasing per shard so that a key's letters list in
-    /// the order they were written.
+    /// Dead-letter stamps are strictly increasing per shard, also across restarts (the last
+    /// one is stored with the letters), so that a key's letters keep the order it received
+    /// them. A stamp is the time in ms unless a burst ran it ahead of the clock.
     fn next_deadletter_at(&self, st: &mut Staged, now: u64) -> u64 {
         st.overlay.deadletter_at = (st.overlay.deadletter_at + 1).max(now);
         st.overlay.deadletter_at
