@@ -93,6 +93,7 @@ impl App {
         rcfg.shard.store = store_cfg;
         rcfg.shard.relay = cfg.relay.clone();
         rcfg.shard.core.retention_ms = cfg.retention_ms;
+        rcfg.shard.core.effect_retention_ms = cfg.effect_retention_ms;
         // Shards call HTTP effects and the Gateway themselves; NATS requests go through the
         // bridge.
         let shared = Arc::new(BridgeShared::default());

@@ -238,6 +238,11 @@ pub struct RawShutdown {
 pub struct RawRetention {
     /// Completed and failed instances are removed after this. Default 7 days; 0 keeps them.
     pub final_instances_ms: Option<u64>,
+    /// Completed effect-gate records (effect mode: one per command, about 1 KB) are removed
+    /// after this. A command delivered again later runs again, so this must outlast every
+    /// redelivery and re-send; it may not be below `streams.duplicate_window_ms`. Default
+    /// 7 days; 0 keeps them.
+    pub effect_records_ms: Option<u64>,
 }
 
 /// Validated settings.
@@ -288,6 +293,8 @@ pub struct Config {
     pub inbox_capacity: usize,
     pub drain_deadline_ms: u64,
     pub retention_ms: Option<u64>,
+    /// `retention.effect_records_ms`; `None` keeps the records.
+    pub effect_retention_ms: Option<u64>,
 }
 
 /// Every problem of one load.
@@ -554,6 +561,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     if duplicate_window_ms < 100 {
         bad("streams.duplicate_window_ms", &duplicate_window_ms, "must be at least 100");
     }
+    let effect_retention_ms = match raw.retention.effect_records_ms {
+        Some(0) => None,
+        Some(ms) => Some(ms),
+        None => Some(7 * 24 * 3_600_000),
+    };
+    if let Some(ms) = effect_retention_ms
+        && ms < duplicate_window_ms
+    {
+        bad(
+            "retention.effect_records_ms",
+            &ms,
+            &format!(
+                "must be at least streams.duplicate_window_ms ({duplicate_window_ms} ms), or a command the streams would still deduplicate could run again; 0 keeps the records"
+            ),
+        );
+    }
     let replicas = raw.streams.replicas.unwrap_or(1);
     if !(1..=5).contains(&replicas) {
         bad("streams.replicas", &replicas, "must be between 1 and 5");
@@ -709,6 +732,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Some(ms) => Some(ms),
             None => Some(7 * 24 * 3_600_000),
         },
+        effect_retention_ms,
     })
 }
 

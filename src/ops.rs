@@ -314,7 +314,8 @@ impl Ops {
             let t = tenant.to_owned();
             all.extend(self.ask(s, |reply| Query::DeadLetters { tenant: t, after: None, limit, reply }).await?);
         }
-        all.sort_by_key(|l| l.letter.at);
+        // Stream order across shards too (each shard's stamps are its own).
+        all.sort_by(|a, b| shards::core::deadletter_order(a).cmp(&shards::core::deadletter_order(b)));
         all.truncate(limit);
         Ok(DeadLetterList { tenant: tenant.to_owned(), count: all.len(), deadletters: all })
     }

@@ -294,6 +294,8 @@ pub enum AdminError {
     NoSuchResult { key: SagaKey, event_id: String },
     #[error("{key} is retrying an event; replay it after that settles")]
     ReplayWhileRetrying { key: SagaKey },
+    #[error("the stored instance {key} cannot be read: {error}")]
+    UnreadableInstance { key: SagaKey, error: String },
 }
 
 impl AdminError {

@@ -9,7 +9,9 @@
 //! nor the packages define, so a program that tries to read the clock does not load. Maps
 //! are ordered (`BTreeMap`), so iteration and JSON output are deterministic. Limits: gas (operations) and a wall-time guard per
 //! invocation, checked in the progress callback; sizes of strings, arrays and maps; call
-//! and expression depth.
+//! and expression depth; and, when the program returns, the nesting and size of every value
+//! it returns ([`MAX_OUTPUT_DEPTH`], [`MAX_OUTPUT_BYTES`]), so nothing is stored that could
+//! not be read back.
 //!
 //! Contract (DESIGN "Saga programs"): `fn on_event(state, event)` returns
 //! `#{ state, status, work, schedules }`; see [`Transition`].
@@ -29,6 +31,14 @@ use thiserror::Error;
 pub const MAX_STRING: usize = 256 << 10;
 /// Largest array / map a program may build.
 pub const MAX_COLLECTION: usize = 10_000;
+/// Deepest nesting of arrays and maps in a value a program returns (state, work and timer
+/// payloads). Stored records hold these values a level or two down, and serde_json reads at
+/// most 128 levels: a deeper value could be written but never read back, and its shard would
+/// retry that batch for ever.
+pub const MAX_OUTPUT_DEPTH: usize = 64;
+/// Largest value a program may return as state (or as one work or timer payload), measured
+/// as JSON. The state is rewritten on every transition of its instance.
+pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
 
 /// Functions the evaluator implements itself (not listed among package functions).
 const BUILTIN_KEYWORDS: &[&str] =
@@ -310,7 +320,7 @@ impl Programs {
                 });
             }
         };
-        self.validate(out).map_err(|message| ProgramError::BadOutput {
+        self.validate(out).and_then(|t| check_limits(&t).map(|()| t)).map_err(|message| ProgramError::BadOutput {
             saga: saga.to_owned(),
             program: c.program.clone(),
             event_id: event_id.to_owned(),
@@ -398,6 +408,66 @@ impl Programs {
         }
         Ok(Transition { state, status, work, schedules })
     }
+}
+
+/// Checks every value of a transition against [`MAX_OUTPUT_DEPTH`] and [`MAX_OUTPUT_BYTES`]
+/// before anything of it is staged, so a value that could not be stored and read back
+/// quarantines its own key instead of stopping the shard.
+fn check_limits(t: &Transition) -> Result<(), String> {
+    let check = |v: &Dynamic, what: &dyn std::fmt::Display| {
+        let mut bytes = 0;
+        measure(v, 0, &mut bytes).map_err(|limit| match limit {
+            Limit::Depth => format!("{what} nests deeper than {MAX_OUTPUT_DEPTH} levels (the limit)"),
+            Limit::Bytes => format!("{what} is larger than {MAX_OUTPUT_BYTES} bytes as JSON (the limit)"),
+        })
+    };
+    check(&t.state, &"`state`")?;
+    for (i, w) in t.work.iter().enumerate() {
+        let payload = match w {
+            WorkSpec::Effect { payload, .. } | WorkSpec::Command { payload, .. } => payload,
+        };
+        check(payload, &format_args!("`work[{i}].payload`"))?;
+    }
+    for (i, s) in t.schedules.iter().enumerate() {
+        check(&s.payload, &format_args!("`schedules[{i}].payload`"))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    Depth,
+    Bytes,
+}
+
+/// Adds the JSON size of `v` (close to what serde_json writes; escapes aside) to `bytes`
+/// and checks the limits, stopping at the first one passed: the walk never goes deeper than
+/// [`MAX_OUTPUT_DEPTH`] + 1 levels nor much past [`MAX_OUTPUT_BYTES`].
+fn measure(v: &Dynamic, depth: usize, bytes: &mut usize) -> Result<(), Limit> {
+    let nested = || if depth + 1 > MAX_OUTPUT_DEPTH { Err(Limit::Depth) } else { Ok(()) };
+    if let Some(m) = v.read_lock::<rhai::Map>() {
+        nested()?;
+        *bytes += 2 + m.len();
+        for (k, x) in m.iter() {
+            *bytes += k.len() + 3;
+            measure(x, depth + 1, bytes)?;
+        }
+    } else if let Some(a) = v.read_lock::<rhai::Array>() {
+        nested()?;
+        *bytes += 2 + a.len();
+        for x in a.iter() {
+            measure(x, depth + 1, bytes)?;
+        }
+    } else if let Some(b) = v.read_lock::<rhai::Blob>() {
+        nested()?;
+        *bytes += 2 + 4 * b.len();
+    } else if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
+        *bytes += 2 + s.len();
+    } else {
+        // Numbers, booleans, `()`, characters: at most a couple of dozen bytes.
+        *bytes += 24;
+    }
+    if *bytes > MAX_OUTPUT_BYTES { Err(Limit::Bytes) } else { Ok(()) }
 }
 
 fn list(v: Option<Dynamic>, field: &str) -> Result<rhai::Array, String> {

@@ -577,6 +577,7 @@ struct Metrics {
     outbox_deleted: metrics::Counter,
     effects_started: metrics::Counter,
     effects_completed: metrics::Counter,
+    effects_pruned: metrics::Counter,
     commit_failures: metrics::Counter,
     outbox_depth: metrics::Gauge,
     outbox_retrying: metrics::Gauge,
@@ -604,6 +605,7 @@ impl Metrics {
             outbox_deleted: metrics::counter!("runner_outbox_deleted_total", "shard" => s.clone()),
             effects_started: metrics::counter!("runner_effect_gate_started_total", "shard" => s.clone()),
             effects_completed: metrics::counter!("runner_effect_gate_completed_total", "shard" => s.clone()),
+            effects_pruned: metrics::counter!("runner_effect_gate_pruned_total", "shard" => s.clone()),
             commit_failures: metrics::counter!("runner_commit_failures_total", "shard" => s.clone()),
             outbox_depth: metrics::gauge!("runner_outbox_depth", "shard" => s.clone()),
             outbox_retrying: metrics::gauge!("runner_outbox_retrying", "shard" => s.clone()),
@@ -627,6 +629,7 @@ impl Metrics {
         self.outbox_deleted.increment(stats.outbox_deleted);
         self.effects_started.increment(stats.effects_started);
         self.effects_completed.increment(stats.effects_completed);
+        self.effects_pruned.increment(stats.effects_pruned);
         if stats.applied > 0 {
             self.transition_seconds.record(stats.program_ns as f64 / 1e9 / stats.applied as f64);
         }
@@ -911,7 +914,12 @@ pub async fn run_shard(
             Err(e) => {
                 // No answer was sent for anything in the failed batch (invariant 1); the
                 // same work runs again after a backoff.
-                tracing::error!(shard = index, error = %e, retry_in_ms = retry_delay, "batch commit failed; nothing acked, will retry");
+                // Only the store fails a whole batch (errors of one key quarantine the key).
+                let what = match &e {
+                    StepError::Core(_) => "batch cannot be decided: reading the store failed",
+                    StepError::Commit(_) => "batch commit failed",
+                };
+                tracing::error!(shard = index, error = %e, retry_in_ms = retry_delay, "{what}; the shard holds its work (nothing acked, not ready) and will retry");
                 metrics.commit_failures.increment(1);
                 health.failed_commits.fetch_add(1, Ordering::Relaxed);
                 health.writable.store(false, Ordering::Relaxed);

@@ -176,6 +176,9 @@ const META_PARTITIONS: &[u8] = b"partitions";
 const META_SHARD: &[u8] = b"shard_index";
 /// How many times opening discarded an unflushed last transaction (u64 BE).
 const META_RECOVERIES: &[u8] = b"recoveries";
+/// The last dead-letter stamp given out (u64 BE), so that stamps keep increasing across
+/// restarts (written with the letters; absent in data directories written before it).
+const META_DEADLETTER_AT: &[u8] = b"deadletter_at";
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// One write of a batch.
@@ -312,6 +315,11 @@ impl Batch {
 
     pub fn delete_deadletter(&mut self, key: &DeadLetterKey) {
         self.delete(Db::DeadLetter, key.encode());
+    }
+
+    /// Records the last dead-letter stamp given out (see [`ReadView::deadletter_clock`]).
+    pub fn set_deadletter_clock(&mut self, at: u64) {
+        self.put(Db::Meta, META_DEADLETTER_AT.to_vec(), at.to_be_bytes().to_vec());
     }
 
     /// Raw write, used by partition moves that copy entries verbatim.
@@ -944,7 +952,8 @@ impl<'s> ReadView<'s> {
         Ok(out)
     }
 
-    /// Dead letters of one tenant in time order, starting after `after`, at most `limit`.
+    /// Dead letters of one tenant in the order the shard wrote them (by stamp), starting
+    /// after `after`, at most `limit`.
     pub fn deadletters(
         &self,
         tenant: &str,
@@ -972,6 +981,46 @@ impl<'s> ReadView<'s> {
             out.push((dk, self.decode(Db::DeadLetter, v)?));
         }
         Ok(out)
+    }
+
+    /// A page of effect-gate records after `after`, in key order, at most `limit`, each
+    /// decoded as `T` (a partial view is fine). A record that does not decode is returned as
+    /// its error, so the caller can pass over it and the page goes on.
+    #[allow(clippy::type_complexity)]
+    pub fn effects_page<T: serde::de::DeserializeOwned>(
+        &self,
+        after: Option<&EffectKey>,
+        limit: usize,
+    ) -> Result<Vec<(EffectKey, Result<T, StoreError>)>, StoreError> {
+        let db = self.store.db(Db::Effects);
+        let lmdb = |e| self.store.lmdb(e);
+        let start = after.map(EffectKey::encode);
+        let bounds = match &start {
+            Some(s) => (std::ops::Bound::Excluded(&s[..]), std::ops::Bound::Unbounded),
+            None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+        };
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &bounds).map_err(lmdb)?.take(limit) {
+            let (k, v) = item.map_err(lmdb)?;
+            let key = EffectKey::decode(k).map_err(|e| self.corrupt(Db::Effects, e))?;
+            out.push((key, self.decode(Db::Effects, v)));
+        }
+        Ok(out)
+    }
+
+    /// The last dead-letter stamp given out: the recorded one, or for a data directory
+    /// written before it was recorded, the highest stamp of the letters stored (a scan of
+    /// their keys, once).
+    pub fn deadletter_clock(&self) -> Result<u64, StoreError> {
+        if let Some(at) = self.get_raw(Db::Meta, META_DEADLETTER_AT)?.and_then(decode_u64) {
+            return Ok(at);
+        }
+        let mut max = 0;
+        for item in self.store.db(Db::DeadLetter).iter(&self.txn).map_err(|e| self.store.lmdb(e))? {
+            let (k, _) = item.map_err(|e| self.store.lmdb(e))?;
+            max = max.max(DeadLetterKey::decode(k).map_err(|e| self.corrupt(Db::DeadLetter, e))?.at);
+        }
+        Ok(max)
     }
 
     /// An effect result an instance applied in place.

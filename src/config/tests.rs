@@ -111,3 +111,17 @@ fn unknown_fields_and_wrong_types_are_rejected_with_the_field() {
     let text = load(Some(Path::new("/nope/runner.toml")), &[]).unwrap_err().to_string();
     assert!(text.contains("does not exist"), "{text}");
 }
+
+#[test]
+fn effect_record_retention_defaults_to_a_week_and_may_not_undercut_the_dedupe_window() {
+    let c = load(None, &[]).unwrap();
+    assert_eq!(c.effect_retention_ms, Some(7 * 24 * 3_600_000));
+    let keep = load(None, &env(&[("RUNNER_RETENTION__EFFECT_RECORDS_MS", "0")])).unwrap();
+    assert_eq!(keep.effect_retention_ms, None);
+    let short =
+        env(&[("RUNNER_STREAMS__DUPLICATE_WINDOW_MS", "1000"), ("RUNNER_RETENTION__EFFECT_RECORDS_MS", "2000")]);
+    assert_eq!(load(None, &short).unwrap().effect_retention_ms, Some(2_000));
+    let below = env(&[("RUNNER_RETENTION__EFFECT_RECORDS_MS", "60000")]);
+    let err = load(None, &below).unwrap_err().to_string();
+    assert!(err.contains("retention.effect_records_ms") && err.contains("120000 ms"), "{err}");
+}

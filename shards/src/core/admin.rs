@@ -18,15 +18,22 @@ pub(super) fn run(
     now: u64,
 ) -> Result<(), CoreError> {
     let answer = match op {
-        AdminOp::Requeue { key, skip_poison } => requeue(core, st, key, *skip_poison, now)?,
-        AdminOp::Discard { key } => discard(core, st, key)?,
-        AdminOp::Resend { key } => resend(core, st, key, now)?,
+        AdminOp::Requeue { key, skip_poison } => requeue(core, st, key, *skip_poison, now),
+        AdminOp::Discard { key } => discard(core, st, key),
+        AdminOp::Resend { key } => resend(core, st, key, now),
         AdminOp::Replay { tenant, saga, correlation_id, from_seq } => {
-            replay(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)?
+            replay(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)
         }
-        AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now)?,
-        AdminOp::EndReplay { key } => end_replay(core, st, key)?,
-        AdminOp::ApplyRecorded { key, event_id } => apply_recorded(core, st, key, event_id, now)?,
+        AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now),
+        AdminOp::EndReplay { key } => end_replay(core, st, key),
+        AdminOp::ApplyRecorded { key, event_id } => apply_recorded(core, st, key, event_id, now),
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        // Each action reads its instances before it stages anything: refused, nothing
+        // written, and the shard goes on (invariant 12).
+        Err(CoreError::Unreadable { key, why, .. }) => Err(AdminError::UnreadableInstance { key, error: why }),
+        Err(e) => return Err(e),
     };
     st.actions.push(Action::Admin { request, answer });
     Ok(())
@@ -76,8 +83,8 @@ fn resend(
 }
 
 /// The dead letters of one instance that hold its events (poison and parked), committed or
-/// written earlier in this batch, in stream order (the poison event first: nothing of the
-/// key applied past it); letters without a stream position (timers) after them, as written.
+/// written earlier in this batch, in the order the instance received them (see
+/// [`received_order`]).
 fn letters_of(core: &ShardCore, st: &Staged, key: &SagaKey) -> Result<Vec<(DeadLetterKey, DeadLetter)>, CoreError> {
     let mut out = committed_letters_of(core, key)?;
     for (k, l) in &st.overlay.letters {
@@ -90,8 +97,8 @@ fn letters_of(core: &ShardCore, st: &Staged, key: &SagaKey) -> Result<Vec<(DeadL
             out.push((k.clone(), l.clone()));
         }
     }
-    out.sort_by_key(|(_, l)| (l.kind != DeadLetterKind::Poison, l.seq == 0, l.stream.clone(), l.seq));
-    Ok(out)
+    // Letters of this batch were stamped after every committed one.
+    Ok(received_order(out))
 }
 
 fn committed_letters_of(core: &ShardCore, key: &SagaKey) -> Result<Vec<(DeadLetterKey, DeadLetter)>, CoreError> {
@@ -114,6 +121,29 @@ fn committed_letters_of(core: &ShardCore, key: &SagaKey) -> Result<Vec<(DeadLett
     }
 }
 
+/// Letters of one key, listed by stamp, put in the order the key received their events:
+/// by stamp, except that the letters of one stream keep that stream's order among
+/// themselves (stamps written before they survived restarts may disagree with it).
+fn received_order(letters: Vec<(DeadLetterKey, DeadLetter)>) -> Vec<(DeadLetterKey, DeadLetter)> {
+    let mut slots: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (i, (_, l)) in letters.iter().enumerate() {
+        if let Some(stream) = &l.stream
+            && l.seq > 0
+        {
+            slots.entry(stream.clone()).or_default().push(i);
+        }
+    }
+    let mut out: Vec<Option<(DeadLetterKey, DeadLetter)>> = letters.into_iter().map(Some).collect();
+    for places in slots.values() {
+        let mut group: Vec<(DeadLetterKey, DeadLetter)> = places.iter().filter_map(|&i| out[i].take()).collect();
+        group.sort_by_key(|(_, l)| l.seq);
+        for (&i, letter) in places.iter().zip(group) {
+            out[i] = Some(letter);
+        }
+    }
+    out.into_iter().flatten().collect()
+}
+
 fn requeue(
     core: &ShardCore,
     st: &mut Staged,
@@ -128,6 +158,7 @@ fn requeue(
     if letters.is_empty() {
         return Ok(Err(AdminError::NothingToRequeue { key: key.clone() }));
     }
+    let parked = core.instance(st, key)?.is_some_and(|i| i.parked.is_some());
     let mut skipped = None;
     if skip_poison && let Some(pos) = letters.iter().position(|(_, l)| l.kind == DeadLetterKind::Poison) {
         skipped = Some(letters.remove(pos));
@@ -156,7 +187,7 @@ fn requeue(
     });
     // Unpark, so the requeued events apply rather than park again. A skipped poison event
     // counts as passed: a redelivered copy of it is a duplicate.
-    if core.instance(st, key)?.is_some()
+    if (parked || skipped_at.is_some())
         && let Some(inst) = core.instance_mut(st, key, false)
     {
         inst.parked = None;
@@ -192,6 +223,10 @@ fn replay(
     };
     if let Some(key) = keys.iter().find(|k| core.is_blocked(st, k)) {
         return Ok(Err(AdminError::ReplayWhileRetrying { key: key.clone() }));
+    }
+    // Every instance is read before any is reset.
+    for key in &keys {
+        core.instance(st, key)?;
     }
     let mut instances = Vec::new();
     for key in keys {

@@ -143,18 +143,26 @@ fn on_failure(
     if policy == PoisonPolicy::Park {
         let mut parked = Parked { poison_event_id: letter_id, since: now, error, seqs: BTreeMap::new() };
         parked.hold(&head.event.stream, head.event.seq);
-        if core.instance(st, &key)?.is_some() {
-            if let Some(inst) = core.instance_mut(st, &key, false) {
-                inst.parked = Some(parked);
-                inst.updated_at = now;
+        match core.instance(st, &key) {
+            Ok(Some(_)) => {
+                if let Some(inst) = core.instance_mut(st, &key, false) {
+                    inst.parked = Some(parked);
+                    inst.updated_at = now;
+                }
             }
-        } else {
-            let mut inst = new_instance(&head.event, now);
-            inst.parked = Some(parked);
-            st.overlay.instances.insert(key.clone(), inst);
+            Ok(None) => {
+                let mut inst = new_instance(&head.event, now);
+                inst.parked = Some(parked);
+                st.overlay.instances.insert(key.clone(), inst);
+            }
+            // The record cannot be marked without overwriting it: it stays as it is for an
+            // operator, and each later event of the key fails the same way and is
+            // quarantined in its turn.
+            Err(CoreError::Unreadable { .. }) => {}
+            Err(e) => return Err(e),
         }
     } else if head.event.seq > 0
-        && core.instance(st, &key)?.is_some()
+        && matches!(core.instance(st, &key), Ok(Some(_)))
         && let Some(inst) = core.instance_mut(st, &key, false)
     {
         // Skipped for good: a redelivered copy is a duplicate, not a second poison.
@@ -239,9 +247,25 @@ fn gate(core: &ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending) -> Result
     })
 }
 
-/// Applies one event to its instance. `Ok(Err(message))` is a program failure (retried by
-/// policy); `Err` aborts the batch.
+/// Applies one event to its instance. `Ok(Err(message))` is a failure of the key (retried
+/// by policy, then quarantined): the program failed, or its stored instance cannot be read;
+/// `Err` aborts the batch.
 fn apply_one(
+    core: &ShardCore,
+    st: &mut Staged,
+    key: &SagaKey,
+    p: &Pending,
+    now: u64,
+) -> Result<Result<(), String>, CoreError> {
+    match apply_read(core, st, key, p, now) {
+        // The gate reads the instance before anything is staged, so nothing of this event
+        // is in the batch.
+        Err(e @ CoreError::Unreadable { .. }) => Ok(Err(e.to_string())),
+        other => other,
+    }
+}
+
+fn apply_read(
     core: &ShardCore,
     st: &mut Staged,
     key: &SagaKey,

@@ -2,11 +2,22 @@
 //! `completed` (with the exact result event) only after the result's PubAck; a command
 //! already completed is answered with its recorded result, and one running in this process
 //! is not started twice.
+//!
+//! Completed records are pruned once they are older than the retention
+//! (`CoreConfig::effect_retention_ms`), one slice of the table per batch at most
+//! (invariant 12: every table is bounded).
 
 use super::{Action, CoreError, RequestId, ShardCore, Staged};
 use crate::keys::EffectKey;
 use crate::message::{FinishError, GateDecision};
 use crate::record::EffectRecord;
+
+/// Wait between two slices of one pass over the effect table: at most twenty slices a
+/// second, so a large table costs the shard a small share of its thread.
+const SLICE_PAUSE_MS: u64 = 50;
+/// Wait between the end of one pass and the start of the next, at most (a quarter of the
+/// retention when that is shorter, so a record outlives its retention by little).
+const PASS_PAUSE_MS: u64 = 10_000;
 
 pub(super) fn begin(
     core: &ShardCore,
@@ -88,4 +99,53 @@ pub(super) fn release(core: &ShardCore, st: &mut Staged, key: &EffectKey) {
     if core.in_flight(st, key).is_some() {
         core.set_in_flight(st, key.clone(), None);
     }
+}
+
+/// What the prune reads of a gate record (the result body is skipped, not decoded).
+#[derive(serde::Deserialize)]
+struct Age {
+    status: AgeStatus,
+    updated_at: u64,
+}
+
+#[derive(serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum AgeStatus {
+    Started,
+    Completed,
+}
+
+/// Deletes completed gate records older than the retention: one slice of at most
+/// `effect_sweep` records per call, resuming where the last one stopped. `started` records
+/// stay (the provider may be running, or a crash left the command to be delivered again),
+/// and so does a record this batch wrote or a call in flight here.
+pub(super) fn prune(core: &ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
+    let Some(retention) = core.cfg.effect_retention_ms else { return Ok(()) };
+    if core.cfg.effect_sweep == 0 || now < core.next_effect_prune {
+        return Ok(());
+    }
+    let page = core.store.read()?.effects_page::<Age>(core.effect_cursor.as_ref(), core.cfg.effect_sweep)?;
+    let more = page.len() >= core.cfg.effect_sweep;
+    let cursor = if more { page.last().map(|(k, _)| k.clone()) } else { None };
+    let pause = if more { SLICE_PAUSE_MS } else { (retention / 4).clamp(SLICE_PAUSE_MS, PASS_PAUSE_MS) };
+    st.overlay.effect_prune = Some((cursor, now + pause));
+    for (key, age) in page {
+        let age = match age {
+            Ok(a) => a,
+            Err(e) => {
+                // Left for an operator; the gate reports the same error for this command.
+                tracing::warn!(shard = core.shard, tenant = %key.tenant, command_id = %key.command_id, error = %e, "effect record cannot be read; not pruned");
+                continue;
+            }
+        };
+        if age.status == AgeStatus::Completed
+            && age.updated_at.saturating_add(retention) < now
+            && !st.overlay.effects.contains_key(&key)
+            && core.in_flight(st, &key).is_none()
+        {
+            st.batch.delete_effect(&key);
+            st.stats.effects_pruned += 1;
+        }
+    }
+    Ok(())
 }

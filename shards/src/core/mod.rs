@@ -36,6 +36,7 @@ mod tests;
 
 pub use action::{Action, RequestId};
 pub use apply::{event_dynamic, json_dynamic};
+pub use query::deadletter_order;
 pub use timers::subject_token;
 
 use crate::keys::{EffectKey, OutboxKey, SagaKey, ScheduleKey};
@@ -66,6 +67,14 @@ pub struct CoreConfig {
     pub retention_ms: Option<u64>,
     /// Instances examined per retention sweep. Default 1,000.
     pub retention_sweep: usize,
+    /// Completed effect-gate records are removed this long after they completed; `None`
+    /// keeps them. Must outlast every way a command can be delivered again (the streams'
+    /// `Nats-Msg-Id` dedupe window, redeliveries, re-sends): past it a command runs again.
+    /// Default 7 days.
+    pub effect_retention_ms: Option<u64>,
+    /// Effect-gate records examined per slice of the prune (one slice per batch at most).
+    /// Default 1,000.
+    pub effect_sweep: usize,
     /// Backoff between failed dispatches of an outbox item. The shell sets it from the
     /// relay's settings (`RelayConfig::retry`).
     pub dispatch_retry: RetrySpec,
@@ -82,6 +91,8 @@ impl Default for CoreConfig {
             timer_batch: 1_000,
             retention_ms: Some(7 * 24 * 3_600_000),
             retention_sweep: 1_000,
+            effect_retention_ms: Some(7 * 24 * 3_600_000),
+            effect_sweep: 1_000,
             dispatch_retry: relay.retry,
             dispatch_attempts: relay.max_attempts,
         }
@@ -199,6 +210,8 @@ pub struct BatchStats {
     pub deadletters: u64,
     pub effects_started: u64,
     pub effects_completed: u64,
+    /// Completed effect-gate records deleted past their retention.
+    pub effects_pruned: u64,
     /// Program time in this batch, nanoseconds.
     pub program_ns: u64,
     /// Lateness of the timers fired in this batch (`now − due_at`), milliseconds.
@@ -232,6 +245,8 @@ pub struct Overlay {
     deadletter_at: u64,
     /// The retention sweep ran: where the next one starts and when.
     retention: Option<(Option<SagaKey>, u64)>,
+    /// A slice of the effect prune ran: where the next one starts and when.
+    effect_prune: Option<(Option<EffectKey>, u64)>,
     /// The schedule table changed (the next due time is recomputed on adoption).
     schedules_changed: bool,
 }
@@ -251,11 +266,18 @@ impl Staged {
     }
 }
 
-/// Errors that abort a whole batch (nothing of it is kept; the same work runs again later).
+/// Errors that abort a whole batch (nothing of it is kept; the same work runs again later),
+/// and one that belongs to a single key.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A stored instance cannot be decoded (a state nested deeper than serde_json reads,
+    /// written by a version without output limits, or a damaged record). It belongs to its
+    /// key: the event that needed it is quarantined (invariant 12), an operator action on
+    /// the key is refused.
+    #[error("shard {shard}: the stored instance {key} cannot be read: {why}")]
+    Unreadable { shard: usize, key: SagaKey, why: String },
 }
 
 /// One shard's saga executor, effect gate, outbox bookkeeping and scheduler state.
@@ -279,6 +301,8 @@ pub struct ShardCore {
     deadletter_at: u64,
     retention_cursor: Option<SagaKey>,
     next_sweep: u64,
+    effect_cursor: Option<EffectKey>,
+    next_effect_prune: u64,
 }
 
 impl ShardCore {
@@ -290,9 +314,9 @@ impl ShardCore {
         manifests: Arc<ManifestSet>,
     ) -> Result<Self, ShardError> {
         let programs = Programs::build(&manifests)?;
-        let (outbox_seq, next_due) = {
+        let (outbox_seq, next_due, deadletter_at) = {
             let view = store.read()?;
-            (view.max_outbox_seq()?, view.next_due()?)
+            (view.max_outbox_seq()?, view.next_due()?, view.deadletter_clock()?)
         };
         let capacity = NonZeroUsize::new(cfg.cache_capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
         Ok(Self {
@@ -308,9 +332,11 @@ impl ShardCore {
             held_timers: AHashSet::new(),
             next_due,
             outbox_seq,
-            deadletter_at: 0,
+            deadletter_at,
             retention_cursor: None,
             next_sweep: 0,
+            effect_cursor: None,
+            next_effect_prune: 0,
         })
     }
 
@@ -364,7 +390,8 @@ impl ShardCore {
         Ok(())
     }
 
-    /// Runs one batch: `work`, then due retries, due timers and the retention sweep.
+    /// Runs one batch: `work`, then due retries, due timers, the retention sweep and a slice
+    /// of the effect prune.
     pub fn run_batch(&self, work: &[Work], now: u64) -> Result<Staged, CoreError> {
         self.run_batch_with(work, now, now)
     }
@@ -384,6 +411,7 @@ impl ShardCore {
         apply::retry_due(self, &mut st, now)?;
         timers::fire_due(self, &mut st, timers_until.min(now), now)?;
         timers::sweep_retention(self, &mut st, now)?;
+        effects::prune(self, &mut st, now)?;
         self.finish(&mut st);
         Ok(st)
     }
@@ -413,8 +441,12 @@ impl ShardCore {
         }
     }
 
-    /// Writes the changed instances into the batch (once each, however many events).
+    /// Writes the changed instances into the batch (once each, however many events), and
+    /// the dead-letter stamp if the batch gave any out.
     fn finish(&self, st: &mut Staged) {
+        if st.overlay.deadletter_at > self.deadletter_at {
+            st.batch.set_deadletter_clock(st.overlay.deadletter_at);
+        }
         let mut failed = Vec::new();
         for (key, inst) in &st.overlay.instances {
             match serde_json::to_vec(inst) {
@@ -446,6 +478,7 @@ impl ShardCore {
             outbox_seq,
             deadletter_at,
             retention,
+            effect_prune,
             schedules_changed,
         } = overlay;
         let cache = self.cache.get_mut();
@@ -482,6 +515,10 @@ impl ShardCore {
         if let Some((cursor, next)) = retention {
             self.retention_cursor = cursor;
             self.next_sweep = next;
+        }
+        if let Some((cursor, next)) = effect_prune {
+            self.effect_cursor = cursor;
+            self.next_effect_prune = next;
         }
         if schedules_changed {
             self.next_due = timers::next_due(self);
@@ -578,8 +615,9 @@ impl ShardCore {
         st.overlay.outbox_seq
     }
 
-    /// Dead-letter times are strictly increasing per shard so that a key's letters list in
-    /// the order they were written.
+    /// Dead-letter stamps are strictly increasing per shard, also across restarts (the last
+    /// one is stored with the letters), so that a key's letters keep the order it received
+    /// them. A stamp is the time in ms unless a burst ran it ahead of the clock.
     fn next_deadletter_at(&self, st: &mut Staged, now: u64) -> u64 {
         st.overlay.deadletter_at = (st.overlay.deadletter_at + 1).max(now);
         st.overlay.deadletter_at
@@ -631,13 +669,10 @@ impl ShardCore {
     fn read_instance(&self, key: &SagaKey) -> Result<Option<Instance>, CoreError> {
         let view = self.store.read()?;
         let Some(raw) = view.saga_raw(key)? else { return Ok(None) };
-        let inst: Instance = serde_json::from_slice(raw).map_err(|e| {
-            CoreError::Store(StoreError::Corrupt {
-                shard: self.shard,
-                path: self.store.path().to_owned(),
-                db: "sagas",
-                why: format!("{key}: {e}"),
-            })
+        let inst: Instance = serde_json::from_slice(raw).map_err(|e| CoreError::Unreadable {
+            shard: self.shard,
+            key: key.clone(),
+            why: e.to_string(),
         })?;
         Ok(Some(inst))
     }

@@ -8,6 +8,17 @@ use crate::message::{BlockedView, DeadLetterView, SagaPage, SagaView, ShardStats
 use crate::record::EffectRecord;
 use crate::store::StoreError;
 
+/// Where a dead letter lists: letters of a stream message by (stream, sequence), which a
+/// restart or a clock cannot change; then the others (timers, results applied in place,
+/// dispatch failures) by their stamp. Ties (one message dead-lettered for several sagas,
+/// or twice) by stamp and id.
+pub fn deadletter_order(v: &DeadLetterView) -> (bool, &str, u64, u64, &str) {
+    match (&v.letter.stream, v.letter.seq) {
+        (Some(stream), seq) if seq > 0 => (false, stream, seq, v.key.at, &v.key.id),
+        _ => (true, "", 0, v.key.at, &v.key.id),
+    }
+}
+
 /// Outbox items of an instance's partition read for one saga query at most.
 const OUTBOX_SCAN: usize = 4_096;
 
@@ -66,20 +77,23 @@ impl ShardCore {
         self.store.read()?.effect(key)
     }
 
-    /// Dead letters of a tenant in the order they were written.
+    /// Dead letters of a tenant: the first `limit` written after `after`, listed in
+    /// [`deadletter_order`].
     pub fn deadletter_views(
         &self,
         tenant: &str,
         after: Option<&DeadLetterKey>,
         limit: usize,
     ) -> Result<Vec<DeadLetterView>, StoreError> {
-        Ok(self
+        let mut views: Vec<DeadLetterView> = self
             .store
             .read()?
             .deadletters(tenant, after, limit)?
             .into_iter()
             .map(|(key, letter)| DeadLetterView { letter, key, shard: self.shard })
-            .collect())
+            .collect();
+        views.sort_by(|a, b| deadletter_order(a).cmp(&deadletter_order(b)));
+        Ok(views)
     }
 
     /// A page of the instances of one saga of one tenant.

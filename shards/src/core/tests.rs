@@ -62,6 +62,7 @@ impl TestEnv {
         Self::with_config(manifests, cfg)
     }
 
+    /// [`Self::new`] with the core's settings given.
     pub fn with_config(manifests: impl FnOnce(&Path) -> Arc<ManifestSet>, cfg: CoreConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let manifests = manifests(dir.path());
@@ -1418,3 +1419,7 @@ fn a_result_run_in_place_for_a_blocked_key_waits_with_its_item_kept() {
     assert_eq!(env.core().blocked_keys(), 1);
     assert!(env.outbox().iter().any(|(k, _)| *k == item_key), "the item went while its result waits in memory");
 }
+
+mod deadletters;
+mod limits;
+mod prune;
