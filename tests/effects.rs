@@ -1,6 +1,7 @@
 //! Effect workers against a real nats-server and an HTTP upstream fixture: the idempotency
 //! gate under duplicate deliveries, a result publish across a NATS outage, retry backoff,
-//! per-attempt timeouts, and the circuit breaker's states.
+//! per-attempt timeouts, the circuit breaker's states, and URL templates that
+//! percent-encode event data.
 
 mod support;
 
@@ -199,5 +200,37 @@ fn the_breaker_opens_waits_half_opens_and_closes() {
     wait_until(T, "b3's result", || results(&h).len() == 3);
     assert_eq!(results(&h)[2]["outcome"], "succeeded");
     assert_eq!(upstream.count(), 3);
+    app.shutdown();
+}
+
+/// A command for the effect `effect` with `payload`.
+fn command_with(h: &Harness, id: &str, effect: &str, payload: serde_json::Value) {
+    let body = serde_json::json!({
+        "command_id": id, "tenant_id": "acme", "effect": effect, "saga": "order", "correlation_id": format!("o-{id}"),
+        "payload": payload,
+    });
+    h.publish(&format!("workflow.commands.acme.{effect}"), &[("Nats-Msg-Id", id)], &body);
+}
+
+const ROUTE: &str = "  - name: route\n    provider: http\n    settings: { method: PUT, url: \"UPSTREAM/orders/{{payload.order}}/pay?note={{payload.note}}&id={{command_id}}\" }\n    retry: { attempts: 1 }\n";
+
+#[test]
+fn url_templates_percent_encode_values_from_event_data() {
+    let h = Harness::new();
+    let upstream = HttpFixture::start().unwrap();
+    let app = h.start(effect_config(&h, &upstream, ROUTE));
+    command_with(&h, "u1", "route", serde_json::json!({"order": "../admin?x=1#top", "note": "a&b=c #50% /x"}));
+    wait_until(T, "a result", || results(&h).len() == 1);
+    assert_eq!(results(&h)[0]["outcome"], "succeeded", "{}", results(&h)[0]);
+    let calls = upstream.records();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].path, "/orders/..%2Fadmin%3Fx%3D1%23top/pay?note=a%26b%3Dc%20%2350%25%20%2Fx&id=u1");
+    // A value that would be a whole `..` segment is refused: no call, a failed result.
+    command_with(&h, "u2", "route", serde_json::json!({"order": "..", "note": "n"}));
+    wait_until(T, "a second result", || results(&h).len() == 2);
+    let r = &results(&h)[1];
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["error"].as_str().unwrap_or_default().contains("dot segment"), "{r}");
+    assert_eq!(upstream.count(), 1, "a call with a `..` segment was made");
     app.shutdown();
 }

@@ -596,6 +596,10 @@ fn check_provider_settings(effect: &EffectSpec) -> Vec<(String, String)> {
                 Some(u) if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("secret:")) => {
                     out.push(("settings.url".into(), format!("{u:?} is not an http(s) URL")))
                 }
+                Some(u) if placeholder_before_path(u) => out.push((
+                    "settings.url".into(),
+                    format!("{u:?} has a placeholder in its host; values may only fill the path or the query"),
+                )),
                 _ => {}
             }
             if let Some(m) = s.get("method") {
@@ -625,6 +629,14 @@ fn check_provider_settings(effect: &EffectSpec) -> Vec<(String, String)> {
         ProviderKind::Log | ProviderKind::Noop => {}
     }
     out
+}
+
+/// Whether a URL template has a `{{placeholder}}` before its path: in the scheme or host,
+/// where a command's data would choose who is called.
+fn placeholder_before_path(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    scheme.contains("{{") || authority.contains("{{")
 }
 
 /// Reads a value by dotted path (`data.order_id`) from JSON; numbers and booleans are

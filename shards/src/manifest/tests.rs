@@ -164,6 +164,20 @@ fn backoff_grows_and_caps() {
 }
 
 #[test]
+fn an_effect_url_with_a_placeholder_in_its_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(
+        dir.path(),
+        "e.yaml",
+        "effects:\n  - { name: a, provider: http, settings: { url: \"http://{{payload.host}}/pay\" } }\n  - { name: b, provider: http, settings: { url: \"http://up:{{payload.port}}\" } }\n  - { name: c, provider: http, settings: { url: \"http://up/o/{{payload.id}}?n={{payload.n}}\" } }\n",
+    );
+    let errs = ManifestSet::load(&[m], &ok_check).unwrap_err();
+    let fields: Vec<_> = errs.0.iter().map(|e| (e.item.as_str(), e.field.as_str())).collect();
+    assert_eq!(fields, [("effect \"a\" (effects[0])", "settings.url"), ("effect \"b\" (effects[1])", "settings.url")]);
+    assert!(errs.0[0].message.contains("values may only fill the path or the query"), "{errs}");
+}
+
+#[test]
 fn variables_expand_with_defaults_and_missing_ones_are_named() {
     let vars = |n: &str| (n == "HOST").then(|| "example.org".to_owned());
     assert_eq!(expand_vars("a ${HOST} b ${PORT:-80} c", &vars).unwrap(), "a example.org b 80 c");
