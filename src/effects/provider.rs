@@ -11,6 +11,10 @@
 //! Templates (`{{payload.a.b}}`, `{{command_id}}`, ...) are filled by [`super::template`]:
 //! values in a URL are percent-encoded for their position, in headers and bodies kept as
 //! they are.
+//!
+//! What an HTTP answer means: 2xx succeeded; 409 in progress (the upstream still works
+//! under the same idempotency key: asked again later, same key); 408, 429, 5xx, timeouts
+//! and transport errors unknown (retried, same key); any other status a definite failure.
 
 use crate::effects::http::Client as HttpClient;
 use crate::effects::template::{render_json, render_str, render_url};
@@ -29,10 +33,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Succeeded(Value),
-    /// Permanent: retrying will not help (4xx other than 408/429, a declared failure).
+    /// Permanent: retrying will not help (4xx other than 408/409/429, a declared failure).
     Failed(String),
-    /// May succeed if tried again (5xx, 408, 429, timeouts, transport errors).
+    /// Unknown: may have happened, may succeed if tried again (5xx, 408, 429, timeouts,
+    /// transport errors).
     Retryable(String),
+    /// The upstream answered 409: its work under this idempotency key is still in progress.
+    /// Asked again later with the same key; the upstream is up (no breaker failure).
+    InProgress(String),
 }
 
 pub type Call<'a> = Pin<Box<dyn Future<Output = Outcome> + 'a>>;
@@ -246,14 +254,20 @@ impl Provider for HttpProvider {
                     serde_json::json!({ "status": status, "body": body })
                 }),
                 408 | 429 | 500..=599 => Outcome::Retryable(format!("upstream answered {status}")),
-                _ => {
-                    let reason =
-                        body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned);
-                    Outcome::Failed(reason.unwrap_or_else(|| format!("upstream answered {status}")))
-                }
+                409 => Outcome::InProgress(format!(
+                    "upstream answered 409 (in progress under idempotency key {}): {}",
+                    cmd.command_id,
+                    reason_of(&body).unwrap_or_default()
+                )),
+                _ => Outcome::Failed(reason_of(&body).unwrap_or_else(|| format!("upstream answered {status}"))),
             }
         })
     }
+}
+
+/// The reason an upstream gave in its answer (`reason` or `error`), if any.
+fn reason_of(body: &Value) -> Option<String> {
+    body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned)
 }
 
 struct NatsRequestProvider {
