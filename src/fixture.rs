@@ -39,7 +39,8 @@ impl Recorded {
 pub struct Script {
     /// Answer this many requests with 500 first.
     pub fail_next: u32,
-    /// Answer this many requests with 409 (duplicate) next.
+    /// Answer this many requests with 409 `{"error":"duplicate"}` next: the Gateway
+    /// contract's "done before under this idempotency key".
     pub conflict_next: u32,
     /// Answer every request with this status.
     pub status: Option<u16>,

@@ -179,7 +179,7 @@ fn a_publish_stuck_on_a_frozen_server_does_not_hold_back_the_gateway_call_sent_w
 }
 
 #[test]
-fn gateway_failures_are_retried_and_a_409_counts_as_delivered() {
+fn gateway_failures_are_retried_and_a_duplicate_409_counts_as_delivered() {
     let h = Harness::new();
     let gateway = HttpFixture::start().unwrap();
     gateway.script(|s| s.fail_next = 2);
@@ -215,6 +215,41 @@ fn gateway_failures_are_retried_and_a_409_counts_as_delivered() {
         saga_state(&app, "acme", SAGA, "o-2")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
     });
     assert_eq!(gateway.records().len(), 4, "a 409 was retried");
+    app.shutdown();
+}
+
+#[test]
+fn a_gateway_409_that_is_not_a_duplicate_is_retried_not_delivered() {
+    // The Gateway contract: only a 409 whose body is `{"error":"duplicate"}` means "already
+    // done". Any other 409 (here a conflict) is a failed attempt, retried with the same key.
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = answered.clone();
+    gateway.set_handler(std::sync::Arc::new(move |_| match n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => Some(runner::fixture::Reply::new(409, serde_json::json!({"error": "version conflict"}))),
+        1 => Some(runner::fixture::Reply::new(409, serde_json::json!("busy"))),
+        _ => None,
+    }));
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    cfg.relay.retry.backoff_ms = 50;
+    cfg.relay.retry.max_backoff_ms = 200;
+    let app = h.start(cfg);
+    h.event(
+        "acme",
+        "order",
+        "OrderPlaced",
+        "p-9",
+        serde_json::json!({"order_id": "o-9", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+    );
+    wait_until(T, "the outbox drains", || {
+        saga_state(&app, "acme", SAGA, "o-9")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let calls = gateway.records();
+    assert_eq!(calls.len(), 3, "a 409 that is not a duplicate counted as delivered");
+    assert!(calls.iter().all(|c| c.header("idempotency-key") == calls[0].header("idempotency-key")));
+    assert!(deadletters(&app, "acme").is_empty(), "a conflict was dead-lettered");
     app.shutdown();
 }
 

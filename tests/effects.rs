@@ -1,6 +1,7 @@
 //! Effect workers against a real nats-server and an HTTP upstream fixture: the idempotency
 //! gate under duplicate deliveries, a result publish across a NATS outage, retry backoff,
-//! per-attempt timeouts, and the circuit breaker's states.
+//! per-attempt timeouts, the circuit breaker's states, 409 as "in progress", the retry
+//! budget for unknown outcomes, and URL templates that percent-encode event data.
 
 mod support;
 
@@ -199,5 +200,101 @@ fn the_breaker_opens_waits_half_opens_and_closes() {
     wait_until(T, "b3's result", || results(&h).len() == 3);
     assert_eq!(results(&h)[2]["outcome"], "succeeded");
     assert_eq!(upstream.count(), 3);
+    app.shutdown();
+}
+
+/// A command for the effect `effect` with `payload`.
+fn command_with(h: &Harness, id: &str, effect: &str, payload: serde_json::Value) {
+    let body = serde_json::json!({
+        "command_id": id, "tenant_id": "acme", "effect": effect, "saga": "order", "correlation_id": format!("o-{id}"),
+        "payload": payload,
+    });
+    h.publish(&format!("workflow.commands.acme.{effect}"), &[("Nats-Msg-Id", id)], &body);
+}
+
+#[test]
+fn an_upstream_409_means_in_progress_and_is_retried_with_the_same_key() {
+    let h = Harness::new();
+    let upstream = HttpFixture::start().unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = answered.clone();
+    upstream.set_handler(std::sync::Arc::new(move |_| {
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+            Some(runner::fixture::Reply::new(409, serde_json::json!({"error": "same idempotency key in progress"})))
+        } else {
+            Some(runner::fixture::Reply::new(200, serde_json::json!({"charged": true})))
+        }
+    }));
+    let yaml = format!("{PAY}    retry: {{ backoff_ms: 50, max_backoff_ms: 100, jitter: 0 }}\n");
+    let app = h.start(effect_config(&h, &upstream, &yaml));
+    command(&h, "c6", "c6");
+    wait_until(T, "a result", || results(&h).len() == 1);
+    let r = &results(&h)[0];
+    assert_eq!(r["outcome"], "succeeded", "a 409 (in progress) became a final failure: {r}");
+    assert_eq!(r["payload"], serde_json::json!({"charged": true}));
+    let calls = upstream.records();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|c| c.header("idempotency-key") == Some("c6")));
+    // The upstream answered every time: a 409 is no reason to open its breaker.
+    assert_eq!(app.bridge().shared().breakers().get(&upstream.addr().to_string()).copied(), Some(0));
+    app.shutdown();
+}
+
+#[test]
+fn unknown_outcomes_are_retried_well_past_three_attempts_by_default() {
+    // No `attempts` and no `give_up_after_ms`: the defaults. Five 500s in a row (an
+    // upstream restarting) must not end in a failed result and a compensation.
+    let h = Harness::new();
+    let upstream = HttpFixture::start().unwrap();
+    upstream.script(|s| s.fail_next = 5);
+    let yaml = format!("{PAY}    retry: {{ backoff_ms: 20, max_backoff_ms: 40, jitter: 0 }}\n");
+    let app = h.start(effect_config(&h, &upstream, &yaml));
+    command(&h, "c7", "c7");
+    wait_until(T, "a result", || results(&h).len() == 1);
+    assert_eq!(results(&h)[0]["outcome"], "succeeded", "{}", results(&h)[0]);
+    let calls = upstream.records();
+    assert_eq!(calls.len(), 6);
+    assert!(calls.iter().all(|c| c.header("idempotency-key") == Some("c7")));
+    app.shutdown();
+}
+
+#[test]
+fn the_retry_budget_ends_in_a_failed_result_that_says_so() {
+    // Waits of 20, 40, 40 ms fit into 100 ms; the next would not: four attempts.
+    let h = Harness::new();
+    let upstream = HttpFixture::start().unwrap();
+    upstream.script(|s| s.status = Some(503));
+    let yaml = format!("{PAY}    retry: {{ backoff_ms: 20, max_backoff_ms: 40, jitter: 0, give_up_after_ms: 100 }}\n");
+    let app = h.start(effect_config(&h, &upstream, &yaml));
+    command(&h, "c8", "c8");
+    wait_until(T, "a result", || results(&h).len() == 1);
+    let r = &results(&h)[0];
+    assert_eq!(r["outcome"], "failed");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("gave up after 4 attempts") && error.contains("503"), "{r}");
+    assert_eq!(upstream.count(), 4);
+    app.shutdown();
+}
+
+const ROUTE: &str = "  - name: route\n    provider: http\n    settings: { method: PUT, url: \"UPSTREAM/orders/{{payload.order}}/pay?note={{payload.note}}&id={{command_id}}\" }\n    retry: { attempts: 1 }\n";
+
+#[test]
+fn url_templates_percent_encode_values_from_event_data() {
+    let h = Harness::new();
+    let upstream = HttpFixture::start().unwrap();
+    let app = h.start(effect_config(&h, &upstream, ROUTE));
+    command_with(&h, "u1", "route", serde_json::json!({"order": "../admin?x=1#top", "note": "a&b=c #50% /x"}));
+    wait_until(T, "a result", || results(&h).len() == 1);
+    assert_eq!(results(&h)[0]["outcome"], "succeeded", "{}", results(&h)[0]);
+    let calls = upstream.records();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].path, "/orders/..%2Fadmin%3Fx%3D1%23top/pay?note=a%26b%3Dc%20%2350%25%20%2Fx&id=u1");
+    // A value that would be a whole `..` segment is refused: no call, a failed result.
+    command_with(&h, "u2", "route", serde_json::json!({"order": "..", "note": "n"}));
+    wait_until(T, "a second result", || results(&h).len() == 2);
+    let r = &results(&h)[1];
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["error"].as_str().unwrap_or_default().contains("dot segment"), "{r}");
+    assert_eq!(upstream.count(), 1, "a call with a `..` segment was made");
     app.shutdown();
 }

@@ -105,6 +105,70 @@ impl RetrySpec {
     }
 }
 
+/// Retry policy of an effect call whose outcome is unknown or not final yet: a timeout, a
+/// transport error (a connection reset after the request was sent included), 408, 429,
+/// 5xx, or an upstream's 409 (its work under the same idempotency key is still in
+/// progress). Every retry carries the same idempotency key, so the upstream can make it
+/// harmless; giving up early would turn a call that may still succeed into a failed result
+/// and a compensation, so by default an effect keeps trying for about ten minutes. A
+/// definite refusal (another 4xx) is final at once, whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EffectRetrySpec {
+    /// Attempts in all, at most (1 = no retry). Default: no limit but `give_up_after_ms`.
+    pub attempts: Option<u32>,
+    /// First backoff; each next one doubles. Default 200 ms.
+    pub backoff_ms: u64,
+    /// Backoff cap. Default 30 s.
+    pub max_backoff_ms: u64,
+    /// Random spread of each backoff, 0..=1. Default 0.2.
+    pub jitter: f64,
+    /// Gives up (a failed result) once the backoffs waited so far, counted without jitter,
+    /// plus the next one would pass this. Each attempt also takes up to the effect's
+    /// `timeout_ms`. 0: no retry. Default 600,000 (10 minutes: 27 attempts with the
+    /// default backoffs).
+    pub give_up_after_ms: u64,
+}
+
+impl Default for EffectRetrySpec {
+    fn default() -> Self {
+        Self { attempts: None, backoff_ms: 200, max_backoff_ms: 30_000, jitter: 0.2, give_up_after_ms: 600_000 }
+    }
+}
+
+impl EffectRetrySpec {
+    /// The backoff schedule (the same exponential curve as [`RetrySpec`]).
+    fn schedule(&self) -> RetrySpec {
+        RetrySpec {
+            attempts: u32::MAX,
+            backoff_ms: self.backoff_ms,
+            max_backoff_ms: self.max_backoff_ms,
+            jitter: self.jitter,
+        }
+    }
+
+    /// The backoffs waited after `attempts` failed attempts, without jitter.
+    pub fn waited_ms(&self, attempts: u32) -> u64 {
+        let s = self.schedule();
+        // From attempt 32 on the backoff no longer grows (`RetrySpec::backoff` caps the shift).
+        let growing = (1..=attempts.min(32)).fold(0u64, |sum, a| sum.saturating_add(s.backoff(a)));
+        growing.saturating_add(u64::from(attempts.saturating_sub(32)).saturating_mul(s.backoff(33)))
+    }
+
+    /// The wait before the next attempt after attempt number `attempt` (from 1) ended with
+    /// an unknown outcome, or `None` when the policy gives up. `unit` in [0, 1) spreads it.
+    pub fn next_wait(&self, attempt: u32, unit: f64) -> Option<u64> {
+        if self.attempts.is_some_and(|limit| attempt >= limit) {
+            return None;
+        }
+        let next = self.schedule().backoff(attempt);
+        if self.waited_ms(attempt.saturating_sub(1)).saturating_add(next) > self.give_up_after_ms {
+            return None;
+        }
+        Some(self.schedule().backoff_jittered(attempt, unit))
+    }
+}
+
 /// When a saga reacts to an event.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -199,8 +263,9 @@ pub struct EffectSpec {
     /// Provider settings; string values may be `secret:NAME`.
     #[serde(default)]
     pub settings: BTreeMap<String, serde_json::Value>,
+    /// Retries of calls whose outcome is unknown or in progress (see [`EffectRetrySpec`]).
     #[serde(default)]
-    pub retry: RetrySpec,
+    pub retry: EffectRetrySpec,
     /// Per-attempt timeout. Default 5 s.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -441,7 +506,10 @@ impl ManifestSet {
                         format!("duplicate effect name, first defined in {}", first.display()),
                     ));
                 }
-                check_retry(&effect.retry, "retry", &item, &err, &mut errors);
+                check_retry(&effect.retry.schedule(), "retry", &item, &err, &mut errors);
+                if effect.retry.attempts == Some(0) {
+                    errors.push(err(item.clone(), "retry.attempts", "must be at least 1".into()));
+                }
                 if effect.timeout_ms == 0 {
                     errors.push(err(item.clone(), "timeout_ms", "must be above 0".into()));
                 }
@@ -611,6 +679,10 @@ fn check_provider_settings(effect: &EffectSpec) -> Vec<(String, String)> {
                 Some(u) if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("secret:")) => {
                     out.push(("settings.url".into(), format!("{u:?} is not an http(s) URL")))
                 }
+                Some(u) if placeholder_before_path(u) => out.push((
+                    "settings.url".into(),
+                    format!("{u:?} has a placeholder in its host; values may only fill the path or the query"),
+                )),
                 _ => {}
             }
             if let Some(m) = s.get("method") {
@@ -640,6 +712,14 @@ fn check_provider_settings(effect: &EffectSpec) -> Vec<(String, String)> {
         ProviderKind::Log | ProviderKind::Noop => {}
     }
     out
+}
+
+/// Whether a URL template has a `{{placeholder}}` before its path: in the scheme or host,
+/// where a command's data would choose who is called.
+fn placeholder_before_path(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    scheme.contains("{{") || authority.contains("{{")
 }
 
 /// Reads a value by dotted path (`data.order_id`) from JSON; numbers and booleans are

@@ -6,9 +6,11 @@
 //! ```text
 //! relay (combined mode: the saga's own shard) ─ effect item ─> run_effect:
 //!   breaker open ─────────────────────────────> Later { wait, not an attempt }
-//!   provider call (timeout) ─ retryable, attempts left ─> Later { backoff, an attempt }
+//!   provider call (timeout) ─ unknown or in progress (409), the retry policy's budget
+//!                             not spent ─> Later { backoff, an attempt; same key }
 //!                           ─ succeeded / failed / gave up ─> Ran { result event, record }
 //! relay ─ Gateway command ─> post_gateway ─> Delivered / Retry / Permanent
+//!   (2xx or 409 {"error":"duplicate"}: Delivered; any other 409: Retry, a conflict)
 //! effect worker (effect mode, bridge) ─ RunEffect ─> run_effect (the same path)
 //! ```
 
@@ -190,17 +192,31 @@ impl ShardCaller {
         };
         metrics::histogram!("runner_effect_seconds", "effect" => effect.clone())
             .record(started.elapsed().as_secs_f64());
+        // An upstream that answered 409 is up: only unknown outcomes count against it.
         let ok = !matches!(outcome, Outcome::Retryable(_));
+        let in_progress = matches!(outcome, Outcome::InProgress(_));
         self.with_breaker(&upstream, spec, |b| if ok { b.success() } else { b.failure(now_ms()) });
         let (outcome, payload, error) = match outcome {
-            Outcome::Retryable(reason) if attempt < spec.retry.attempts => {
-                let wait_ms = spec.retry.backoff_jittered(attempt, rand::random::<f64>());
-                tracing::warn!(effect = %effect, command_id = %cmd.command_id, attempt, wait_ms, reason = %reason, "effect call failed; retrying");
-                metrics::counter!("runner_effect_retries_total", "effect" => effect.clone()).increment(1);
-                return DispatchOutcome::Later { wait_ms, error: reason, attempt: true };
-            }
-            Outcome::Retryable(reason) => {
-                ("failed", serde_json::json!({}), Some(format!("gave up after {attempt} attempts: {reason}")))
+            // Unknown or not final yet: ask again with the same idempotency key while the
+            // policy's budget lasts; a failed result now could compensate a call that the
+            // upstream then completes.
+            Outcome::Retryable(reason) | Outcome::InProgress(reason) => {
+                match spec.retry.next_wait(attempt, rand::random::<f64>()) {
+                    Some(wait_ms) => {
+                        if in_progress {
+                            tracing::info!(effect = %effect, command_id = %cmd.command_id, attempt, wait_ms, reason = %reason, "effect in progress at the upstream; asking again with the same key");
+                        } else {
+                            tracing::warn!(effect = %effect, command_id = %cmd.command_id, attempt, wait_ms, reason = %reason, "effect call failed; retrying");
+                        }
+                        metrics::counter!("runner_effect_retries_total", "effect" => effect.clone()).increment(1);
+                        return DispatchOutcome::Later { wait_ms, error: reason, attempt: true };
+                    }
+                    None => {
+                        let waited = spec.retry.waited_ms(attempt.saturating_sub(1));
+                        let error = format!("gave up after {attempt} attempts ({waited} ms of backoff): {reason}");
+                        ("failed", serde_json::json!({}), Some(error))
+                    }
+                }
             }
             Outcome::Succeeded(p) => ("succeeded", p, None),
             Outcome::Failed(reason) => ("failed", serde_json::json!({}), Some(reason)),
@@ -251,8 +267,11 @@ impl ShardCaller {
         DispatchOutcome::Ran(Box::new(RanEffect { event, command_subject, command, result_subject, result: body }))
     }
 
-    /// Submits one aggregate command to the Gateway. 2xx and 409 (duplicate) are delivered;
-    /// 408, 429, 5xx and transport errors are retried; other 4xx are permanent.
+    /// Submits one aggregate command to the Gateway. The Gateway contract: 2xx is done; 409
+    /// with the body `{"error":"duplicate"}` is done before under this idempotency key
+    /// (delivered); any other 409 is a conflict: not delivered, a failed attempt retried by
+    /// the relay's dispatch policy, like 408, 429, 5xx and transport errors; other 4xx are
+    /// permanent (a dead letter).
     pub async fn post_gateway(&self, item: OutboxItem) -> DispatchOutcome {
         let WorkKind::Command { command, aggregate, aggregate_id } = item.kind.clone() else {
             return DispatchOutcome::Permanent { error: format!("{} is not a Gateway command", item.work_id) };
@@ -260,6 +279,7 @@ impl ShardCaller {
         let Some(base) = self.inner.settings.gateway_url.as_deref() else {
             return DispatchOutcome::Retry { error: "gateway.url is not configured".into() };
         };
+        let name = command.clone();
         let bytes = match envelope::gateway_body(&item, command, aggregate, aggregate_id) {
             Ok(b) => b,
             Err(e) => return DispatchOutcome::Permanent { error: format!("cannot encode the gateway command: {e}") },
@@ -283,7 +303,14 @@ impl ShardCaller {
                 let status = resp.status;
                 let text: String = String::from_utf8_lossy(&resp.body).chars().take(200).collect();
                 match status {
-                    200..=299 | 409 => DispatchOutcome::Delivered,
+                    200..=299 => DispatchOutcome::Delivered,
+                    409 if is_duplicate(&resp.body) => DispatchOutcome::Delivered,
+                    409 => {
+                        tracing::warn!(tenant = %item.tenant, saga = %item.saga, correlation_id = %item.correlation_id, command_id = %item.work_id, command = %name, body = %text, "gateway answered 409 without the duplicate body: a conflict, not delivered; retrying");
+                        DispatchOutcome::Retry {
+                            error: format!("gateway answered 409 (a conflict, not a duplicate) to {name}: {text}"),
+                        }
+                    }
                     408 | 429 | 500..=599 => {
                         DispatchOutcome::Retry { error: format!("gateway answered {status}: {text}") }
                     }
@@ -294,6 +321,17 @@ impl ShardCaller {
             }
         }
     }
+}
+
+/// Whether a Gateway answer's body is the duplicate contract: a JSON object whose `error`
+/// is `"duplicate"` (other fields are ignored).
+fn is_duplicate(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow)]
+        error: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Answer<'_>>(body).is_ok_and(|a| a.error.as_deref() == Some("duplicate"))
 }
 
 /// The command an outbox item stands for, as an effect worker would have received it.
@@ -371,6 +409,27 @@ impl Caller for ShardCaller {
     fn reload(&self, set: &Arc<ManifestSet>) {
         if let Err(e) = self.rebuild(set) {
             tracing::error!(shard = self.inner.shard, error = %e, "effect providers not rebuilt; the previous ones stay");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_duplicate;
+
+    #[test]
+    fn only_the_duplicate_body_makes_a_gateway_409_delivered() {
+        assert!(is_duplicate(br#"{"error":"duplicate"}"#));
+        assert!(is_duplicate(br#"{ "error": "duplicate", "command_id": "w-1" }"#));
+        for body in [
+            &br#"{"error":"conflict"}"#[..],
+            br#"{"error":"Duplicate"}"#,
+            br#""duplicate""#,
+            b"",
+            b"duplicate",
+            br#"{"error":5}"#,
+        ] {
+            assert!(!is_duplicate(body), "{}", String::from_utf8_lossy(body));
         }
     }
 }

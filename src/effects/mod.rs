@@ -18,13 +18,15 @@
 //! In `combined` mode a saga's effects run in place on the saga's shard instead
 //! ([`caller`]), with the outbox item as their gate.
 //!
-//! Files: [`caller`] what a shard calls itself; [`provider`] the providers; [`breaker`]
-//! circuit breakers; [`http`] the shards' HTTP client.
+//! Files: [`caller`] what a shard calls itself; [`provider`] the providers; [`template`]
+//! the URL, header and body templates; [`breaker`] circuit breakers; [`http`] the shards'
+//! HTTP client.
 
 pub mod breaker;
 pub mod caller;
 pub mod http;
 pub mod provider;
+pub mod template;
 
 use crate::config::Config;
 use crate::context::Ctx;

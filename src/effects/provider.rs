@@ -8,11 +8,16 @@
 //! - `nats_request`: request-reply on a subject with a timeout, sent by the bridge.
 //! - `log` / `noop`: for development.
 //!
-//! Templates: in strings, `{{payload.a.b}}`, `{{command_id}}`, `{{tenant}}`,
-//! `{{correlation_id}}` are replaced; a body string that is exactly one placeholder becomes
-//! the JSON value itself (numbers stay numbers).
+//! Templates (`{{payload.a.b}}`, `{{command_id}}`, ...) are filled by [`super::template`]:
+//! values in a URL are percent-encoded for their position, in headers and bodies kept as
+//! they are.
+//!
+//! What an HTTP answer means: 2xx succeeded; 409 in progress (the upstream still works
+//! under the same idempotency key: asked again later, same key); 408, 429, 5xx, timeouts
+//! and transport errors unknown (retried, same key); any other status a definite failure.
 
 use crate::effects::http::Client as HttpClient;
+use crate::effects::template::{render_json, render_str, render_url};
 use crate::envelope::{CommandEnvelope, HDR_COMMAND_ID, HDR_CORRELATION, HDR_TENANT, HDR_TRACEPARENT};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,10 +33,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Succeeded(Value),
-    /// Permanent: retrying will not help (4xx other than 408/429, a declared failure).
+    /// Permanent: retrying will not help (4xx other than 408/409/429, a declared failure).
     Failed(String),
-    /// May succeed if tried again (5xx, 408, 429, timeouts, transport errors).
+    /// Unknown: may have happened, may succeed if tried again (5xx, 408, 429, timeouts,
+    /// transport errors).
     Retryable(String),
+    /// The upstream answered 409: its work under this idempotency key is still in progress.
+    /// Asked again later with the same key; the upstream is up (no breaker failure).
+    InProgress(String),
 }
 
 pub type Call<'a> = Pin<Box<dyn Future<Output = Outcome> + 'a>>;
@@ -103,18 +112,6 @@ pub enum NatsCallError {
 /// Where shards send their NATS requests (the bridge serves them).
 pub type NatsCalls = flume::Sender<NatsCall>;
 
-fn lookup<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
-    let mut cur = root;
-    for part in path.split('.') {
-        cur = match cur {
-            Value::Object(m) => m.get(part)?,
-            Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
 fn context_of(cmd: &CommandEnvelope) -> Value {
     serde_json::json!({
         "payload": cmd.payload,
@@ -124,51 +121,6 @@ fn context_of(cmd: &CommandEnvelope) -> Value {
         "saga": cmd.saga,
         "effect": cmd.effect,
     })
-}
-
-/// Replaces `{{path}}` placeholders in text.
-pub fn render_str(template: &str, ctx: &Value) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        match after.find("}}") {
-            Some(end) => {
-                let path = after[..end].trim();
-                match lookup(ctx, path) {
-                    Some(Value::String(s)) => out.push_str(s),
-                    Some(Value::Null) | None => {}
-                    Some(v) => out.push_str(&v.to_string()),
-                }
-                rest = &after[end + 2..];
-            }
-            None => {
-                out.push_str(&rest[start..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Renders a JSON template: strings are rendered; a string that is exactly one placeholder
-/// becomes the referenced value.
-pub fn render_json(template: &Value, ctx: &Value) -> Value {
-    match template {
-        Value::String(s) => {
-            let t = s.trim();
-            if t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1 {
-                lookup(ctx, t[2..t.len() - 2].trim()).cloned().unwrap_or(Value::Null)
-            } else {
-                Value::String(render_str(s, ctx))
-            }
-        }
-        Value::Array(a) => Value::Array(a.iter().map(|v| render_json(v, ctx)).collect()),
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), render_json(v, ctx))).collect()),
-        other => other.clone(),
-    }
 }
 
 /// Why an effect's provider cannot be built (manifest validation rules these out; a set
@@ -249,7 +201,11 @@ impl Provider for HttpProvider {
         Box::pin(async move {
             let ctx = context_of(cmd);
             let url = match self.secrets.resolve(&self.url) {
-                Ok(u) => render_str(&u, &ctx),
+                Ok(u) => match render_url(&u, &ctx) {
+                    Ok(url) => url,
+                    // The command's data cannot make a good URL: retrying will not help.
+                    Err(e) => return Outcome::Failed(format!("effect {}: {e}", self.effect)),
+                },
                 Err(e) => return Outcome::Retryable(e),
             };
             let method = match hyper::Method::from_bytes(self.method.as_bytes()) {
@@ -298,14 +254,20 @@ impl Provider for HttpProvider {
                     serde_json::json!({ "status": status, "body": body })
                 }),
                 408 | 429 | 500..=599 => Outcome::Retryable(format!("upstream answered {status}")),
-                _ => {
-                    let reason =
-                        body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned);
-                    Outcome::Failed(reason.unwrap_or_else(|| format!("upstream answered {status}")))
-                }
+                409 => Outcome::InProgress(format!(
+                    "upstream answered 409 (in progress under idempotency key {}): {}",
+                    cmd.command_id,
+                    reason_of(&body).unwrap_or_default()
+                )),
+                _ => Outcome::Failed(reason_of(&body).unwrap_or_else(|| format!("upstream answered {status}"))),
             }
         })
     }
+}
+
+/// The reason an upstream gave in its answer (`reason` or `error`), if any.
+fn reason_of(body: &Value) -> Option<String> {
+    body.get("reason").or_else(|| body.get("error")).and_then(|v| v.as_str()).map(str::to_owned)
 }
 
 struct NatsRequestProvider {
@@ -409,14 +371,6 @@ impl Provider for LocalProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn templates_render_values_and_text() {
-        let ctx = serde_json::json!({"payload": {"amount": 40, "who": {"name": "ann"}}, "command_id": "c-1"});
-        assert_eq!(render_str("/pay/{{payload.who.name}}?c={{command_id}}&x={{missing}}", &ctx), "/pay/ann?c=c-1&x=");
-        let body = serde_json::json!({"amount": "{{payload.amount}}", "note": "for {{payload.who.name}}", "list": ["{{command_id}}"]});
-        assert_eq!(render_json(&body, &ctx), serde_json::json!({"amount": 40, "note": "for ann", "list": ["c-1"]}));
-    }
 
     #[test]
     fn a_required_setting_that_is_missing_or_not_a_string_is_an_error() {

@@ -42,7 +42,8 @@ fn loads_yaml_and_json_manifests() {
     let set = ManifestSet::load(&[yaml, json], &ok_check).unwrap();
     assert_eq!(set.sagas["order"].spec.gas, 100_000);
     assert_eq!(set.sagas["order"].spec.on_poison, PoisonPolicy::Park);
-    assert_eq!(set.effects["ship"].retry.attempts, 5);
+    assert_eq!(set.effects["ship"].retry.attempts, Some(5));
+    assert_eq!(set.effects["charge"].retry, EffectRetrySpec::default());
     assert_eq!(set.effects["charge"].secret_refs().into_iter().collect::<Vec<_>>(), ["pay_token"]);
     let hits: Vec<_> = set
         .triggers_for("AGGREGATE_EVENTS", "events.acme.order.OrderPlaced")
@@ -172,6 +173,51 @@ fn backoff_grows_and_caps() {
     assert_eq!([1, 2, 3, 4, 5].map(|a| r.backoff(a)), [100, 200, 400, 800, 1_000]);
     assert_eq!(r.backoff_jittered(2, 0.0), 150);
     assert_eq!(r.backoff_jittered(2, 1.0), 250);
+}
+
+#[test]
+fn effect_retries_keep_going_for_minutes_by_default_and_stop_at_the_budget() {
+    // Attempts until the policy gives up, and the backoff waited by then.
+    let run = |r: &EffectRetrySpec| {
+        let mut attempt = 1;
+        let mut waited = 0;
+        while let Some(wait) = r.next_wait(attempt, 0.5) {
+            waited += wait;
+            attempt += 1;
+        }
+        (attempt, waited)
+    };
+    let d = EffectRetrySpec::default();
+    let (attempts, waited) = run(&d);
+    assert_eq!(attempts, 27);
+    assert_eq!(d.waited_ms(attempts - 1), 591_000);
+    // A unit of 0.5 is the middle of each wait's spread: the schedule itself.
+    assert_eq!(waited, 591_000);
+    // Never more than the cap between two attempts.
+    assert!((1..40).all(|a| d.next_wait(a, 0.99).is_none_or(|w| w <= 33_000)));
+    // An explicit limit of attempts ends it first; a budget of 0 means no retry.
+    assert_eq!(run(&EffectRetrySpec { attempts: Some(3), ..d }).0, 3);
+    assert_eq!(run(&EffectRetrySpec { give_up_after_ms: 0, ..d }).0, 1);
+    // The waits fit the budget: 20 + 40 + 40 = 100 ms, the next one would not.
+    let small = EffectRetrySpec { backoff_ms: 20, max_backoff_ms: 40, jitter: 0.0, give_up_after_ms: 100, ..d };
+    assert_eq!(run(&small), (4, 100));
+    // Past 32 attempts the capped backoff is counted without overflow.
+    assert_eq!(d.waited_ms(1_000), 51_000 + 992 * 30_000);
+    assert!(EffectRetrySpec { backoff_ms: u64::MAX, max_backoff_ms: u64::MAX, ..d }.waited_ms(u32::MAX) == u64::MAX);
+}
+
+#[test]
+fn an_effect_url_with_a_placeholder_in_its_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(
+        dir.path(),
+        "e.yaml",
+        "effects:\n  - { name: a, provider: http, settings: { url: \"http://{{payload.host}}/pay\" } }\n  - { name: b, provider: http, settings: { url: \"http://up:{{payload.port}}\" } }\n  - { name: c, provider: http, settings: { url: \"http://up/o/{{payload.id}}?n={{payload.n}}\" } }\n",
+    );
+    let errs = ManifestSet::load(&[m], &ok_check).unwrap_err();
+    let fields: Vec<_> = errs.0.iter().map(|e| (e.item.as_str(), e.field.as_str())).collect();
+    assert_eq!(fields, [("effect \"a\" (effects[0])", "settings.url"), ("effect \"b\" (effects[1])", "settings.url")]);
+    assert!(errs.0[0].message.contains("values may only fill the path or the query"), "{errs}");
 }
 
 #[test]
