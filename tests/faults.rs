@@ -105,7 +105,9 @@ fn crash_after_the_result_puback_before_completed() {
 
 #[test]
 fn crash_during_a_timer_firing() {
-    crash_at("crash-timer-firing", "shard.timer_fired_before_commit", 3);
+    // The first batch that fires timers: with timers waiting for the streams' watermark, the
+    // load's timers fall due in a few batches, not one per due time.
+    crash_at("crash-timer-firing", "shard.timer_fired_before_commit", 1);
 }
 
 #[test]

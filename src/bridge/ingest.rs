@@ -105,13 +105,15 @@ pub async fn consume(
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
     let durable = crate::config::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
     let mut received = super::screen::Received::default();
-    // The highest stream sequence handed on (to compare with what the server delivered).
-    let mut last_seq = 0u64;
+    // The highest consumer sequence handed on in this binding (to compare with what the
+    // server delivered; a re-created consumer counts from 1 again).
+    let mut last_cseq: u64;
     let mut idle_since_poll = true;
     loop {
         if *stop.borrow() {
             return;
         }
+        last_cseq = 0;
         let messages = consumer
             .stream()
             .max_messages_per_batch(ctx.cfg.batch)
@@ -148,14 +150,15 @@ pub async fn consume(
                 }
                 _ = poll.tick(), if mark.is_some() => {
                     // Idle since the last look: has everything the server holds for this
-                    // consumer been handed on? Then its mark is the time of the question.
+                    // consumer been handed on (nothing left to deliver, and everything
+                    // delivered acked or handed on)? Then its mark is the time of the question.
                     if std::mem::replace(&mut idle_since_poll, true)
                         && let Some((marks, slot)) = &mark
                     {
                         let asked_at = wall_ms();
                         if let Ok(info) = consumer.get_info().await
                             && info.num_pending == 0
-                            && info.delivered.stream_sequence <= last_seq
+                            && (info.num_ack_pending == 0 || info.delivered.consumer_sequence <= last_cseq)
                         {
                             marks.advance(*slot, asked_at);
                         }
@@ -178,7 +181,7 @@ pub async fn consume(
                         lag.set(info.pending as f64);
                         let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
                         handed = Some((
-                            info.stream_sequence,
+                            info.consumer_sequence,
                             if info.pending == 0 { published } else { published.saturating_sub(1) },
                         ));
                     }
@@ -190,8 +193,8 @@ pub async fn consume(
                         _ => handle(&ctx, kind, msg).await,
                     }
                     // Handed to its shard(s) now (or settled without one).
-                    if let Some((seq, at)) = handed {
-                        last_seq = last_seq.max(seq);
+                    if let Some((cseq, at)) = handed {
+                        last_cseq = last_cseq.max(cseq);
                         if let Some((marks, slot)) = &mark {
                             marks.advance(*slot, at);
                         }
