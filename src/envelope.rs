@@ -192,10 +192,14 @@ impl Transport {
             .filter(|v| !v.is_empty())
     }
 
-    /// The tenant a message claims, for filing its dead letter where that tenant's operators
-    /// look (may be empty): the header, else a string `tenant_id` in a JSON body, else the
-    /// subject's tenant token (`events.{tenant}.…`, `workflow.{kind}.{tenant}.…`).
+    /// The tenant a message belongs to, for filing its dead letter where that tenant's
+    /// operators look (may be empty): the subject's tenant token (the subject is the tenant:
+    /// a header or body naming another cannot file it elsewhere), else the header, else a
+    /// string `tenant_id` in a JSON body.
     pub fn claimed_tenant(&self, body: &[u8]) -> String {
+        if let Some(t) = subject_tenant(&self.subject) {
+            return t;
+        }
         if let Some(t) = self.header(HDR_TENANT) {
             return t.to_owned();
         }
@@ -205,13 +209,47 @@ impl Transport {
         {
             return t.to_owned();
         }
-        let tokens: Vec<&str> = self.subject.split('.').collect();
-        let token = match tokens.first() {
-            Some(&"workflow") if tokens.len() >= 4 => tokens[2],
-            _ if tokens.len() >= 4 => tokens[1],
-            _ => "",
-        };
-        if token == "_" { String::new() } else { token.to_owned() }
+        String::new()
+    }
+}
+
+/// The tenant a subject names by its tenant token — `events.{tenant}.{aggregate}.{type}…`
+/// (four tokens or more), `workflow.{kind}.{tenant}.…` (likewise); `_` is the empty tenant —
+/// or `None` when the subject has no tenant token.
+pub fn subject_tenant(subject: &str) -> Option<String> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let token = match tokens.first() {
+        _ if tokens.len() < 4 => return None,
+        Some(&"workflow") => tokens[2],
+        _ => tokens[1],
+    };
+    Some(if token == "_" { String::new() } else { token.to_owned() })
+}
+
+/// The tenant of a message (invariant 8): the subject's, when it names one, and then a header
+/// or body naming another tenant is refused; without a tenant token, the header or the body
+/// (which must agree).
+fn message_tenant(t: &Transport, body_tenant: Option<&str>) -> Result<Option<String>, DecodeError> {
+    let header = t.header(HDR_TENANT);
+    let body_tenant = body_tenant.filter(|b| !b.is_empty());
+    match subject_tenant(&t.subject) {
+        Some(subject) => {
+            for (source, claim) in [("x-tenant-id header", header), ("body's tenant_id", body_tenant)] {
+                if let Some(claim) = claim
+                    && claim != subject
+                    && !(claim == "_" && subject.is_empty())
+                {
+                    return Err(DecodeError::TenantMismatch { subject, claimed: claim.to_owned(), via: source });
+                }
+            }
+            Ok(Some(subject))
+        }
+        None => match (header, body_tenant) {
+            (Some(h), Some(b)) if h != b => {
+                Err(DecodeError::TenantConflict { header: h.to_owned(), body: b.to_owned() })
+            }
+            (h, b) => Ok(h.or(b).map(str::to_owned)),
+        },
     }
 }
 
@@ -236,6 +274,12 @@ pub enum DecodeError {
     Missing(&'static str),
     #[error("effect result for saga {0:?}, which is not loaded")]
     UnknownSaga(String),
+    #[error(
+        "the subject names tenant {subject:?} but the {via} names {claimed:?}: a message cannot act for another tenant"
+    )]
+    TenantMismatch { subject: String, claimed: String, via: &'static str },
+    #[error("the x-tenant-id header names tenant {header:?} but the body's tenant_id names {body:?}")]
+    TenantConflict { header: String, body: String },
 }
 
 fn parse_timestamp(v: &serde_json::Value) -> Result<u64, DecodeError> {
@@ -291,11 +335,7 @@ pub fn decode_aggregate(
         DecodeError::WrongType { field, why }
     })?;
     let tokens: Vec<&str> = t.subject.split('.').collect();
-    let tenant = t
-        .header(HDR_TENANT)
-        .map(str::to_owned)
-        .or(env.tenant_id.clone())
-        .or_else(|| if tokens.len() >= 4 { tokens.get(1).map(|s| (*s).to_owned()) } else { None })
+    let tenant = message_tenant(t, env.tenant_id.as_deref())?
         .map(|t| if t == "_" { String::new() } else { t })
         .unwrap_or_default();
     if tenant.is_empty() && tenancy_required {
@@ -353,6 +393,10 @@ pub fn decode_result(body: &[u8], t: &Transport, max_bytes: usize) -> Result<(Re
             field: "outcome",
             why: format!("{:?} is not succeeded or failed", r.outcome),
         });
+    }
+    let mut r = r;
+    if let Some(tenant) = message_tenant(t, Some(&r.tenant_id))? {
+        r.tenant_id = if tenant == "_" { String::new() } else { tenant };
     }
     let key = shards::keys::SagaKey::new(r.tenant_id.clone(), r.saga.clone(), r.correlation_id.clone());
     key.validate().map_err(|e| DecodeError::BadKey(e.to_string()))?;
@@ -421,10 +465,45 @@ mod tests {
         tr.headers.insert("x-tenant-id".into(), "h".into());
         tr.headers.insert("Nats-Msg-Id".into(), "evt-1".into());
         tr.headers.insert("traceparent".into(), "00-abc-def-01".into());
-        let d = decode_aggregate(br#"{"tenant_id":"body","type":"X"}"#, &tr, false, 1 << 20).unwrap();
+        let d = decode_aggregate(br#"{"tenant_id":"h","type":"X"}"#, &tr, false, 1 << 20).unwrap();
         assert_eq!((d.event.tenant.as_str(), d.event.id.as_str()), ("h", "evt-1"));
         assert_eq!(d.event.traceparent.as_deref(), Some("00-abc-def-01"));
         assert_eq!(d.event.timestamp, 1_000, "publish time when the body has none");
+    }
+
+    #[test]
+    fn the_subject_is_the_tenant() {
+        let with = |subject: &str, header: Option<&str>| {
+            let mut tr = t(subject);
+            if let Some(h) = header {
+                tr.headers.insert("x-tenant-id".into(), h.into());
+            }
+            tr
+        };
+        let decode = |tr: &Transport, body: &[u8]| decode_aggregate(body, tr, false, 1 << 20);
+        let tenant = |r: Result<DecodedEvent, DecodeError>| r.map(|d| d.event.tenant);
+        // The subject's token decides; claims that agree are fine.
+        assert_eq!(tenant(decode(&with("events.a.o.X", None), br#"{"type":"X"}"#)), Ok("a".into()));
+        assert_eq!(tenant(decode(&with("events.a.o.X", Some("a")), br#"{"tenant_id":"a"}"#)), Ok("a".into()));
+        assert_eq!(tenant(decode(&with("events._.o.X", None), br#"{"tenant_id":""}"#)), Ok(String::new()));
+        // A header or body naming another tenant is refused, naming both.
+        for (header, body, via) in [
+            (Some("b"), &br#"{"type":"X"}"#[..], "x-tenant-id header"),
+            (None, &br#"{"tenant_id":"b"}"#[..], "body's tenant_id"),
+            (Some("a"), &br#"{"tenant_id":"b"}"#[..], "body's tenant_id"),
+            (None, &br#"{"tenant_id":"a"}"#[..], ""),
+        ] {
+            let subject = if via.is_empty() { "events._.o.X" } else { "events.a.o.X" };
+            let e = decode(&with(subject, header), body).unwrap_err();
+            let claimed = if via.is_empty() { "a" } else { "b" };
+            assert!(matches!(&e, DecodeError::TenantMismatch { claimed: c, .. } if c == claimed), "{e}");
+        }
+        // Without a tenant token: the header or body, which must agree.
+        assert_eq!(tenant(decode(&with("events.o.X", Some("h")), br#"{"type":"X"}"#)), Ok("h".into()));
+        let e = decode(&with("events.o.X", Some("h")), br#"{"tenant_id":"b"}"#).unwrap_err();
+        assert_eq!(e, DecodeError::TenantConflict { header: "h".into(), body: "b".into() });
+        assert_eq!(subject_tenant("workflow.events.acme.pay.succeeded").as_deref(), Some("acme"));
+        assert_eq!(subject_tenant("events.x.Y"), None);
     }
 
     #[test]

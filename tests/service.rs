@@ -210,6 +210,54 @@ fn nothing_is_dropped_without_a_trace() {
 }
 
 #[test]
+fn a_message_cannot_act_for_another_tenant_than_its_subject() {
+    // Invariant 8: on `events.acme...`, a header or body naming `globex` makes a dead letter
+    // (filed under acme, naming both), never a globex instance or a Gateway call as globex.
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    let order = |id: &str, tenant: &str| {
+        serde_json::json!({"id": id, "type": "OrderPlaced", "tenant_id": tenant, "aggregate_type": "order",
+            "data": {"order_id": id, "sku": "s", "qty": 1, "amount": 1, "customer": "c"}})
+    };
+    let subject = "events.acme.order.OrderPlaced";
+    h.publish(subject, &[("x-tenant-id", "globex")], &order("o-hdr", "globex"));
+    h.publish(subject, &[("x-tenant-id", "globex")], &order("o-hdr-only", ""));
+    h.publish(subject, &[], &order("o-body", "globex"));
+    let result = serde_json::json!({"command_id": "c-1", "tenant_id": "globex", "effect": "charge_payment",
+        "saga": SAGA, "correlation_id": "o-ok", "outcome": "succeeded"});
+    h.publish("workflow.events.acme.charge_payment.succeeded", &[], &result);
+    // The honest event of the same subject goes through.
+    h.publish(subject, &[("x-tenant-id", "acme")], &order("o-ok", "acme"));
+    wait_until(T, "the honest order reserves", || gateway.records().len() == 1);
+    let letters = || -> Vec<serde_json::Value> {
+        let (_, body) = h.http("GET", &format!("{base}/admin/deadletters?tenant=acme"), None, None);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["deadletters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_until(T, "four dead letters under acme", || letters().len() == 4);
+    for l in letters() {
+        let error = l["error"].as_str().unwrap_or("");
+        assert!(error.contains("\"acme\"") && error.contains("\"globex\""), "{error}");
+    }
+    for id in ["o-hdr", "o-hdr-only", "o-body", "o-ok"] {
+        let (status, _) = h.http("GET", &format!("{base}/sagas/globex/{SAGA}/{id}"), None, None);
+        assert_eq!(status, 404, "an instance of globex was made for {id}");
+    }
+    let calls = gateway.records();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].header("x-tenant-id"), Some("acme"), "a Gateway call as another tenant");
+    let (_, letters_globex) = h.http("GET", &format!("{base}/admin/deadletters?tenant=globex"), None, None);
+    assert!(letters_globex.contains("\"count\": 0") || letters_globex.contains("\"count\":0"), "{letters_globex}");
+    app.shutdown();
+}
+
+#[test]
 fn a_broken_reload_keeps_the_running_set_and_says_why() {
     let h = Harness::new();
     let dir = h.dir.path().join("m");

@@ -77,6 +77,18 @@ pub async fn handle(ctx: &Rc<Ctx>, effects: &Rc<EffectsRuntime>, msg: async_nats
             return;
         }
     };
+    // The subject is the tenant: a command on one tenant's subject cannot act for another.
+    if let Some(subject) = envelope::subject_tenant(&t.subject)
+        && cmd.tenant_id != subject
+    {
+        let e = envelope::DecodeError::TenantMismatch {
+            subject,
+            claimed: cmd.tenant_id.clone(),
+            via: "command's tenant_id",
+        };
+        quarantine(ctx, msg, t, e.to_string()).await;
+        return;
+    }
     if !ctx.manifests.borrow().effects.contains_key(&cmd.effect) {
         quarantine(ctx, msg, t, format!("unknown effect {:?} (not in the loaded effect manifests)", cmd.effect)).await;
         return;
