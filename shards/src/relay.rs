@@ -14,7 +14,7 @@
 
 use crate::keys::OutboxKey;
 use crate::message::Dispatch;
-use crate::record::OutboxItem;
+use crate::record::{OutboxItem, WorkKind};
 use crate::store::{Store, StoreError};
 use ahash::{AHashMap, AHashSet};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -72,6 +72,31 @@ pub struct Ready {
     pub suppressed: Vec<(OutboxKey, u64)>,
 }
 
+/// One instance's items for one target (the Gateway, or one effect): sent one at a time, in
+/// outbox order — a later command never overtakes an earlier one, retried or not.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Lane {
+    tenant: String,
+    saga: String,
+    correlation_id: String,
+    target: String,
+}
+
+/// The lane of `item`; records of calls made in place and suppressed items have none.
+fn lane_of(item: &OutboxItem) -> Option<Lane> {
+    let target = match &item.kind {
+        WorkKind::Command { .. } => "gateway".to_owned(),
+        WorkKind::Effect { effect } => format!("effect:{effect}"),
+        WorkKind::Audit { .. } => return None,
+    };
+    (!item.suppressed).then(|| Lane {
+        tenant: item.tenant.clone(),
+        saga: item.saga.clone(),
+        correlation_id: item.correlation_id.clone(),
+        target,
+    })
+}
+
 #[derive(Debug)]
 struct InFlight {
     item: OutboxItem,
@@ -98,6 +123,12 @@ pub struct RelayState {
     /// The parked tenant served last (the next call starts after it).
     parked_last: Option<String>,
     per_tenant: AHashMap<String, usize>,
+    /// The item that holds each lane: sent, and not yet delivered (it keeps the lane while
+    /// it waits for a retry or is sent again).
+    lane_owner: AHashMap<Lane, OutboxKey>,
+    owned: AHashMap<OutboxKey, Lane>,
+    /// Items that reached a held lane, in order; the first goes when the holder is delivered.
+    lane_queue: AHashMap<Lane, VecDeque<(OutboxKey, OutboxItem)>>,
     needs_scan: bool,
     /// Where the next scan starts: `None` from the first key (a fresh shard, a rolled-back
     /// batch, the idle poll); else the smallest key the window had no room for — items below
@@ -121,6 +152,9 @@ impl RelayState {
             parked: AHashMap::new(),
             parked_last: None,
             per_tenant: AHashMap::new(),
+            lane_owner: AHashMap::new(),
+            owned: AHashMap::new(),
+            lane_queue: AHashMap::new(),
             // A fresh shard may have items left from before a restart.
             needs_scan: true,
             scan_from: None,
@@ -276,6 +310,7 @@ impl RelayState {
                         break;
                     }
                     let Some((key, item)) = self.parked.get_mut(&tenant).and_then(|q| q.pop_front()) else { break };
+                    let Some((key, item)) = self.wait_for_lane(key, item) else { continue };
                     self.send(&mut ready, key, item, deadline);
                 }
                 if self.parked.get(&tenant).is_some_and(|q| q.is_empty()) {
@@ -293,6 +328,7 @@ impl RelayState {
                 ready.suppressed.push((key, send));
                 continue;
             }
+            let Some((key, item)) = self.wait_for_lane(key, item) else { continue };
             let at_limit = self.per_tenant.get(&item.tenant).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_tenant;
             if at_limit || self.parked.contains_key(&item.tenant) {
                 // Stepped over once, in order behind the tenant's other parked items.
@@ -304,7 +340,23 @@ impl RelayState {
         ready
     }
 
+    /// Queues `item` behind its lane's holder and gives `None`, or gives it back when its
+    /// lane is free or held by the item itself.
+    fn wait_for_lane(&mut self, key: OutboxKey, item: OutboxItem) -> Option<(OutboxKey, OutboxItem)> {
+        if let Some(lane) = lane_of(&item)
+            && self.lane_owner.get(&lane).is_some_and(|holder| *holder != key)
+        {
+            self.lane_queue.entry(lane).or_default().push_back((key, item));
+            return None;
+        }
+        Some((key, item))
+    }
+
     fn send(&mut self, ready: &mut Ready, key: OutboxKey, item: OutboxItem, deadline: u64) {
+        if let Some(lane) = lane_of(&item) {
+            self.lane_owner.insert(lane.clone(), key);
+            self.owned.insert(key, lane);
+        }
         let send = self.track(key, item.clone(), deadline);
         ready.dispatch.push(Dispatch { key, send, item });
     }
@@ -381,6 +433,22 @@ impl RelayState {
                 q.retain(|(k, _)| *k != key);
                 !q.is_empty()
             });
+            self.lane_queue.retain(|_, q| {
+                q.retain(|(k, _)| *k != key);
+                !q.is_empty()
+            });
+        }
+        // Its lane passes to the next item of the instance and target, which goes next.
+        if let Some(lane) = self.owned.remove(&key) {
+            self.lane_owner.remove(&lane);
+            if let Some(q) = self.lane_queue.get_mut(&lane) {
+                if let Some(next) = q.pop_front() {
+                    self.pending.push_front(next);
+                }
+                if q.is_empty() {
+                    self.lane_queue.remove(&lane);
+                }
+            }
         }
     }
 
@@ -431,7 +499,8 @@ mod tests {
             kind: WorkKind::Effect { effect: "e".into() },
             tenant: tenant.into(),
             saga: "s".into(),
-            correlation_id: "c".into(),
+            // An instance of its own: one item per lane unless a test says otherwise.
+            correlation_id: format!("c-{id}"),
             traceparent: None,
             source_event_id: "ev".into(),
             payload: crate::record::json_null(),
@@ -669,6 +738,47 @@ mod tests {
         let later: Vec<OutboxKey> = r.take_ready(150).dispatch.into_iter().map(|d| d.key).collect();
         assert!(!later.contains(&key(3)), "a delivered item's retry went out");
         assert_eq!(r.next_deadline().filter(|&d| d <= 150), None, "a deleted item keeps a wake-up");
+    }
+
+    /// An item of instance `cid` for the Gateway (`command`) or an effect.
+    fn work(cid: &str, id: &str, gateway: bool) -> OutboxItem {
+        let mut i = item("a", id);
+        i.correlation_id = cid.into();
+        if gateway {
+            i.kind = WorkKind::Command { command: "C".into(), aggregate: "x".into(), aggregate_id: "1".into() };
+        }
+        i
+    }
+
+    fn sent(r: &mut RelayState, now: u64) -> Vec<u64> {
+        r.take_ready(now).dispatch.into_iter().map(|d| d.key.seq).collect()
+    }
+
+    #[test]
+    fn one_item_per_instance_and_target_in_flight_in_outbox_order() {
+        let cfg = RelayConfig { max_in_flight: 100, max_in_flight_per_tenant: 100, ..cfg() };
+        let mut r = RelayState::new(cfg);
+        // Instance c1: two Gateway commands and an effect; c2: one Gateway command.
+        r.offer(key(1), work("c1", "1", true), 0);
+        r.offer(key(2), work("c1", "2", true), 0);
+        r.offer(key(3), work("c1", "3", false), 0);
+        r.offer(key(4), work("c2", "4", true), 0);
+        assert_eq!(sent(&mut r, 0), [1, 3, 4], "c1's second Gateway command went out beside its first");
+        r.delivered(key(3));
+        r.delivered(key(4));
+        // The first fails and waits for its retry: the second still waits behind it.
+        let mut retry = work("c1", "1", true);
+        retry.next_attempt_at = 50;
+        r.retry_later(key(1), retry);
+        assert!(sent(&mut r, 10).is_empty(), "a later command overtook a retrying one");
+        assert_eq!(sent(&mut r, 50), [1]);
+        // Not confirmed in time: sent again, still ahead of the second.
+        assert_eq!(sent(&mut r, 150), [1]);
+        r.delivered(key(1));
+        assert_eq!(sent(&mut r, 150), [2], "the next command of the instance goes once the first is delivered");
+        r.delivered(key(2));
+        assert!(sent(&mut r, 150).is_empty());
+        assert_eq!(r.depth(), 0);
     }
 
     #[test]
