@@ -17,7 +17,9 @@
 //! | `GET /sagas/{tenant}/{saga}/{correlation_id}` | one instance (`_` is the empty tenant) |
 //!
 //! `/admin/*` and `/sagas/*` need `Authorization: Bearer <http.admin_token>` when a token
-//! is configured (compared in constant time, never logged). Errors are JSON `{"error": reason}`.
+//! is configured (scheme case-insensitive, compared in constant time, never logged); without
+//! a token they are served on a loopback address only (403 elsewhere). Errors are JSON
+//! `{"error": reason}`.
 
 use crate::ops::{Ops, OpsError};
 use bytes::Bytes;
@@ -113,6 +115,9 @@ pub async fn serve(ops: Arc<Ops>, listener: std::net::TcpListener, mut stop: tok
     };
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, "operations endpoints listening");
+        if ops.cfg.admin_token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(addr = %addr, "no http.admin_token on a non-loopback address: /admin/* and /sagas/* answer 403; /health, /ready, /metrics and /info are served");
+        }
     }
     loop {
         let accepted = tokio::select! {
@@ -131,15 +136,29 @@ pub async fn serve(ops: Arc<Ops>, listener: std::net::TcpListener, mut stop: tok
     }
 }
 
-fn authorized(ops: &Ops, req: &Request<hyper::body::Incoming>) -> bool {
-    let Some(token) = &ops.cfg.admin_token else { return true };
+/// Whether a request may use `/admin/*` and `/sagas/*`.
+enum Access {
+    Granted,
+    /// No or a wrong bearer token.
+    Denied,
+    /// No token is configured and the server listens beyond loopback: the admin API is off.
+    Off,
+}
+
+fn access(ops: &Ops, req: &Request<hyper::body::Incoming>) -> Access {
+    let Some(token) = &ops.cfg.admin_token else {
+        return if ops.cfg.http_addr.ip().is_loopback() { Access::Granted } else { Access::Off };
+    };
+    // `Bearer` is case-insensitive (RFC 7235); the token is compared in constant time.
     let given = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
         .unwrap_or("");
-    constant_time_eq(given.as_bytes(), token.as_bytes())
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) { Access::Granted } else { Access::Denied }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -211,8 +230,18 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let protected = path.starts_with("/admin/") || path.starts_with("/sagas/");
-    if protected && !authorized(ops, &req) {
-        return error(401, "missing or wrong bearer token");
+    if protected {
+        match access(ops, &req) {
+            Access::Granted => {}
+            Access::Denied => return error(401, "missing or wrong bearer token"),
+            Access::Off => {
+                return error(
+                    403,
+                    "the admin API is off: http.addr is not loopback and no http.admin_token is set \
+                     (set one, or bind http.addr to 127.0.0.1)",
+                );
+            }
+        }
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/health") => {

@@ -258,6 +258,44 @@ fn a_message_cannot_act_for_another_tenant_than_its_subject() {
 }
 
 #[test]
+fn without_a_token_the_admin_api_answers_only_on_loopback_and_bearer_is_case_insensitive() {
+    let h = Harness::new();
+    // Beyond loopback (every address), no token: admin and saga endpoints are off.
+    let mut cfg = h.config(Mode::Saga);
+    cfg.http_addr = "0.0.0.0:0".parse().unwrap();
+    let app = h.start(cfg);
+    let port = app.http_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (status, body) = h.http("GET", &format!("{base}/admin/stats"), None, None);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("http.admin_token"), "{body}");
+    assert_eq!(h.http("GET", &format!("{base}/sagas/acme/{SAGA}/o-1"), None, None).0, 403);
+    assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
+    assert_eq!(h.http("GET", &format!("{base}/metrics"), None, None).0, 200);
+    app.shutdown();
+    // With a token: `bearer` in any case, the token compared exactly.
+    let mut cfg = h.config(Mode::Saga);
+    cfg.http_addr = "0.0.0.0:0".parse().unwrap();
+    cfg.admin_token = Some("0123456789abcdef-token".into());
+    let app = h.start(cfg);
+    let url = format!("http://127.0.0.1:{}/admin/stats", app.http_addr().unwrap().port());
+    let get = |auth: &str| -> u16 {
+        h.block_on(async {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let req = hyper::Request::get(&url).header("authorization", auth).body(Default::default()).unwrap();
+            client.request(req).await.unwrap().status().as_u16()
+        })
+    };
+    assert_eq!(get("Bearer 0123456789abcdef-token"), 200);
+    assert_eq!(get("bearer 0123456789abcdef-token"), 200);
+    assert_eq!(get("BEARER 0123456789abcdef-token"), 200);
+    assert_eq!(get("Basic 0123456789abcdef-token"), 401);
+    assert_eq!(get("Bearer 0123456789abcdef-tokeX"), 401);
+    app.shutdown();
+}
+
+#[test]
 fn a_broken_reload_keeps_the_running_set_and_says_why() {
     let h = Harness::new();
     let dir = h.dir.path().join("m");
