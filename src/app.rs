@@ -49,6 +49,49 @@ pub struct App {
     nats: Option<NatsServer>,
     nats_url: String,
     manifests: Arc<ManifestSet>,
+    /// Held for the app's life; dropped last.
+    _lock: DataLock,
+}
+
+/// The data directory's owner lock: an advisory lock on `runner.lock` (which names the
+/// holder's pid), held while the app runs and released by the kernel when the process dies.
+/// A second runner on the same directory refuses to start, naming the holder; read-only
+/// inspection (`--data`) does not take it.
+struct DataLock(#[expect(dead_code, reason = "held for its lock, never read")] std::fs::File);
+
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataLock> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("runner.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)
+                .and_then(|_| file.rewind())
+                .and_then(|_| writeln!(file, "{}", std::process::id()))
+                .with_context(|| format!("cannot write the lock file {}", path.display()))?;
+            Ok(DataLock(file))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "the data directory {} is in use by process {} (lock {}): one runner per data directory; \
+                 stop it first (read-only inspection with --data works meanwhile)",
+                dir.display(),
+                holder.trim(),
+                path.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock the data directory {}", dir.display()))
+        }
+    }
 }
 
 impl App {
@@ -61,6 +104,7 @@ impl App {
         };
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
         let store_cfg = cfg.store_config();
         let data =
             DataDir::prepare(&cfg.data_dir.join("shards"), cfg.partitions, cfg.shards, &store_cfg, |p| match p {
@@ -165,6 +209,7 @@ impl App {
             nats,
             nats_url,
             manifests,
+            _lock: lock,
         })
     }
 

@@ -296,6 +296,18 @@ fn without_a_token_the_admin_api_answers_only_on_loopback_and_bearer_is_case_ins
 }
 
 #[test]
+fn a_data_directory_has_one_runner_at_a_time() {
+    let h = Harness::new();
+    let app = h.start(h.config(Mode::Saga));
+    let second = runner::app::App::start(h.config(Mode::Saga), runner::app::AppOptions::default());
+    let err = format!("{:#}", second.err().expect("a second runner started on the same data directory"));
+    assert!(err.contains("is in use by process") && err.contains(&std::process::id().to_string()), "{err}");
+    app.shutdown();
+    // Released with the runner: the next one starts.
+    h.start(h.config(Mode::Saga)).shutdown();
+}
+
+#[test]
 fn a_broken_reload_keeps_the_running_set_and_says_why() {
     let h = Harness::new();
     let dir = h.dir.path().join("m");
