@@ -336,11 +336,22 @@ pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
         };
     }
     // Environment: RUNNER_A__B=v sets a.b; values are parsed as TOML scalars/arrays.
+    // A variable that names no setting (a user's own `RUNNER_BIN`, say) is not ours: it is
+    // skipped with a warning on stderr (logging is not set up yet), never an error.
     let mut env_fig = Figment::new();
     for (k, v) in env {
         let Some(rest) = k.strip_prefix("RUNNER_") else { continue };
         let key = rest.to_ascii_lowercase().replace("__", ".");
         let value: figment::value::Value = parse_env_value(v);
+        let probe = Figment::from(Serialized::defaults(RawConfig::default())).merge((key.clone(), value.clone()));
+        if let Err(e) = probe.extract::<RawConfig>()
+            && e.into_iter().any(|e| matches!(e.kind, figment::error::Kind::UnknownField(..)))
+        {
+            eprintln!(
+                "warning: ignoring the environment variable {k}: it names no setting (RUNNER_SECTION__KEY sets section.key)"
+            );
+            continue;
+        }
         env_fig = env_fig.merge((key, value));
     }
     fig = fig.merge(env_fig);
@@ -349,6 +360,12 @@ pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
     let describe = |e: &figment::Error| {
         let field = e.path.join(".");
         let origin = fig.find_metadata(&field).or(e.metadata.as_ref()).map(|m| m.name.to_string()).unwrap_or_default();
+        // A value from the environment is named by its variable, not by a Rust type name.
+        let origin = if origin.starts_with('(') {
+            format!("environment variable RUNNER_{}", field.to_ascii_uppercase().replace('.', "__"))
+        } else {
+            origin
+        };
         if field.is_empty() { format!("{e} ({origin})") } else { format!("field `{field}`: {} ({origin})", e.kind) }
     };
     let mut value: figment::value::Value =

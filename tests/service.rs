@@ -432,7 +432,10 @@ fn metrics_parse_as_prometheus_text_with_the_named_series() {
 }
 
 fn runner_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_runner"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+    // Tests read info lines: the caller's RUST_LOG must not filter them.
+    cmd.env_remove("RUST_LOG");
+    cmd
 }
 
 #[test]

@@ -100,6 +100,19 @@ fn overlapping_consumer_filters_are_refused_naming_both() {
 }
 
 #[test]
+fn an_environment_variable_that_names_no_setting_is_ignored_and_bad_ones_are_named() {
+    let cfg =
+        load(None, &env(&[("RUNNER_BIN", "/usr/local/bin/runner"), ("RUNNER_NATS__URL", "nats://x:4222")])).unwrap();
+    assert_eq!(cfg.nats_url.as_deref(), Some("nats://x:4222"));
+    let text = load(None, &env(&[("RUNNER_RELAY__MAX_ATTEMPTS", "many")])).unwrap_err().to_string();
+    assert!(
+        text.contains("relay.max_attempts") && text.contains("environment variable RUNNER_RELAY__MAX_ATTEMPTS"),
+        "{text}"
+    );
+    assert!(!text.contains("alloc::") && !text.contains("figment::"), "a Rust type name in {text}");
+}
+
+#[test]
 fn unknown_fields_and_wrong_types_are_rejected_with_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.yaml");

@@ -496,6 +496,8 @@ impl RunnerProcess {
         let stderr = std::fs::File::create(log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
         cmd.args(["serve", "--config"]).arg(config).stdout(Stdio::null()).stderr(stderr);
+        // The checks read info lines of the log: the caller's RUST_LOG must not filter them.
+        cmd.env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }
