@@ -111,6 +111,14 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     crate::failpoints::install_from_env();
+    if !matches!(cli.command, Command::Serve | Command::Demo(_)) {
+        // A listing piped into `head` ends quietly when the reader goes, as Unix tools do,
+        // instead of panicking on a broken pipe (Rust ignores SIGPIPE by default).
+        // SAFETY: sets the default disposition of one signal, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Serve => {
             let cfg = config::load_from_process(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -431,3 +431,21 @@ fn prometheus_and_grafana_watch_metrics_the_runner_exports() {
         assert!(source.contains(&format!("\"{m}\"")), "the dashboard queries {m}, which no code registers");
     }
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // `runner swarm render | head -0`: the reader is gone before anything is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .current_dir(root())
+        .args(["swarm", "render"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    assert!(out.status.success() || out.status.signal() == Some(13), "exit {:?}: {stderr}", out.status);
+}
