@@ -1,6 +1,7 @@
-//! The command line: `runner serve | demo | check | saga get | deadletter list | outbox stats
-//! | swarm render`. `main` only parses and calls one `run`; this file parses and dispatches,
-//! each command's own arguments live beside it (`demo::DemoArgs`, `inspect::Source`).
+//! The command line: `runner serve | demo | check | saga get | deadletter list|requeue|resend|
+//! discard | outbox stats | drain | reload | swarm render`. `main` only parses and calls one
+//! `run`; this file parses and dispatches, each command's own arguments live beside it
+//! (`demo::DemoArgs`, `inspect::Source`, `act::Target`).
 
 use crate::config;
 use crate::demo::DemoArgs;
@@ -47,6 +48,16 @@ pub enum Command {
     /// Docker Swarm deployment.
     #[command(subcommand)]
     Swarm(SwarmCmd),
+    /// Stop pulling, settle what is in flight, flush the relay (the runner stays up, not ready).
+    Drain {
+        #[command(flatten)]
+        target: crate::act::Target,
+    },
+    /// Load the configured manifests again; a bad set changes nothing and is reported.
+    Reload {
+        #[command(flatten)]
+        target: crate::act::Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +85,51 @@ pub enum DeadletterCmd {
         #[command(flatten)]
         source: Source,
     },
+    /// Apply a parked (or quarantined) instance's dead letters again, each once, in order.
+    Requeue {
+        /// Tenant (empty for single-tenant deployments).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// The saga.
+        #[arg(long)]
+        saga: String,
+        /// The instance's correlation id.
+        #[arg(long)]
+        correlation_id: String,
+        /// Drop the poison event itself instead of applying it.
+        #[arg(long)]
+        skip_poison: bool,
+        #[command(flatten)]
+        target: crate::act::Target,
+    },
+    /// Put a failed dispatch back in the outbox (same idempotency key).
+    Resend {
+        #[command(flatten)]
+        letter: LetterArgs,
+        #[command(flatten)]
+        target: crate::act::Target,
+    },
+    /// Delete one dead letter.
+    Discard {
+        #[command(flatten)]
+        letter: LetterArgs,
+        #[command(flatten)]
+        target: crate::act::Target,
+    },
+}
+
+/// One dead letter, as `deadletter list` shows its key.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LetterArgs {
+    /// Tenant (empty for single-tenant deployments).
+    #[arg(long, default_value = "")]
+    pub tenant: String,
+    /// The letter's `key.at`.
+    #[arg(long)]
+    pub at: u64,
+    /// The letter's `key.id`.
+    #[arg(long)]
+    pub id: String,
 }
 
 #[derive(Subcommand)]
@@ -133,6 +189,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::inspect::deadletters(cli.config.as_deref(), &source, &tenant, limit)
         }
         Command::Outbox(OutboxCmd::Stats { source }) => crate::inspect::outbox_stats(cli.config.as_deref(), &source),
+        Command::Deadletter(DeadletterCmd::Requeue { tenant, saga, correlation_id, skip_poison, target }) => {
+            let what = format!("requeue the dead letters of {tenant}/{saga}/{correlation_id}");
+            let body = serde_json::json!({"tenant": tenant, "saga": saga, "correlation_id": correlation_id, "skip_poison": skip_poison});
+            crate::act::post(&target, "/admin/deadletters/requeue", &what, body)
+        }
+        Command::Deadletter(DeadletterCmd::Resend { letter, target }) => {
+            let what = format!("re-send dead letter {} of tenant {:?}", letter.id, letter.tenant);
+            let body = serde_json::json!({"tenant": letter.tenant, "at": letter.at, "id": letter.id});
+            crate::act::post(&target, "/admin/deadletters/resend", &what, body)
+        }
+        Command::Deadletter(DeadletterCmd::Discard { letter, target }) => {
+            let what = format!("discard dead letter {} of tenant {:?}", letter.id, letter.tenant);
+            let body = serde_json::json!({"tenant": letter.tenant, "at": letter.at, "id": letter.id});
+            crate::act::post(&target, "/admin/deadletters/discard", &what, body)
+        }
+        Command::Drain { target } => {
+            crate::act::post(&target, "/admin/drain", "drain the runner", serde_json::json!({}))
+        }
+        Command::Reload { target } => {
+            crate::act::post(&target, "/admin/reload", "reload the manifests", serde_json::json!({}))
+        }
         Command::Swarm(SwarmCmd::Render { ranges, out }) => crate::swarm::render_command(&ranges, out.as_deref()),
     }
 }

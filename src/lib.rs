@@ -11,13 +11,15 @@
 //! - [`nats_server`]: the embedded / test `nats-server` child process.
 //! - [`fixture`]: a recording HTTP server (tests, demo upstream and dev Gateway).
 //! - [`ops`], [`http`]: health, readiness, metrics, drain, reload, replay, dead letters.
-//! - [`serve`], [`demo`], [`inspect`], [`cli`]: the commands.
+//! - [`serve`], [`demo`], [`inspect`], [`act`], [`cli`]: the commands (`act`: the verbs that
+//!   change a running runner).
 //! - [`swarm`]: tenant ranges rendered into the Docker Swarm stack.
 //! - [`logging`]: pretty or JSON structured logs.
 //! - [`app`]: starts and stops everything in order.
 //!
 //! The modules' dependencies form no cycle (`tests/module_graph.rs`).
 
+pub mod act;
 pub mod app;
 pub mod bridge;
 pub mod cli;

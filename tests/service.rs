@@ -308,6 +308,54 @@ fn a_data_directory_has_one_runner_at_a_time() {
 }
 
 #[test]
+fn the_cli_acts_on_a_running_runner_only_with_yes() {
+    let h = Harness::new();
+    let gateway = HttpFixture::start().unwrap();
+    gateway.script(|s| s.fail_next = 1);
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    cfg.relay.max_attempts = Some(1);
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    place(&h, "p-cli", "o-cli");
+    let mut letter = serde_json::Value::Null;
+    wait_until(T, "the dispatch is given up", || {
+        let (_, body) = h.http("GET", &format!("{base}/admin/deadletters?tenant=acme"), None, None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if let Some(l) = v["deadletters"].as_array().and_then(|a| a.iter().find(|l| l["kind"] == "dispatch")) {
+            letter = l.clone();
+        }
+        !letter.is_null()
+    });
+    let at = letter["key"]["at"].as_u64().unwrap().to_string();
+    let id = letter["key"]["id"].as_str().unwrap().to_owned();
+    let resend = |extra: &[&str]| {
+        runner_bin()
+            .args(["deadletter", "resend", "--url", &base, "--tenant", "acme", "--at", &at, "--id", &id])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let asked = resend(&[]);
+    assert_eq!(asked.status.code(), Some(2), "{}", String::from_utf8_lossy(&asked.stderr));
+    assert!(String::from_utf8_lossy(&asked.stderr).contains("--yes"));
+    assert_eq!(resend(&["--dry-run"]).status.code(), Some(0));
+    assert_eq!(gateway.records().len(), 1, "acted without --yes");
+    let done = resend(&["--yes"]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(String::from_utf8_lossy(&done.stdout).contains(&id));
+    wait_until(T, "the re-sent command is delivered", || gateway.records().len() == 2);
+    let again = resend(&["--yes"]);
+    assert_eq!(again.status.code(), Some(1), "a second re-send of the same letter succeeded");
+    let reload = runner_bin().args(["reload", "--url", &base, "--yes"]).output().unwrap();
+    assert!(reload.status.success(), "{}", String::from_utf8_lossy(&reload.stderr));
+    let drain = runner_bin().args(["drain", "--url", &base, "--yes"]).output().unwrap();
+    assert!(drain.status.success(), "{}", String::from_utf8_lossy(&drain.stderr));
+    assert_eq!(h.http("GET", &format!("{base}/ready"), None, None).0, 503, "not drained");
+    app.shutdown();
+}
+
+#[test]
 fn a_broken_reload_keeps_the_running_set_and_says_why() {
     let h = Harness::new();
     let dir = h.dir.path().join("m");

@@ -1,0 +1,62 @@
+//! The CLI's verbs that change a running runner, over its operations API: requeue, re-send or
+//! discard dead letters, drain, reload. Each shows what it will do and needs `--yes` to do it
+//! (`--dry-run` only shows it); the runner's answer is printed as JSON, and a refusal exits 1.
+
+use clap::Args;
+use serde_json::{Value, json};
+use std::process::ExitCode;
+
+/// Where and how to act.
+#[derive(Args, Clone, Debug)]
+pub struct Target {
+    /// The running runner's HTTP address, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: String,
+    /// Bearer token for the admin endpoints.
+    #[arg(long, env = "RUNNER_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Do it (without this the command only says what it would do, and exits 2).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub yes: bool,
+    /// Only show the request.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Sends `body` to `path` when `--yes` is given; otherwise shows what would be sent.
+pub fn post(target: &Target, path: &str, what: &str, body: Value) -> anyhow::Result<ExitCode> {
+    let url = format!("{}{path}", target.url.trim_end_matches('/'));
+    if !target.yes {
+        eprintln!("would {what}: POST {url} {body}");
+        if target.dry_run {
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("add --yes to do it (or --dry-run to only show it)");
+        return Ok(ExitCode::from(2));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, answer) = rt.block_on(async {
+        use http_body_util::{BodyExt, Full};
+        let client = crate::http_client::http_client();
+        let mut req = hyper::Request::post(&url).header("content-type", "application/json");
+        if let Some(t) = &target.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = client
+            .request(req.body(Full::new(bytes::Bytes::from(body.to_string())))?)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let answer: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(&bytes).into_owned() }));
+        anyhow::Ok((status, answer))
+    })?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    if (200..300).contains(&status) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{url} refused ({status})");
+        Ok(ExitCode::FAILURE)
+    }
+}
