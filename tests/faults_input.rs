@@ -197,6 +197,14 @@ fn bad_input_gets_a_clear_dead_letter_and_nothing_else_is_lost() {
     // Then ordinary work, which must all complete.
     sc.publish_load(TENANT, 10, 10, 0);
     sc.wait_complete(&[port], T);
+    // The platform's stream keeps every message, the unparseable one too: it is acknowledged
+    // in the runner's consumer, never deleted.
+    let (messages, first, last) = sc.h.block_on(async {
+        let mut s = sc.h.js.get_stream("AGGREGATE_EVENTS").await.unwrap();
+        let i = s.info().await.unwrap();
+        (i.state.messages, i.state.first_sequence, i.state.last_sequence)
+    });
+    assert_eq!(messages, last - first + 1, "a message was deleted from AGGREGATE_EVENTS");
     let expect = [
         ("bad-json", "not JSON"),
         ("bad-type", "type"),

@@ -214,7 +214,20 @@ pub async fn consume(
         // find it among the delivered-but-never-received ones and quarantine it.
         let moved = super::screen::sweep(&ctx, &stream, &durable, &filter, &received).await;
         if moved > 0 {
-            tracing::warn!(stream = %stream, filter = %filter, moved, "moved unparseable messages to the dead letters");
+            tracing::warn!(stream = %stream, filter = %filter, moved, "moved unparseable messages to the dead letters (left in the stream, acknowledged in this consumer)");
+            // The sweep settled what the dead connection left: keep the consumer as it is.
+            match ctx.js.get_stream(&stream).await {
+                Ok(s) => match s.get_consumer(&durable).await {
+                    Ok(c) => {
+                        consumer = c;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot re-bind; retrying")
+                    }
+                },
+                Err(e) => tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot re-bind; retrying"),
+            }
         }
         // Re-bind, restarting delivery at the ack floor (see `streams::pull_consumer`).
         match super::streams::pull_consumer(&ctx.js, &ctx.cfg, &stream, kind.label(), &filter).await {

@@ -5,8 +5,16 @@
 //! sequences it delivered that the runner never received, fetches each of them through the
 //! stream API (whose answer carries the headers base64-encoded, parsed here, not by the
 //! client), and moves every unparseable one matching its filter into the dead letters (raw
-//! headers and body kept, invariant: never silently dropped), then deletes it from the stream
-//! so that delivery can go on past it.
+//! headers and body kept, invariant: never silently dropped), then acknowledges it in this
+//! consumer only — the stream is the platform's and has other readers, so nothing is deleted
+//! from it. The other delivered-but-never-received messages are NAKed, so they come again at
+//! once, and the consumer is kept as it is (re-creating it at its ack floor would deliver the
+//! acknowledged message again).
+//!
+//! The acknowledgements are published to the consumer's ack subject built from the stream
+//! sequence (`$JS.ACK.<stream>.<consumer>.1.<seq>.<dseq>.0.0`): the server settles an
+//! explicit ack by the stream sequence of its pending record, and takes a NAK whose delivery
+//! sequence lies within the consumer's range (the last delivered one is used).
 
 use crate::context::Ctx;
 use crate::envelope::Transport;
@@ -69,12 +77,16 @@ pub fn header_problem(block: &[u8]) -> Option<String> {
 }
 
 /// Finds and quarantines delivered-but-never-received messages of one consumer that the
-/// client cannot parse. Returns how many were moved.
+/// client cannot parse (acknowledged in this consumer, left in the stream), and NAKs the
+/// other never-received ones. Returns how many were moved; when any was, the caller keeps the
+/// consumer as it is.
 pub async fn sweep(ctx: &Rc<Ctx>, stream: &str, consumer: &str, filter: &str, received: &Received) -> usize {
     let Ok(s) = ctx.js.get_stream(stream).await else { return 0 };
     let Ok(info) = s.consumer_info(consumer).await else { return 0 };
     let (floor, delivered) = (info.ack_floor.stream_sequence, info.delivered.stream_sequence);
+    let last_dseq = info.delivered.consumer_sequence;
     let mut moved = 0;
+    let mut others = Vec::new();
     let mut probes = 0;
     for seq in floor + 1..=delivered {
         if received.contains(seq) {
@@ -88,19 +100,44 @@ pub async fn sweep(ctx: &Rc<Ctx>, stream: &str, consumer: &str, filter: &str, re
         if !shards::manifest::subject_matches(filter, &raw.subject) {
             continue;
         }
-        let Some(problem) = raw.headers.as_deref().and_then(header_problem) else { continue };
+        let Some(problem) = raw.headers.as_deref().and_then(header_problem) else {
+            others.push(seq);
+            continue;
+        };
         if quarantine(ctx, stream, seq, &raw, &problem).await {
-            match s.delete_message(seq).await {
-                Ok(_) => moved += 1,
+            match settle(ctx, stream, consumer, seq, last_dseq, "").await {
+                Ok(()) => moved += 1,
                 Err(e) => tracing::error!(
-                    stream, seq, error = %e,
-                    "an unparseable message is in the dead letters but cannot be removed from the stream; \
-                     remove it by hand (nats stream rmm {stream} {seq}) or consumers stay stuck on it"
+                    stream, consumer, seq, error = %e,
+                    "an unparseable message is in the dead letters but could not be acknowledged; it comes again"
                 ),
             }
         }
     }
+    if moved > 0 {
+        // Delivered to the dead connection: again at once, in order, on the kept consumer.
+        for seq in others {
+            if let Err(e) = settle(ctx, stream, consumer, seq, last_dseq, "-NAK").await {
+                tracing::warn!(stream, consumer, seq, error = %e, "cannot NAK a message lost with the connection; it comes again after ack_wait");
+            }
+        }
+    }
     moved
+}
+
+/// Acknowledges (`what` empty) or NAKs message `seq` in `consumer` through its ack subject.
+async fn settle(
+    ctx: &Rc<Ctx>,
+    stream: &str,
+    consumer: &str,
+    seq: u64,
+    dseq: u64,
+    what: &'static str,
+) -> Result<(), async_nats::Error> {
+    let subject = format!("$JS.ACK.{stream}.{consumer}.1.{seq}.{dseq}.0.0");
+    ctx.client.publish(subject, bytes::Bytes::from_static(what.as_bytes())).await?;
+    ctx.client.flush().await?;
+    Ok(())
 }
 
 struct RawMessage {
