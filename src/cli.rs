@@ -62,6 +62,32 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum SagaCmd {
+    /// List instances of a saga, a page at a time (from a running runner: --url).
+    List {
+        /// Tenant (empty for single-tenant deployments).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// The saga.
+        #[arg(long)]
+        saga: String,
+        /// running, completed or failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only parked (true) or only unparked (false) instances.
+        #[arg(long)]
+        parked: Option<bool>,
+        /// Correlation ids starting with this.
+        #[arg(long)]
+        correlation_prefix: Option<String>,
+        /// Continue after this correlation id (the previous page's `next`).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Show one instance: state, status, last sequences, pending timers and outbox items.
     Get {
         tenant: String,
@@ -182,6 +208,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => crate::demo::run(cli.config.as_deref(), args),
         Command::Check => crate::inspect::check(cli.config.as_deref()),
+        Command::Saga(SagaCmd::List { tenant, saga, status, parked, correlation_prefix, cursor, limit, source }) => {
+            crate::inspect::saga_list(
+                &source,
+                &crate::inspect::ListArgs { tenant, saga, status, parked, correlation_prefix, cursor, limit },
+            )
+        }
         Command::Saga(SagaCmd::Get { tenant, saga, correlation_id, source }) => {
             crate::inspect::saga_get(cli.config.as_deref(), &source, &tenant, &saga, &correlation_id)
         }

@@ -14,6 +14,7 @@
 //! | `POST /admin/deadletters/requeue` | `{tenant, saga, correlation_id, skip_poison?}` |
 //! | `POST /admin/deadletters/discard` | `{tenant, at, id}` |
 //! | `POST /admin/deadletters/resend` | `{tenant, at, id}`: a failed dispatch back to the outbox |
+//! | `GET /sagas?tenant=&saga=&status=&parked=&correlation_prefix=&updated_after=&cursor=&limit=` | a page of instances (cursor paging) |
 //! | `GET /sagas/{tenant}/{saga}/{correlation_id}` | one instance (`_` is the empty tenant) |
 //!
 //! `/admin/*` and `/sagas/*` need `Authorization: Bearer <http.admin_token>` when a token
@@ -229,7 +230,7 @@ fn tenant_of(segment: &str) -> String {
 async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let protected = path.starts_with("/admin/") || path.starts_with("/sagas/");
+    let protected = path.starts_with("/admin/") || path.starts_with("/sagas/") || path == "/sagas";
     if protected {
         match access(ops, &req) {
             Access::Granted => {}
@@ -324,6 +325,49 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
             };
             let key = DeadLetterKey { tenant, at, id };
             if path.ends_with("resend") { from(ops.resend(key).await) } else { from(ops.discard(key).await) }
+        }
+        (&Method::GET, "/sagas") => {
+            let Some(saga) = query_param(&req, "saga") else {
+                return error(400, "query parameter `saga` is required (and `tenant`, empty by default)");
+            };
+            let tenant = query_param(&req, "tenant").unwrap_or_default();
+            let status = match query_param(&req, "status").as_deref() {
+                None | Some("") => None,
+                Some("running") => Some(shards::record::InstanceStatus::Running),
+                Some("completed") => Some(shards::record::InstanceStatus::Completed),
+                Some("failed") => Some(shards::record::InstanceStatus::Failed),
+                Some(other) => {
+                    return error(400, format!("status {other:?}: expected running, completed or failed"));
+                }
+            };
+            let parked = match query_param(&req, "parked").as_deref() {
+                None | Some("") => None,
+                Some("true") => Some(true),
+                Some("false") => Some(false),
+                Some(other) => return error(400, format!("parked {other:?}: expected true or false")),
+            };
+            let updated_after = match query_param(&req, "updated_after") {
+                None => None,
+                Some(t) => match t.parse::<u64>() {
+                    Ok(ms) => Some(ms),
+                    Err(_) => {
+                        return error(400, format!("updated_after {t:?}: expected milliseconds since the epoch"));
+                    }
+                },
+            };
+            let limit = match query_param(&req, "limit").map(|l| l.parse::<usize>()) {
+                None => 100,
+                Some(Ok(n)) if (1..=1_000).contains(&n) => n,
+                Some(_) => return error(400, "limit: expected 1 to 1000"),
+            };
+            let filter = shards::message::ListFilter {
+                status,
+                parked,
+                correlation_prefix: query_param(&req, "correlation_prefix").filter(|p| !p.is_empty()),
+                updated_after,
+            };
+            let cursor = query_param(&req, "cursor").filter(|c| !c.is_empty());
+            from(ops.list(&tenant, &saga, filter, cursor, limit).await)
         }
         (&Method::GET, p) if p.starts_with("/sagas/") => {
             let parts: Vec<String> = p["/sagas/".len()..].split('/').map(percent_decode).collect();

@@ -121,6 +121,36 @@ fn enc(s: &str) -> String {
     out
 }
 
+/// What `saga list` asks for.
+pub struct ListArgs {
+    pub tenant: String,
+    pub saga: String,
+    pub status: Option<String>,
+    pub parked: Option<bool>,
+    pub correlation_prefix: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: usize,
+}
+
+/// `runner saga list`: one page from a running runner's `GET /sagas`.
+pub fn saga_list(source: &Source, args: &ListArgs) -> anyhow::Result<ExitCode> {
+    if source.url.is_none() {
+        anyhow::bail!("saga list reads a running runner: pass --url (e.g. http://127.0.0.1:8080)");
+    }
+    let mut q = format!("/sagas?tenant={}&saga={}&limit={}", enc(&args.tenant), enc(&args.saga), args.limit);
+    for (name, value) in [
+        ("status", args.status.clone()),
+        ("parked", args.parked.map(|p| p.to_string())),
+        ("correlation_prefix", args.correlation_prefix.clone()),
+        ("cursor", args.cursor.clone()),
+    ] {
+        if let Some(v) = value {
+            q.push_str(&format!("&{name}={}", enc(&v)));
+        }
+    }
+    http_print(source, &q)
+}
+
 pub fn saga_get(
     config: Option<&Path>,
     source: &Source,

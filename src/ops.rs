@@ -86,6 +86,18 @@ pub struct StatsReport {
     pub unmatched: std::collections::BTreeMap<String, u64>,
 }
 
+/// `GET /sagas?…`: one page of a listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SagaListing {
+    pub tenant: String,
+    pub saga: String,
+    pub count: usize,
+    pub instances: Vec<shards::message::SagaSummary>,
+    /// Pass as `cursor` for the next page; absent when the listing is complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
 /// `/admin/deadletters`: a tenant's dead letters in the order they were written.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetterList {
@@ -306,6 +318,46 @@ impl Ops {
         let outbox_total = shards.iter().map(|s| s.store.outbox).sum();
         let unmatched = self.bridge.unmatched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         Ok(StatsReport { partitions: self.router.partitions(), outbox_total, shards, unmatched })
+    }
+
+    /// One page of the instances of `saga` for `tenant` matching `filter`, every shard merged
+    /// in key order (correlation ids by length, then bytes) after `cursor`; `next` continues it (absent at the end). Each
+    /// shard reads a bounded number of records per page, so a sparse filter may give a short
+    /// (even empty) page with a `next`.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        saga: &str,
+        filter: shards::message::ListFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<SagaListing, OpsError> {
+        if !self.manifests().sagas.contains_key(saga) {
+            return Err(OpsError::new(404, format!("saga {saga:?} is not loaded")));
+        }
+        let limit = limit.clamp(1, 1_000);
+        let mut pages = Vec::with_capacity(self.shards.len());
+        for s in 0..self.shards.len() {
+            let (t, g, f, after) = (tenant.to_owned(), saga.to_owned(), filter.clone(), cursor.clone());
+            pages.push(self.ask(s, |reply| Query::List { tenant: t, saga: g, filter: f, after, limit, reply }).await?);
+        }
+        // A shard that stopped early has listed everything up to where it stopped: the page
+        // ends at the least such place, so no shard's instances are skipped.
+        use shards::message::listing_order as order;
+        let bound = pages.iter().filter_map(|p| p.scanned_to.clone()).min_by(|a, b| order(a).cmp(&order(b)));
+        let mut instances: Vec<shards::message::SagaSummary> = pages
+            .into_iter()
+            .flat_map(|p| p.instances)
+            .filter(|i| bound.as_ref().is_none_or(|b| order(&i.correlation_id) <= order(b)))
+            .collect();
+        instances.sort_by(|a, b| order(&a.correlation_id).cmp(&order(&b.correlation_id)));
+        let next = if instances.len() > limit {
+            instances.truncate(limit);
+            instances.last().map(|i| i.correlation_id.clone())
+        } else {
+            bound
+        };
+        Ok(SagaListing { tenant: tenant.to_owned(), saga: saga.to_owned(), count: instances.len(), instances, next })
     }
 
     pub async fn deadletters(&self, tenant: &str, limit: usize) -> Result<DeadLetterList, OpsError> {

@@ -126,6 +126,17 @@ pub enum Query {
         limit: usize,
         reply: Reply<Result<SagaPage, ShardError>>,
     },
+    /// Instances of `saga` for `tenant` on this shard matching `filter`, in key order
+    /// ([`listing_order`]) after `after`: at most `limit`, reading at most [`LIST_SCAN`]
+    /// records per call (a page that stops early says where it stopped).
+    List {
+        tenant: String,
+        saga: String,
+        filter: ListFilter,
+        after: Option<String>,
+        limit: usize,
+        reply: Reply<Result<SagaList, ShardError>>,
+    },
     Stats {
         reply: Reply<Result<ShardStats, ShardError>>,
     },
@@ -138,6 +149,7 @@ impl std::fmt::Debug for Query {
             Query::Effect { key, .. } => write!(f, "Effect({}/{})", key.tenant, key.command_id),
             Query::DeadLetters { tenant, limit, .. } => write!(f, "DeadLetters({tenant:?}, {limit})"),
             Query::Sagas { tenant, saga, limit, .. } => write!(f, "Sagas({tenant:?}, {saga:?}, {limit})"),
+            Query::List { tenant, saga, limit, .. } => write!(f, "List({tenant:?}, {saga:?}, {limit})"),
             Query::Stats { .. } => write!(f, "Stats"),
         }
     }
@@ -189,6 +201,44 @@ pub struct DeadLetterView {
     pub letter: DeadLetter,
     pub key: DeadLetterKey,
     pub shard: usize,
+}
+
+/// The order of a listing: the store's key order, correlation ids by length, then bytes.
+pub fn listing_order(correlation_id: &str) -> (usize, &str) {
+    (correlation_id.len(), correlation_id)
+}
+
+/// Records one listing reads at most per shard and call (a bounded scan on the shard's thread).
+pub const LIST_SCAN: usize = 5_000;
+
+/// What a listing keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub status: Option<crate::record::InstanceStatus>,
+    /// Only parked instances (`Some(true)`) or only unparked ones (`Some(false)`).
+    pub parked: Option<bool>,
+    pub correlation_prefix: Option<String>,
+    /// Changed at or after this time (ms since the epoch).
+    pub updated_after: Option<u64>,
+}
+
+/// One listed instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SagaSummary {
+    pub correlation_id: String,
+    pub status: crate::record::InstanceStatus,
+    pub version: u64,
+    pub updated_at: u64,
+    pub parked: bool,
+    pub shard: usize,
+}
+
+/// A page of one shard's listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SagaList {
+    pub instances: Vec<SagaSummary>,
+    /// The last correlation id read, when the shard may hold more after it.
+    pub scanned_to: Option<String>,
 }
 
 /// A page of instance correlation ids.

@@ -374,6 +374,10 @@ impl Shell {
             Query::Sagas { tenant, saga, after, limit, reply } => {
                 let _ = reply.send(c.saga_page(&tenant, &saga, after.as_deref(), limit).map_err(ShardError::from));
             }
+            Query::List { tenant, saga, filter, after, limit, reply } => {
+                let _ =
+                    reply.send(c.saga_list(&tenant, &saga, &filter, after.as_deref(), limit).map_err(ShardError::from));
+            }
             Query::Stats { reply } => {
                 let stats = c.stats().map(|mut s| {
                     s.outbox_window = self.relay.depth();

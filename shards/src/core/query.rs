@@ -112,6 +112,54 @@ impl ShardCore {
         Ok(SagaPage { correlation_ids, next })
     }
 
+    /// One shard's page of a listing (see [`Query::List`](crate::message::Query::List)).
+    pub fn saga_list(
+        &self,
+        tenant: &str,
+        saga: &str,
+        filter: &crate::message::ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::message::SagaList, StoreError> {
+        /// The fields a listing reads of a record (the state is not decoded).
+        #[derive(serde::Deserialize)]
+        struct Summary {
+            status: crate::record::InstanceStatus,
+            version: u64,
+            updated_at: u64,
+            #[serde(default)]
+            parked: Option<serde::de::IgnoredAny>,
+        }
+        let limit = limit.max(1);
+        let prefix = filter.correlation_prefix.as_deref().unwrap_or("");
+        let scan = crate::message::LIST_SCAN;
+        let read = self.store.read()?.sagas_scan::<Summary>(tenant, saga, after, scan)?;
+        let exhausted = read.len() < scan;
+        let mut instances = Vec::new();
+        let mut scanned_to = None;
+        for (key, s) in read {
+            let keep = key.correlation_id.starts_with(prefix)
+                && filter.status.is_none_or(|st| st == s.status)
+                && filter.parked.is_none_or(|p| p == s.parked.is_some())
+                && filter.updated_after.is_none_or(|t| s.updated_at >= t);
+            if keep {
+                instances.push(crate::message::SagaSummary {
+                    correlation_id: key.correlation_id.clone(),
+                    status: s.status,
+                    version: s.version,
+                    updated_at: s.updated_at,
+                    parked: s.parked.is_some(),
+                    shard: self.shard,
+                });
+            }
+            scanned_to = Some(key.correlation_id);
+            if instances.len() >= limit {
+                return Ok(crate::message::SagaList { instances, scanned_to });
+            }
+        }
+        Ok(crate::message::SagaList { instances, scanned_to: if exhausted { None } else { scanned_to } })
+    }
+
     /// Store counts and in-memory state; the shell adds the relay's figures.
     pub fn stats(&self) -> Result<ShardStats, StoreError> {
         Ok(ShardStats {
