@@ -90,8 +90,11 @@ pub enum SagaCmd {
     },
     /// Show one instance: state, status, last sequences, pending timers and outbox items.
     Get {
+        /// Tenant (`_` or "" for the empty tenant).
         tenant: String,
+        /// The saga's name, as in its manifest.
         saga: String,
+        /// The instance's correlation id.
         correlation_id: String,
         #[command(flatten)]
         source: Source,
