@@ -3,7 +3,7 @@
 //! (`--dry-run` only shows it); the runner's answer is printed as JSON, and a refusal exits 1.
 
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::process::ExitCode;
 
 /// Where and how to act.
@@ -34,24 +34,8 @@ pub fn post(target: &Target, path: &str, what: &str, body: Value) -> anyhow::Res
         eprintln!("add --yes to do it (or --dry-run to only show it)");
         return Ok(ExitCode::from(2));
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (status, answer) = rt.block_on(async {
-        use http_body_util::{BodyExt, Full};
-        let client = crate::http_client::http_client();
-        let mut req = hyper::Request::post(&url).header("content-type", "application/json");
-        if let Some(t) = &target.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let resp = client
-            .request(req.body(Full::new(bytes::Bytes::from(body.to_string())))?)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        let answer: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(&bytes).into_owned() }));
-        anyhow::Ok((status, answer))
-    })?;
+    let (status, answer) =
+        crate::http_client::call_json(hyper::Method::POST, &url, target.token.as_deref(), Some(&body))?;
     println!("{}", serde_json::to_string_pretty(&answer)?);
     if (200..300).contains(&status) {
         Ok(ExitCode::SUCCESS)

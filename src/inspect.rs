@@ -81,26 +81,7 @@ fn data_dir(config: Option<&Path>, source: &Source) -> anyhow::Result<PathBuf> {
 fn http_get(source: &Source, path: &str) -> anyhow::Result<(u16, Value)> {
     let Some(base) = &source.url else { anyhow::bail!("no --url") };
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        use http_body_util::{BodyExt, Full};
-        let client = crate::http_client::http_client();
-        let mut req = hyper::Request::get(&url);
-        if let Some(t) = &source.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let resp = client
-            .request(req.body(Full::new(bytes::Bytes::new()))?)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        let v = serde_json::from_slice(&body).map_err(|e| {
-            let text: String = String::from_utf8_lossy(&body).chars().take(500).collect();
-            anyhow::anyhow!("{url} answered {status} with a body that is not JSON ({e}): {text}")
-        })?;
-        Ok((status, v))
-    })
+    crate::http_client::call_json(hyper::Method::GET, &url, source.token.as_deref(), None)
 }
 
 fn http_print(source: &Source, path: &str) -> anyhow::Result<ExitCode> {

@@ -188,32 +188,16 @@ fn gateway_failures_are_retried_and_a_duplicate_409_counts_as_delivered() {
     cfg.relay.retry.backoff_ms = 50;
     cfg.relay.retry.max_backoff_ms = 200;
     let app = h.start(cfg);
-    h.event(
-        "acme",
-        "order",
-        "OrderPlaced",
-        "p-1",
-        serde_json::json!({"order_id": "o-1", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
-    );
-    wait_until(T, "the outbox drains", || {
-        saga_state(&app, "acme", SAGA, "o-1")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
-    });
+    h.place_order("p-1", "o-1");
+    wait_outbox_drained(&app, "o-1");
     let calls = gateway.records();
     assert_eq!(calls.len(), 3, "two 500s then one success");
     let keys: Vec<_> = calls.iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
     assert!(keys.iter().all(|k| *k == keys[0]), "retries changed the idempotency key");
 
     gateway.script(|s| s.conflict_next = 1);
-    h.event(
-        "acme",
-        "order",
-        "OrderPlaced",
-        "p-2",
-        serde_json::json!({"order_id": "o-2", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
-    );
-    wait_until(T, "the outbox drains", || {
-        saga_state(&app, "acme", SAGA, "o-2")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
-    });
+    h.place_order("p-2", "o-2");
+    wait_outbox_drained(&app, "o-2");
     assert_eq!(gateway.records().len(), 4, "a 409 was retried");
     app.shutdown();
 }
@@ -236,16 +220,8 @@ fn a_gateway_409_that_is_not_a_duplicate_is_retried_not_delivered() {
     cfg.relay.retry.backoff_ms = 50;
     cfg.relay.retry.max_backoff_ms = 200;
     let app = h.start(cfg);
-    h.event(
-        "acme",
-        "order",
-        "OrderPlaced",
-        "p-9",
-        serde_json::json!({"order_id": "o-9", "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
-    );
-    wait_until(T, "the outbox drains", || {
-        saga_state(&app, "acme", SAGA, "o-9")["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
-    });
+    h.place_order("p-9", "o-9");
+    wait_outbox_drained(&app, "o-9");
     let calls = gateway.records();
     assert_eq!(calls.len(), 3, "a 409 that is not a duplicate counted as delivered");
     assert!(calls.iter().all(|c| c.header("idempotency-key") == calls[0].header("idempotency-key")));

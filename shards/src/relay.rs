@@ -73,28 +73,22 @@ pub struct Ready {
 }
 
 /// One instance's items for one target (the Gateway, or one effect): sent one at a time, in
-/// outbox order — a later command never overtakes an earlier one, retried or not.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Lane {
-    tenant: String,
-    saga: String,
-    correlation_id: String,
-    target: String,
-}
+/// outbox order — a later command never overtakes an earlier one, retried or not. A lane is
+/// a 64-bit hash of (tenant, saga, correlation id, target), computed without allocating on
+/// the relay's path; two instances whose hashes collide only take turns, which costs
+/// concurrency, never order or delivery.
+type Lane = u64;
 
 /// The lane of `item`; records of calls made in place and suppressed items have none.
 fn lane_of(item: &OutboxItem) -> Option<Lane> {
+    // Fixed seeds: the same lane for the same item whenever it is looked at.
+    const LANES: ahash::RandomState = ahash::RandomState::with_seeds(0x6c61, 0x6e65, 0x7265, 0x6c79);
     let target = match &item.kind {
-        WorkKind::Command { .. } => "gateway".to_owned(),
-        WorkKind::Effect { effect } => format!("effect:{effect}"),
+        WorkKind::Command { .. } => None,
+        WorkKind::Effect { effect } => Some(effect.as_str()),
         WorkKind::Audit { .. } => return None,
     };
-    (!item.suppressed).then(|| Lane {
-        tenant: item.tenant.clone(),
-        saga: item.saga.clone(),
-        correlation_id: item.correlation_id.clone(),
-        target,
-    })
+    (!item.suppressed).then(|| LANES.hash_one((&item.tenant, &item.saga, &item.correlation_id, target)))
 }
 
 #[derive(Debug)]
@@ -354,7 +348,7 @@ impl RelayState {
 
     fn send(&mut self, ready: &mut Ready, key: OutboxKey, item: OutboxItem, deadline: u64) {
         if let Some(lane) = lane_of(&item) {
-            self.lane_owner.insert(lane.clone(), key);
+            self.lane_owner.insert(lane, key);
             self.owned.insert(key, lane);
         }
         let send = self.track(key, item.clone(), deadline);

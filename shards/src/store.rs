@@ -1085,38 +1085,6 @@ impl<'s> ReadView<'s> {
         Ok(out)
     }
 
-    /// Instances of `(tenant, saga)` after `after`, in key order (correlation ids by length,
-    /// then bytes), at most `scan` records: each decoded as `T` (a summary of the record).
-    pub fn sagas_scan<T: serde::de::DeserializeOwned>(
-        &self,
-        tenant: &str,
-        saga: &str,
-        after: Option<&str>,
-        scan: usize,
-    ) -> Result<Vec<(SagaKey, T)>, StoreError> {
-        let db = self.store.db(Db::Sagas);
-        let lmdb = |e| self.store.lmdb(e);
-        let saga_prefix = crate::keys::saga_prefix(tenant, saga);
-        let start = after.map(|cid| SagaKey::new(tenant, saga, cid).encode());
-        let lower = match &start {
-            Some(s) => std::ops::Bound::Excluded(&s[..]),
-            None => std::ops::Bound::Included(&saga_prefix[..]),
-        };
-        let mut out = Vec::new();
-        for item in db.range(&self.txn, &(lower, std::ops::Bound::Unbounded)).map_err(lmdb)? {
-            if out.len() >= scan {
-                break;
-            }
-            let (k, v) = item.map_err(lmdb)?;
-            if !k.starts_with(&saga_prefix) {
-                break;
-            }
-            let key = SagaKey::decode(k).map_err(|e| self.corrupt(Db::Sagas, e))?;
-            out.push((key, self.decode(Db::Sagas, v)?));
-        }
-        Ok(out)
-    }
-
     /// Every entry of one database, raw (partition moves, inspection tools).
     pub fn for_each_raw(
         &self,

@@ -188,6 +188,17 @@ impl Harness {
         )
     }
 
+    /// Publishes `OrderPlaced` for order `order` of tenant `acme` (message id `msg`).
+    pub fn place_order(&self, msg: &str, order: &str) {
+        self.event(
+            "acme",
+            "order",
+            "OrderPlaced",
+            msg,
+            serde_json::json!({"order_id": order, "sku": "s", "qty": 1, "amount": 1, "customer": "c"}),
+        );
+    }
+
     /// Every message of a stream, in order.
     pub fn read_stream(&self, name: &str) -> Vec<Stored> {
         self.block_on(async {
@@ -245,6 +256,13 @@ pub fn saga_state(app: &App, tenant: &str, saga: &str, cid: &str) -> serde_json:
 }
 
 /// Dead letters of a tenant across all shards, as the operations API serves them.
+/// Waits until the order `order` of tenant `acme` has no outbox item left.
+pub fn wait_outbox_drained(app: &App, order: &str) {
+    wait_until(Duration::from_secs(30), "the outbox drains", || {
+        saga_state(app, "acme", "order_fulfillment", order)["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+    });
+}
+
 pub fn deadletters(app: &App, tenant: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for h in app.runtime().handles() {

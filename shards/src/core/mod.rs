@@ -375,8 +375,7 @@ impl ShardCore {
 
     /// When the core wants to run again without new input: the earliest timer or retry.
     pub fn next_wake(&self) -> Option<u64> {
-        let retry = self.blocked.values().map(|b| b.retry_at).min();
-        match (self.next_due, retry) {
+        match (self.next_due, self.next_retry()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }

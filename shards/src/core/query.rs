@@ -133,7 +133,7 @@ impl ShardCore {
         let limit = limit.max(1);
         let prefix = filter.correlation_prefix.as_deref().unwrap_or("");
         let scan = crate::message::LIST_SCAN;
-        let read = self.store.read()?.sagas_scan::<Summary>(tenant, saga, after, scan)?;
+        let read = self.store.read()?.sagas_of::<Summary>(tenant, saga, after, scan)?;
         let exhausted = read.len() < scan;
         let mut instances = Vec::new();
         let mut scanned_to = None;

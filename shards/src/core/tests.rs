@@ -173,6 +173,13 @@ impl TestEnv {
         self.run(vec![Request::Apply { event, targets: vec![target], reply: tx }]).unwrap()
     }
 
+    /// Files an undecodable message as a dead letter in one step; fails unless it was filed.
+    pub fn quarantine(&mut self, letter: RawLetter) {
+        let (tx, mut rx) = reply_channel();
+        self.run(vec![Request::Quarantine { letter, reply: tx }]).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), Some(()), "the letter was not filed");
+    }
+
     /// One admin action in one step; its answer.
     pub fn admin(&mut self, op: AdminOp) -> Result<AdminAnswer, AdminError> {
         let (tx, mut rx) = reply_channel();
@@ -957,21 +964,15 @@ fn a_given_up_dispatch_can_be_resent_once_or_discarded() {
 #[test]
 fn only_a_failed_dispatch_can_be_resent() {
     let mut env = TestEnv::new(example_manifests);
-    let (tx, mut rx) = reply_channel();
-    env.run(vec![Request::Quarantine {
-        letter: RawLetter {
-            tenant: "acme".into(),
-            stream: "AGGREGATE_EVENTS".into(),
-            seq: 9,
-            subject: "acme.order.events".into(),
-            headers: Default::default(),
-            raw: b"not json".to_vec(),
-            error: "not JSON".into(),
-        },
-        reply: tx,
-    }])
-    .unwrap();
-    rx.try_recv().unwrap().unwrap();
+    env.quarantine(RawLetter {
+        tenant: "acme".into(),
+        stream: "AGGREGATE_EVENTS".into(),
+        seq: 9,
+        subject: "acme.order.events".into(),
+        headers: Default::default(),
+        raw: b"not json".to_vec(),
+        error: "not JSON".into(),
+    });
     let l = env.deadletters().remove(0);
     let answer = env.admin(AdminOp::Resend { key: DeadLetterKey { tenant: l.tenant, at: l.at, id: l.id } });
     assert!(matches!(answer, Err(AdminError::NotResendable { ref kind, .. }) if kind == "undecodable"), "{answer:?}");
@@ -1021,21 +1022,15 @@ fn a_stale_answer_for_a_resent_item_neither_resends_it_nor_outlives_its_delivery
 #[test]
 fn undecodable_messages_become_dead_letters() {
     let mut env = TestEnv::new(example_manifests);
-    let (tx, mut rx) = reply_channel();
-    env.run(vec![Request::Quarantine {
-        letter: RawLetter {
-            tenant: "acme".into(),
-            stream: "AGGREGATE_EVENTS".into(),
-            seq: 77,
-            subject: "events.acme.x.y".into(),
-            headers: [("x-tenant-id".to_owned(), "acme".to_owned())].into(),
-            raw: b"\xff not json".to_vec(),
-            error: "not JSON: expected value at line 1 column 1".into(),
-        },
-        reply: tx,
-    }])
-    .unwrap();
-    assert_eq!(rx.try_recv().unwrap(), Some(()));
+    env.quarantine(RawLetter {
+        tenant: "acme".into(),
+        stream: "AGGREGATE_EVENTS".into(),
+        seq: 77,
+        subject: "events.acme.x.y".into(),
+        headers: [("x-tenant-id".to_owned(), "acme".to_owned())].into(),
+        raw: b"\xff not json".to_vec(),
+        error: "not JSON: expected value at line 1 column 1".into(),
+    });
     let l = &env.deadletters()[0];
     assert_eq!((l.kind, l.seq), (DeadLetterKind::Undecodable, 77));
     assert!(l.raw.as_deref().unwrap().contains("not json"));
