@@ -24,7 +24,11 @@ pub struct BridgeShared {
     /// Dispatches handed to JetStream or the Gateway and not yet confirmed.
     pub dispatching: AtomicI64,
     pub consumed: AtomicU64,
+    /// Messages settled after their shards answered.
     pub acked: AtomicU64,
+    /// Records of calls run in place (`x-runner-ran: inline` commands and results) acked on
+    /// receipt, without a shard.
+    pub recorded_skipped: AtomicU64,
     /// Connections made (the first one counts): consumers re-bind after a reconnect.
     pub connections: AtomicU64,
     /// Circuit breaker states by upstream and shard (0 closed, 1 half-open, 2 open); each

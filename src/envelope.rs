@@ -13,9 +13,17 @@ pub const HDR_TENANT: &str = "x-tenant-id";
 pub const HDR_CORRELATION: &str = "x-correlation-id";
 pub const HDR_TRACEPARENT: &str = "traceparent";
 pub const HDR_COMMAND_ID: &str = "x-command-id";
-/// On a command in `WORKFLOW_COMMANDS`: the saga's own shard already ran it (`inline`);
-/// published for the record, effect workers acknowledge it without running it.
+/// On a command in `WORKFLOW_COMMANDS` and its result in `WORKFLOW_EVENTS`: the saga's own
+/// shard already ran it (`inline`) and applied the result; published for the record, so
+/// effect workers acknowledge the command without running it and result consumers
+/// acknowledge the result without applying it.
 pub const HDR_RAN: &str = "x-runner-ran";
+
+/// Whether a message is the record of a call run in place (`x-runner-ran: inline`); reads
+/// the one header, nothing else of the message.
+pub fn ran_inline(msg: &async_nats::jetstream::Message) -> bool {
+    msg.headers.as_ref().and_then(|h| h.get(HDR_RAN)).is_some_and(|v| v.as_str() == "inline")
+}
 
 /// An event as aggregate nodes publish it. Every field is optional on the wire; decoding
 /// fills gaps from headers, the subject and the message metadata.

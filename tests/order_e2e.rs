@@ -11,6 +11,7 @@ use runner::fixture::{HttpFixture, Reply};
 use shards::clock::Clock;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::*;
 
@@ -106,6 +107,14 @@ fn the_order_saga_succeeds_and_compensates_with_every_call_exactly_once() {
     wait_until(Duration::from_secs(30), "compensation calls", || {
         gateway.records().len() == 8 && up.records().len() == 10
     });
+    // The records of the 10 calls run in place (5 charges, 3 ships, 2 refunds), command and
+    // result each, come back through this runner's own consumers and are acked on receipt:
+    // no shard sees them again. Through the shards went only the 10 aggregate events.
+    let shared = app.bridge().shared().clone();
+    wait_until(Duration::from_secs(30), "the records of the in-place calls", || {
+        shared.recorded_skipped.load(Ordering::Relaxed) == 20
+    });
+    assert_eq!(shared.acked.load(Ordering::Relaxed), 10, "only the aggregate events reach a shard");
     let report = app.shutdown();
     assert!(report.drained, "{report:?}");
 

@@ -142,7 +142,7 @@ async fn publish_audit(ctx: &Ctx, item: &OutboxItem) -> Pending {
         m
     };
     let command = message(audit.command, command_id.to_owned()).header(envelope::HDR_RAN, "inline");
-    let result = message(audit.result, format!("result:{command_id}"));
+    let result = message(audit.result, format!("result:{command_id}")).header(envelope::HDR_RAN, "inline");
     let sent = async {
         let a = ctx.js.send_publish(audit.command_subject, command).await?;
         let b = ctx.js.send_publish(audit.result_subject, result).await?;

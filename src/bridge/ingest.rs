@@ -247,6 +247,14 @@ async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration
 
 /// One message from an aggregate or results consumer.
 async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) {
+    if kind == Kind::Results && envelope::ran_inline(&msg) {
+        // The record of a call the saga's own shard ran in place: its result was applied in
+        // the commit that removed the call's outbox item, before this copy was published.
+        metrics::counter!("runner_result_recorded_skipped_total").increment(1);
+        ctx.shared.recorded_skipped.fetch_add(1, Ordering::Relaxed);
+        let _ = msg.ack().await;
+        return;
+    }
     let t = Transport::of(&msg);
     let routed = match kind {
         Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),

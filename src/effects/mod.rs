@@ -58,13 +58,14 @@ impl EffectsRuntime {
 
 /// One command message.
 pub async fn handle(ctx: &Rc<Ctx>, effects: &Rc<EffectsRuntime>, msg: async_nats::jetstream::Message) {
-    let t = Transport::of(&msg);
-    if t.header(envelope::HDR_RAN) == Some("inline") {
+    if envelope::ran_inline(&msg) {
         // Run in place by the saga's own shard; published for the record only.
         metrics::counter!("runner_effect_recorded_skipped_total").increment(1);
+        ctx.shared.recorded_skipped.fetch_add(1, Ordering::Relaxed);
         let _ = msg.ack().await;
         return;
     }
+    let t = Transport::of(&msg);
     if msg.payload.len() > ctx.cfg.max_event_bytes {
         let e = envelope::DecodeError::TooLarge { size: msg.payload.len(), limit: ctx.cfg.max_event_bytes };
         quarantine(ctx, msg, t, e.to_string()).await;
