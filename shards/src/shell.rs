@@ -22,6 +22,7 @@ use crate::message::{
     AdminAnswer, AdminError, ApplyOutcome, Control, Dispatch, DispatchOutcome, DispatchRequest, DispatchResult,
     FinishError, GateDecision, Query, Reply, Request, ShardError,
 };
+use crate::record::WorkKind;
 use crate::relay::{RelayConfig, RelayState};
 use crate::store::{StoreConfig, StoreError};
 use ahash::AHashMap;
@@ -197,6 +198,13 @@ pub struct Shell {
     /// Work taken in and not yet durable: the next step runs it (again, after a failed
     /// commit).
     work: Vec<Work>,
+    /// Work that need not commit on its own: confirmed publishes of the records of calls run
+    /// in place (deleting their outbox items). It joins the next batch that commits anyway,
+    /// or commits by itself once the oldest waited [`DEFER_MS`] (a crash before then only
+    /// publishes a record again, which its readers ack on receipt).
+    deferred: Vec<Work>,
+    /// When the oldest deferred work was first seen by [`Self::promote_deferred`].
+    deferred_since: Option<u64>,
     reloads: Vec<Reload>,
     caller: Option<Rc<dyn Caller>>,
     /// Due timers up to this time may fire in the next step (see [`Self::set_timers_until`]);
@@ -215,6 +223,8 @@ impl Shell {
             waiting: AHashMap::new(),
             next_request: 0,
             work: Vec::new(),
+            deferred: Vec::new(),
+            deferred_since: None,
             reloads: Vec::new(),
             caller: None,
             timers_until: None,
@@ -241,6 +251,25 @@ impl Shell {
     /// Whether work is waiting for a step.
     pub fn has_work(&self) -> bool {
         !self.work.is_empty()
+    }
+
+    /// Whether deferred work waits (see [`Self::promote_deferred`]).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Moves the deferred work into the next batch when that batch has other work (it
+    /// commits anyway), when the oldest deferred work has waited [`DEFER_MS`], when there
+    /// is a lot of it, or when `force`d (stopping, or a caller stepping by hand).
+    pub fn promote_deferred(&mut self, now: u64, force: bool) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let since = *self.deferred_since.get_or_insert(now);
+        if force || !self.work.is_empty() || now >= since + DEFER_MS || self.deferred.len() >= DEFER_MAX {
+            self.work.append(&mut self.deferred);
+            self.deferred_since = None;
+        }
     }
 
     /// Requests waiting for an answer (in batches not yet durable or behind blocked keys).
@@ -329,6 +358,13 @@ impl Shell {
                     // key); a failed dispatch re-stores the item as the relay sent it, a call
                     // that ran in place is recorded from it.
                     match (self.relay.answer(&r.key, r.send), r.outcome) {
+                        (Some(item), DispatchOutcome::Delivered) if matches!(item.kind, WorkKind::Audit { .. }) => {
+                            self.deferred.push(Work::Dispatched {
+                                key: r.key,
+                                outcome: DispatchOutcome::Delivered,
+                                item: Some(item),
+                            })
+                        }
                         (Some(item), outcome) => {
                             self.work.push(Work::Dispatched { key: r.key, outcome, item: Some(item) })
                         }
@@ -401,6 +437,7 @@ impl Shell {
     /// [`Self::step`], showing each action to `observe` before it is carried out (tests
     /// assert on what the core decided).
     pub fn step_observed(&mut self, now: u64, observe: &mut dyn FnMut(&Action)) -> Result<StepReport, StepError> {
+        self.promote_deferred(now, true);
         let staged = self.stage(now)?;
         let committed = self.commit(staged)?;
         if let Some(txn) = committed.unflushed {
@@ -432,7 +469,11 @@ impl Shell {
     /// timer that is due but waits for the streams is looked at again every
     /// [`STREAM_WAIT_POLL_MS`] (the watermark moves without waking the shard).
     pub fn next_wake(&self, now: u64) -> Option<u64> {
-        let wake = self.core.next_wake();
+        let deferred = (!self.deferred.is_empty()).then(|| self.deferred_since.map_or(now, |t| t + DEFER_MS));
+        let wake = match (self.core.next_wake(), deferred) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (self.core.next_due(), self.timers_until) {
             (Some(due), Some(until)) if due <= now && due > until => {
                 let poll = now + STREAM_WAIT_POLL_MS;
@@ -863,6 +904,7 @@ pub async fn run_shard(
             }
             // Events left in the inbox may be older than the watermark: timers wait a step.
             s.set_timers_until(watermark.map(|w| if drained { w } else { 0 }));
+            s.promote_deferred(clock.now_ms(), stopping);
         }
 
         // Decide the next batch now, while the previous one may still be flushing.
@@ -954,7 +996,12 @@ pub async fn run_shard(
         if store_failed {
             break;
         }
-        if stopping && chans.inbox.is_empty() && !shell.borrow().has_work() && flushing.is_empty() {
+        if stopping
+            && chans.inbox.is_empty()
+            && !shell.borrow().has_work()
+            && !shell.borrow().has_deferred()
+            && flushing.is_empty()
+        {
             break;
         }
         if stopping && failed_until.is_some() {
@@ -1108,6 +1155,11 @@ fn note_busy(index: usize, health: &ShardHealth, threshold: Option<Duration>, si
 
 /// How often a shard looks again at a due timer that waits for the streams.
 pub const STREAM_WAIT_POLL_MS: u64 = 20;
+
+/// Longest deferred work waits for a batch to join (see [`Shell::promote_deferred`]).
+pub const DEFER_MS: u64 = 100;
+/// At most this much deferred work waits.
+pub const DEFER_MAX: usize = 1_024;
 
 /// The start of a synchronous section on the shard's thread, to tell how long the shard
 /// held its thread: wall time less the time the thread sat runnable on the run queue while
