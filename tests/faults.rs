@@ -139,3 +139,111 @@ fn crash_during_a_partition_move() {
     sc.wait_complete(&[port], T);
     sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
 }
+
+/// Dead letters of `TENANT` at `port`, or `None` while the runner does not answer.
+fn letters_at(sc: &Scenario, port: u16) -> Option<Vec<serde_json::Value>> {
+    let url = format!("http://127.0.0.1:{port}/admin/deadletters?tenant={TENANT}&limit=1000");
+    let (status, body) = sc.h.http("GET", &url, None, None);
+    if status != 200 {
+        return None;
+    }
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    Some(listed["deadletters"].as_array().cloned().unwrap_or_default())
+}
+
+/// The sum of a counter's series in the runner's `/metrics` at `port`.
+fn counter(sc: &Scenario, port: u16, name: &str) -> f64 {
+    let (status, text) = sc.h.http("GET", &format!("http://127.0.0.1:{port}/metrics"), None, None);
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 17 item 16: an event whose processing kills the process (a crash point armed at
+/// every start, as a panic under `panic = "abort"`, a stack overflow or an abort in a
+/// dependency would) is quarantined once it has crashed the process `consumers.max_crashes`
+/// times (default 3), as a supervisor restarts it. The runner then stays up, and every
+/// other event is applied exactly once.
+#[test]
+fn a_message_that_crashes_the_process_is_quarantined_after_three_crashes() {
+    let _serial = serial();
+    let mut sc = Scenario::new("crash-inducing-message");
+    let port = free_port();
+    let cfg = sc.config("a", 2, port, "");
+    let armed = [("RUNNER_FAILPOINTS", "shard.apply_marked")];
+    let mut p = RunnerProcess::start(&cfg, port, &armed, &sc.h.dir.path().join("start-1.log"));
+    p.wait_ready(&sc.h, T);
+    let before = sc.plan_load(TENANT, 10, 10);
+    sc.h.publish_many(before);
+    let poison = "t-poison-e0";
+    let body = serde_json::json!({"id": poison, "type": "Entry", "tenant_id": TENANT,
+        "data": {"k": "t-poison", "n": 0, "crash_process": true}});
+    let seq = sc.h.publish("events.t.ledger.Entry", &[("Nats-Msg-Id", poison)], &body);
+    let after = sc.plan_events(TENANT, 10, 10, 10, &|_, _| None);
+    sc.h.publish_many(after);
+
+    let settled = |sc: &Scenario| {
+        sc.incomplete_where(&[port], &|_| true).is_none() && letters_at(sc, port).is_some_and(|l| !l.is_empty())
+    };
+    let (mut p, died) = supervise(&mut sc, p, &cfg, &armed, 6, T, &settled);
+    assert_eq!(died.len(), 3, "the runner should die three times on the message, then quarantine it");
+    for log in &died {
+        assert!(log.contains("failpoint shard.apply_marked hit"), "died of something else; log:\n{log}");
+    }
+    let letters = letters_at(&sc, port).unwrap();
+    assert_eq!(letters.len(), 1, "only the crash-inducing message is a dead letter: {letters:#?}");
+    let letter = &letters[0];
+    assert_eq!(letter["kind"], "poison", "{letter:#}");
+    assert_eq!(letter["seq"], seq, "{letter:#}");
+    assert_eq!(letter["correlation_id"], "t-poison", "{letter:#}");
+    let error = letter["error"].as_str().unwrap();
+    let named = [
+        "crashed the process 3 times".to_owned(),
+        format!("stream AGGREGATE_EVENTS, sequence {seq}"),
+        "tenant \"t\"".to_owned(),
+        "saga \"ledger\"".to_owned(),
+        "key \"t-poison\"".to_owned(),
+    ];
+    for part in &named {
+        assert!(error.contains(part.as_str()), "the reason does not say {part:?}: {error}");
+    }
+    assert!(
+        sc.h.read_stream("AGGREGATE_EVENTS").iter().any(|m| m.seq == seq),
+        "the message was removed from the stream (only our consumer may settle it)"
+    );
+    // The runner stays up and goes on with new events.
+    sc.publish_load(TENANT, 10, 5, 20);
+    sc.wait_complete(&[port], T);
+    assert!(p.child.try_wait().unwrap().is_none(), "the runner died after the quarantine; log:\n{}", p.log());
+    let report = sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
+    assert_eq!(report.events, 250);
+}
+
+/// Issue 17 item 16, the other side: messages merely in flight when the process is killed
+/// (here after a commit, before its acks) are applied one at a time after the restart and
+/// none is quarantined, even with the strictest setting (`max_crashes = 2`).
+#[test]
+fn a_single_sigkill_with_messages_in_flight_quarantines_nothing() {
+    let _serial = serial();
+    let mut sc = Scenario::new("sigkill-quarantines-nothing");
+    let port = free_port();
+    let cfg = sc.config("a", 2, port, "max_crashes = 2\n");
+    let dir = sc.h.dir.path().to_owned();
+    let armed = [("RUNNER_FAILPOINTS", "shard.after_commit_before_ack:3")];
+    let mut p = RunnerProcess::start(&cfg, port, &armed, &dir.join("crash.log"));
+    p.wait_ready(&sc.h, T);
+    let load = sc.plan_load(TENANT, 10, 30);
+    sc.h.publish_many(load);
+    assert_eq!(p.wait_exit(T), Some(9), "not killed; log:\n{}", p.log());
+    sc.crashes.push(Instant::now());
+    let mut p = RunnerProcess::start(&cfg, port, &[], &dir.join("after.log"));
+    p.wait_ready(&sc.h, T);
+    sc.wait_complete(&[port], T);
+    let alone = counter(&sc, port, "runner_crash_suspects_total");
+    assert!(alone > 0.0, "no message was applied alone after the crash: nothing was in flight");
+    assert_eq!(letters_at(&sc, port).unwrap(), Vec::<serde_json::Value>::new(), "a message was quarantined");
+    let report = sc.finish(&mut [&mut p], &[dir.join("data-a")]);
+    assert_eq!(report.events, 300);
+}

@@ -20,6 +20,12 @@ use std::time::Instant;
 /// Largest raw body kept in a dead letter.
 const MAX_RAW: usize = 64 << 10;
 
+/// An event whose `data` holds `"crash_process": true` passes the crash point
+/// `shard.apply_marked` just before its program runs (the fault suite's crash-inducing
+/// input; without the `failpoints` feature, or unarmed, nothing happens).
+#[cfg(feature = "failpoints")]
+pub const CRASH_MARK: &str = "crash_process";
+
 /// Routes one event: behind its key's blocked head if there is one, else applied now.
 /// Borrows `p`: the shell keeps the batch's work for a redo, so only a key that blocks
 /// keeps a copy.
@@ -315,6 +321,11 @@ fn apply_read(
         Some(r) if r.outcome == "failed" && saga.spec.compensation.is_some() => Entry::Compensation,
         _ => Entry::OnEvent,
     };
+    #[cfg(feature = "failpoints")]
+    if event.data.get(CRASH_MARK).and_then(serde_json::Value::as_bool) == Some(true) {
+        // A crash-inducing input for the fault suite: the process dies running this event.
+        fail::fail_point!("shard.apply_marked");
+    }
     let is_new = state.is_none();
     let input_event = event_dynamic(event, &key.correlation_id);
     let started = Instant::now();
