@@ -161,6 +161,17 @@ fn counter(sc: &Scenario, port: u16, name: &str) -> f64 {
         .sum()
 }
 
+/// What the runner's log says it applied alone after a restart: messages and milliseconds,
+/// summed over its consumers.
+fn applied_alone(log: &str) -> (u64, u64) {
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(name).nth(1).and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+    };
+    log.lines()
+        .filter(|l| l.contains("were applied one at a time"))
+        .fold((0, 0), |(n, ms), l| (n + field(l, "suspects="), ms + field(l, "took_ms=")))
+}
+
 /// Issue 17 item 16: an event whose processing kills the process (a crash point armed at
 /// every start, as a panic under `panic = "abort"`, a stack overflow or an abort in a
 /// dependency would) is quarantined once it has crashed the process `consumers.max_crashes`
@@ -219,6 +230,49 @@ fn a_message_that_crashes_the_process_is_quarantined_after_three_crashes() {
     assert!(p.child.try_wait().unwrap().is_none(), "the runner died after the quarantine; log:\n{}", p.log());
     let report = sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
     assert_eq!(report.events, 250);
+    sc.record_with(&report, &format!(", deaths {}, dead letters 1", died.len()));
+}
+
+/// Issue 17 item 16, before a shard: a message whose decoding kills the process (a crash
+/// point in the bridge's decoder) dies once more when its quarantine decodes it, and is then
+/// filed raw, undecoded; everything else is applied exactly once.
+#[test]
+fn a_message_whose_decoding_crashes_the_process_is_filed_raw() {
+    let _serial = serial();
+    let mut sc = Scenario::new("crash-decoding-message");
+    let port = free_port();
+    let cfg = sc.config("a", 2, port, "");
+    let armed = [("RUNNER_FAILPOINTS", "bridge.decode_marked")];
+    let mut p = RunnerProcess::start(&cfg, port, &armed, &sc.h.dir.path().join("start-1.log"));
+    p.wait_ready(&sc.h, T);
+    let before = sc.plan_load(TENANT, 5, 10);
+    sc.h.publish_many(before);
+    let body = serde_json::json!({"id": "t-bad-e0", "type": "Entry", "tenant_id": TENANT,
+        "data": {"k": "t-bad", "n": 0, "crash_decode": true}});
+    let seq = sc.h.publish("events.t.ledger.Entry", &[("Nats-Msg-Id", "t-bad-e0")], &body);
+    let after = sc.plan_events(TENANT, 5, 10, 10, &|_, _| None);
+    sc.h.publish_many(after);
+    let settled = |sc: &Scenario| {
+        sc.incomplete_where(&[port], &|_| true).is_none() && letters_at(sc, port).is_some_and(|l| !l.is_empty())
+    };
+    let (mut p, died) = supervise(&mut sc, p, &cfg, &armed, 7, T, &settled);
+    // Delivered, then alone twice, then once more while its quarantine decoded it.
+    assert_eq!(died.len(), 4, "deaths");
+    for log in &died {
+        assert!(log.contains("failpoint bridge.decode_marked hit"), "died of something else; log:\n{log}");
+    }
+    let letters = letters_at(&sc, port).unwrap();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let letter = &letters[0];
+    assert_eq!((&letter["kind"], &letter["seq"]), (&serde_json::json!("undecodable"), &serde_json::json!(seq)));
+    let error = letter["error"].as_str().unwrap();
+    assert!(error.contains("crashed the process 4 times"), "{error}");
+    assert!(error.contains(&format!("stream AGGREGATE_EVENTS, sequence {seq}")), "{error}");
+    assert!(error.contains("kept raw, undecoded"), "{error}");
+    assert!(letter["raw"].as_str().unwrap().contains("crash_decode"), "{letter:#}");
+    let report = sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
+    assert_eq!(report.events, 100);
+    sc.record_with(&report, &format!(", deaths {}, dead letters 1 (raw)", died.len()));
 }
 
 /// Issue 17 item 16, the other side: messages merely in flight when the process is killed
@@ -246,4 +300,6 @@ fn a_single_sigkill_with_messages_in_flight_quarantines_nothing() {
     assert_eq!(letters_at(&sc, port).unwrap(), Vec::<serde_json::Value>::new(), "a message was quarantined");
     let report = sc.finish(&mut [&mut p], &[dir.join("data-a")]);
     assert_eq!(report.events, 300);
+    let (n, ms) = applied_alone(&p.log());
+    sc.record_with(&report, &format!(", applied alone after the restart {n} (of {alone}) in {ms} ms"));
 }

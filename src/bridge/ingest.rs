@@ -2,17 +2,23 @@
 //! only after every shard that got it has committed (invariant 1). While a shard holds a
 //! message (its key is blocked and retrying) the message gets in-progress acks so JetStream
 //! does not redeliver it behind the shard's back.
+//!
+//! Messages a consumer had delivered and not settled when this process bound it (the last
+//! process may have died running one of them) go to the shards one at a time, counted in
+//! the crash ledger first ([`crate::crashes`]); one that keeps killing the process is
+//! quarantined instead of run.
 
 use crate::context::Ctx;
+use crate::crashes::{CrashLedger, Suspect, Suspects, Unsettled};
 use crate::effects::EffectsRuntime;
 use crate::envelope::{self, DecodeError, Transport};
-use crate::quarantine::quarantine;
+use crate::quarantine::{file_raw_letter, quarantine};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{Consumer, pull};
 use futures::StreamExt;
 use shards::clock::StreamWatermark;
 use shards::keys::SagaKey;
-use shards::message::{ApplyOutcome, Event, Request, Target, reply_channel};
+use shards::message::{ApplyOutcome, Event, ReplyRx, Request, Target, reply_channel};
 use shards::routing::RouteKey;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -32,7 +38,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Kind::Aggregate => "events",
             Kind::Results => "results",
@@ -89,7 +95,9 @@ const CAUGHT_UP_POLL: Duration = Duration::from_millis(50);
 /// restarts) without losing its position (the consumer is durable).
 /// `effects` is the effect workers' runtime, which [`Kind::Effects`] consumers hand their
 /// messages to. `mark` is the consumer's slot among the watermark's marks (consumers that
-/// feed sagas).
+/// feed sagas). `unsettled` is what the consumer had delivered and not settled when this
+/// process bound it: those messages go to the shards alone ([`handle_suspect`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn consume(
     ctx: Rc<Ctx>,
     kind: Kind,
@@ -98,6 +106,7 @@ pub async fn consume(
     mut consumer: Consumer<pull::Config>,
     effects: Option<Rc<EffectsRuntime>>,
     mark: Option<(Rc<Marks>, usize)>,
+    unsettled: Unsettled,
 ) {
     let mut stop = ctx.stop_pulling.clone();
     let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
@@ -105,6 +114,15 @@ pub async fn consume(
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
     let durable = crate::config::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
     let mut received = super::screen::Received::default();
+    let mut suspects = match (&ctx.crashes, kind) {
+        (Some(ledger), Kind::Aggregate | Kind::Results) => {
+            if let Err(e) = ledger.settled_upto(&durable, unsettled.floor).await {
+                tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot drop settled entries of the crash ledger");
+            }
+            Suspects::new(&durable, &stream, unsettled)
+        }
+        _ => None,
+    };
     // The highest consumer sequence handed on in this binding (to compare with what the
     // server delivered; a re-created consumer counts from 1 again).
     let mut last_cseq: u64;
@@ -173,7 +191,9 @@ pub async fn consume(
                     // Every message of this consumer published before this one was delivered
                     // before it; none was left when the server sent it if nothing is pending.
                     let mut handed = None;
+                    let mut seq = None;
                     if let Ok(info) = msg.info() {
+                        seq = Some(info.stream_sequence);
                         received.note(info.stream_sequence);
                         if info.delivered > 1 {
                             redelivered.increment(1);
@@ -190,7 +210,16 @@ pub async fn consume(
                         (Kind::Effects, Some(effects)) => crate::effects::handle(&ctx, effects, msg).await,
                         // No runtime, no effect workers: the message stays for redelivery.
                         (Kind::Effects, None) => {}
-                        _ => handle(&ctx, kind, msg).await,
+                        _ => match (suspects.as_mut(), seq) {
+                            (Some(s), Some(seq)) => {
+                                match s.take(seq) {
+                                    Some(suspect) => handle_suspect(&ctx, kind, msg, suspect).await,
+                                    None => handle(&ctx, kind, msg).await,
+                                }
+                                s.report_past(seq);
+                            }
+                            _ => handle(&ctx, kind, msg).await,
+                        },
                     }
                     // Handed to its shard(s) now (or settled without one).
                     if let Some((cseq, at)) = handed {
@@ -279,7 +308,162 @@ async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) 
         }
         replies.push(rx);
     }
-    settle(ctx, msg, replies);
+    settle(ctx, msg, replies, None);
+}
+
+/// One message the process may have died with (see [`crate::crashes`]): counted, then
+/// handed to its shard(s) alone — no other suspect runs until the shards took it in, so a
+/// death now is charged to it only. At the count `consumers.max_crashes` it is quarantined
+/// (a poison dead letter per key, filed by the shard) instead of run; past it (the
+/// quarantine itself died, in decoding or routing) it is filed raw, undecoded.
+async fn handle_suspect(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message, suspect: Suspect) {
+    let Some(ledger) = ctx.crashes.clone() else { return handle(ctx, kind, msg).await };
+    let lane = ctx.lane.lock().await;
+    metrics::counter!("runner_crash_suspects_total", "consumer" => kind.label()).increment(1);
+    let starts = match ledger.mark(&suspect).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot count a message the process may have died with; applying it as usual");
+            drop(lane);
+            return handle(ctx, kind, msg).await;
+        }
+    };
+    ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let limit = ctx.cfg.max_crashes;
+    let t = Transport::of(&msg);
+    if starts > limit {
+        let error = format!(
+            "crashed the process {} times (stream {}, sequence {}, subject {:?}): the last time while it was being quarantined, so it is kept raw, undecoded (consumers.max_crashes)",
+            starts, t.stream, t.seq, t.subject
+        );
+        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = starts, "message crashed the process again while being quarantined; filed raw");
+        file_suspect(ctx, msg, t, error, &ledger, &suspect).await;
+        ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let crashed = (starts == limit).then_some(starts);
+    if crashed.is_some() {
+        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = starts, "message crashed the process every time it ran; quarantining it");
+    }
+    let routed = match kind {
+        Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),
+        _ => route_result(ctx, &msg.payload, &t),
+    };
+    let groups = match routed {
+        Ok(g) if !g.is_empty() => g,
+        Ok(_) if !ctx.cfg.dead_letter_unmatched => {
+            unmatched(ctx, &t);
+            let _ = ledger.clear(&suspect).await;
+            let _ = msg.ack().await;
+            ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        other => {
+            let error = match other {
+                Err(e) => e.to_string(),
+                Ok(_) => {
+                    unmatched(ctx, &t);
+                    format!("event on {:?} matches no saga trigger (consumers.dead_letter_unmatched)", t.subject)
+                }
+            };
+            file_suspect(ctx, msg, t, error, &ledger, &suspect).await;
+            ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+    };
+    let mut sent = Vec::with_capacity(groups.len());
+    for (shard, event, targets) in groups {
+        let (tx, rx) = reply_channel();
+        let (ran_tx, ran) = reply_channel();
+        let req = Request::ApplySuspect { event, targets, reply: tx, ran: ran_tx, crashed };
+        if ctx.shard(shard).send(req).await.is_err() {
+            // Shards are stopping: leave the message for redelivery.
+            ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        sent.push((rx, ran));
+    }
+    let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
+    let mut replies = Vec::with_capacity(sent.len());
+    let mut answered = true;
+    for (mut rx, ran) in sent {
+        match taken(&msg, &mut rx, ran, progress_every).await {
+            Some(answer) => {
+                answered &= answer.is_ok();
+                replies.push(resolved(answer));
+            }
+            None => {
+                answered = false;
+                replies.push(rx);
+            }
+        }
+    }
+    ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    if answered {
+        // Settled by every shard: it ran and the process lived. Forgotten before the next
+        // suspect goes, so a death from now on is not charged to it.
+        if let Err(e) = ledger.clear(&suspect).await {
+            tracing::warn!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot clear a crash ledger entry");
+        }
+        drop(lane);
+        settle(ctx, msg, replies, None);
+    } else {
+        // Waiting behind its key (or a shard went away): the next suspect goes; the entry
+        // stays until the message settles.
+        drop(lane);
+        settle(ctx, msg, replies, Some((ledger, suspect)));
+    }
+}
+
+/// Waits until a shard took a suspect in: `Some(answer)` once it settled (or the shard went
+/// away), `None` when it waits behind its key. Keeps the message in progress meanwhile.
+async fn taken(
+    msg: &async_nats::jetstream::Message,
+    reply: &mut ReplyRx<ApplyOutcome>,
+    mut ran: ReplyRx<()>,
+    progress_every: Duration,
+) -> Option<Result<ApplyOutcome, futures::channel::oneshot::Canceled>> {
+    let mut ran_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut *reply => return Some(answer),
+            r = &mut ran, if ran_open => match r {
+                Ok(()) => return None,
+                // Settled in the batch that took it: the answer is on its way.
+                Err(_) => ran_open = false,
+            },
+            _ = tokio::time::sleep(progress_every) => {
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// An answer already received, as a channel that gives it (for [`settle`]).
+fn resolved(answer: Result<ApplyOutcome, futures::channel::oneshot::Canceled>) -> ReplyRx<ApplyOutcome> {
+    let (tx, rx) = reply_channel();
+    if let Ok(a) = answer {
+        let _ = tx.send(a);
+    }
+    rx
+}
+
+/// Files a suspect as a dead letter of its raw message, then forgets it and `TERM`s it.
+async fn file_suspect(
+    ctx: &Rc<Ctx>,
+    msg: async_nats::jetstream::Message,
+    t: Transport,
+    error: String,
+    ledger: &CrashLedger,
+    suspect: &Suspect,
+) {
+    let Some(rx) = file_raw_letter(ctx, t, msg.payload.to_vec(), error).await else { return };
+    if rx.await.is_ok() {
+        let _ = ledger.clear(suspect).await;
+        let _ = msg.ack_with(AckKind::Term).await;
+        metrics::counter!("runner_messages_settled_total", "outcome" => "term").increment(1);
+    }
 }
 
 fn unmatched(ctx: &Ctx, t: &Transport) {
@@ -299,7 +483,16 @@ fn group(ctx: &Ctx, event: Arc<Event>, targets: Vec<Target>) -> Groups {
     by_shard.into_iter().map(|(s, ts)| (s, event.clone(), ts)).collect()
 }
 
+/// A body holding these bytes passes the crash point `bridge.decode_marked` before it is
+/// decoded (the fault suite's input whose decoding crashes the process).
+#[cfg(feature = "failpoints")]
+const CRASH_DECODE_MARK: &[u8] = b"crash_decode";
+
 fn route_aggregate(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeError> {
+    #[cfg(feature = "failpoints")]
+    if body.windows(CRASH_DECODE_MARK.len()).any(|w| w == CRASH_DECODE_MARK) {
+        fail::fail_point!("bridge.decode_marked");
+    }
     let decoded = envelope::decode_aggregate(body, t, ctx.cfg.tenancy_required, ctx.cfg.max_event_bytes)?;
     let manifests = ctx.manifests.borrow().clone();
     let mut targets = Vec::new();
@@ -341,7 +534,14 @@ fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeE
 }
 
 /// Waits for every shard's answer (sending in-progress meanwhile), then acks, terms or naks.
-fn settle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, replies: Vec<shards::message::ReplyRx<ApplyOutcome>>) {
+/// `forget`: a crash ledger entry to remove once every shard answered, before the message
+/// is settled.
+fn settle(
+    ctx: &Rc<Ctx>,
+    msg: async_nats::jetstream::Message,
+    replies: Vec<ReplyRx<ApplyOutcome>>,
+    forget: Option<(Rc<CrashLedger>, Suspect)>,
+) {
     let shared = ctx.shared.clone();
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -370,6 +570,11 @@ fn settle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, replies: Vec<shard
             }
         }
         if complete {
+            if let Some((ledger, suspect)) = forget
+                && let Err(e) = ledger.clear(&suspect).await
+            {
+                tracing::warn!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot clear a crash ledger entry");
+            }
             let (r, label) = match outcome {
                 ApplyOutcome::Ack => (msg.ack().await, "ack"),
                 ApplyOutcome::Term { .. } => (msg.ack_with(AckKind::Term).await, "term"),

@@ -132,7 +132,12 @@ fn on_failure(
     let spec = core.manifests.sagas.get(&key.saga).map(|s| (s.spec.retry, s.spec.on_poison));
     let (retry, policy) =
         spec.unwrap_or((crate::manifest::RetrySpec { attempts: 1, ..Default::default() }, PoisonPolicy::Park));
-    if attempts < retry.attempts {
+    // An event that crashed the process is not retried: a retry would crash it again.
+    let (attempts, crashed) = match head.origin {
+        Origin::Crashed { crashes, .. } => (crashes, true),
+        _ => (attempts, false),
+    };
+    if attempts < retry.attempts && !crashed {
         let unit = (crate::routing::stable_hash(&key.tenant, key.route()) % 1000) as f64 / 1000.0;
         let retry_at = now + retry.backoff_jittered(attempts, unit).max(1);
         tracing::warn!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, retry_in_ms = retry_at - now, error = %error, "transition failed; key blocked, will retry");
@@ -317,6 +322,10 @@ fn apply_read(
         }
     };
 
+    if let Origin::Crashed { crashes, .. } = p.origin {
+        // It would run now: it killed the process every time it did.
+        return Ok(Err(crashed_reason(key, event, crashes)));
+    }
     let entry = match &event.result {
         Some(r) if r.outcome == "failed" && saga.spec.compensation.is_some() => Entry::Compensation,
         _ => Entry::OnEvent,
@@ -435,6 +444,19 @@ fn apply_read(
     Ok(Ok(()))
 }
 
+/// Why an event that crashed the process is quarantined: what it did, and where it is.
+fn crashed_reason(key: &SagaKey, event: &Event, crashes: u32) -> String {
+    format!(
+        "crashed the process {crashes} times (stream {}, sequence {}, tenant {:?}, saga {:?}, key {:?}): the process died each time this event was in flight, {} of them while it ran alone after a restart; quarantined instead of run again (consumers.max_crashes)",
+        event.stream,
+        event.seq,
+        key.tenant,
+        key.saga,
+        key.correlation_id,
+        crashes.saturating_sub(1)
+    )
+}
+
 /// The program's view of an event (DESIGN "Saga programs").
 pub fn event_dynamic(event: &Event, correlation_id: &str) -> Dynamic {
     // Built in key order: a sorted bulk build of the map, not a dozen inserts.
@@ -487,7 +509,9 @@ fn to_json(v: &Dynamic) -> Json {
 /// requeued dead letter in the same transaction.
 fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>, now: u64) {
     match &p.origin {
-        Origin::Delivery(request) => st.actions.push(Action::Settle { request: *request, term }),
+        Origin::Delivery(request) | Origin::Crashed { request, .. } => {
+            st.actions.push(Action::Settle { request: *request, term })
+        }
         Origin::Timer(sk) | Origin::ReplayTimer(sk) => {
             st.batch.delete_schedule(sk);
             st.overlay.schedules_changed = true;
