@@ -25,7 +25,7 @@
 //! The ledger is a file of JSON lines in the data directory ([`LEDGER_FILE`]), one line per change (the last
 //! line of a message wins), rewritten compacted at every start. It is small: an entry lives
 //! from a start to its message's settlement, and entries at or below a consumer's ack floor
-//! or of consumers no longer configured are dropped. Owned by the bridge thread; its file
+//! or above what it has delivered, or of consumers no longer configured, are dropped. Owned by the bridge thread; its file
 //! writes run on tokio's blocking pool.
 
 use serde::{Deserialize, Serialize};
@@ -155,12 +155,18 @@ impl CrashLedger {
         .await
     }
 
-    /// Forgets the entries of `consumer` at or below its ack floor (they settled).
-    pub async fn settled_upto(&self, consumer: &str, floor: u64) -> Result<(), LedgerError> {
+    /// Forgets the entries of `consumer` outside what it has unsettled now: at or below its
+    /// ack floor they settled; above what it delivered they belong to an earlier stream of
+    /// the same name (a re-created stream starts its sequences again).
+    pub async fn keep_unsettled(&self, consumer: &str, range: Unsettled) -> Result<(), LedgerError> {
         let consumer = consumer.to_owned();
         self.write(move |inner| {
-            let done: Vec<Suspect> =
-                inner.starts.keys().filter(|m| m.consumer == consumer && m.seq <= floor).cloned().collect();
+            let done: Vec<Suspect> = inner
+                .starts
+                .keys()
+                .filter(|m| m.consumer == consumer && (m.seq <= range.floor || m.seq > range.upto))
+                .cloned()
+                .collect();
             for m in done {
                 inner.starts.remove(&m);
                 inner.file.write_all(&line(&m, 0)).map_err(|e| ("write", e))?;
@@ -281,7 +287,7 @@ mod tests {
             assert_eq!(l.mark(&m("a", 9)).await.unwrap(), 1);
             assert_eq!(l.mark(&m("b", 1)).await.unwrap(), 1);
             l.clear(&m("a", 6)).await.unwrap();
-            l.settled_upto("b", 1).await.unwrap();
+            l.keep_unsettled("b", Unsettled { floor: 1, upto: 4 }).await.unwrap();
         });
         // A write cut short by a crash.
         OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"consumer\":\"a\",\"str").unwrap();
@@ -290,6 +296,9 @@ mod tests {
             assert_eq!(l.len(), 2, "a/5 and a/9 are left");
             assert_eq!(l.mark(&m("a", 5)).await.unwrap(), 3, "the count went on across the reopen");
             assert_eq!(l.mark(&m("a", 6)).await.unwrap(), 1, "a settled message starts again");
+            // Delivered up to 6 only: 9 belongs to an earlier stream of the same name.
+            l.keep_unsettled("a", Unsettled { floor: 4, upto: 6 }).await.unwrap();
+            assert_eq!(l.len(), 2, "a/5 and a/6 are left");
         });
         // Consumer `a` is no longer configured: its entries go.
         let l = CrashLedger::open(&path, &["b".to_owned()]).unwrap();

@@ -116,7 +116,7 @@ pub async fn consume(
     let mut received = super::screen::Received::default();
     let mut suspects = match (&ctx.crashes, kind) {
         (Some(ledger), Kind::Aggregate | Kind::Results) => {
-            if let Err(e) = ledger.settled_upto(&durable, unsettled.floor).await {
+            if let Err(e) = ledger.keep_unsettled(&durable, unsettled).await {
                 tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot drop settled entries of the crash ledger");
             }
             Suspects::new(&durable, &stream, unsettled)
