@@ -131,11 +131,13 @@ pub struct RawConsumers {
     /// `runner_unmatched_events_total`, `/admin/stats` `unmatched`) and acked; with this set
     /// it is also kept as a dead letter. Default false.
     pub dead_letter_unmatched: Option<bool>,
-    /// A message in flight when the process died is applied alone after the restart, one
-    /// at a time; once the process has died this many times with it in flight (all but the
-    /// first while it ran alone) it is quarantined as a dead letter instead of run again,
-    /// and TERMed in our consumer (never removed from the stream). At least 2; 0 turns
-    /// this off (a message that kills the process then kills it at every start). Default 3.
+    /// The messages in flight when the process died run again as usual at the next start;
+    /// if the process dies again before they settled, they run alone, one at a time, each
+    /// counted first. Once the process has died this many times with a message in flight
+    /// (the last time while it ran alone) it is quarantined as a dead letter instead of run
+    /// again, and TERMed in our consumer (never removed from the stream). At least 3; 0
+    /// turns this off (a message that kills the process then kills it at every start).
+    /// Default 3.
     pub max_crashes: Option<u32>,
 }
 
@@ -584,11 +586,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         bad("consumers.max_deliver", &max_deliver, "must be -1 (unlimited) or at least 1");
     }
     let max_crashes = raw.consumers.max_crashes.unwrap_or(3);
-    if max_crashes == 1 {
+    if max_crashes == 1 || max_crashes == 2 {
         bad(
             "consumers.max_crashes",
             &max_crashes,
-            "must be 0 (off) or at least 2: one crash says nothing about a message that was merely in flight",
+            "must be 0 (off) or at least 3: a message runs alone only after two deaths in a row, and one death while it ran alone is the least evidence",
         );
     }
     let duplicate_window_ms = raw.streams.duplicate_window_ms.unwrap_or(120_000);

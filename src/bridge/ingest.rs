@@ -4,12 +4,13 @@
 //! does not redeliver it behind the shard's back.
 //!
 //! Messages a consumer had delivered and not settled when this process bound it (the last
-//! process may have died running one of them) go to the shards one at a time, counted in
-//! the crash ledger first ([`crate::crashes`]); one that keeps killing the process is
-//! quarantined instead of run.
+//! process may have died running one of them) run again as usual; if the process died in
+//! that rerun too, they go to the shards one at a time, each counted in the crash ledger
+//! first, and one that keeps killing the process is quarantined instead of run
+//! ([`crate::crashes`]).
 
 use crate::context::Ctx;
-use crate::crashes::{CrashLedger, Suspect, Suspects, Unsettled};
+use crate::crashes::{CrashLedger, Rerun, Suspect, Suspects, Take, Unsettled};
 use crate::effects::EffectsRuntime;
 use crate::envelope::{self, DecodeError, Transport};
 use crate::quarantine::{file_raw_letter, quarantine};
@@ -116,10 +117,13 @@ pub async fn consume(
     let mut received = super::screen::Received::default();
     let mut suspects = match (&ctx.crashes, kind) {
         (Some(ledger), Kind::Aggregate | Kind::Results) => {
-            if let Err(e) = ledger.keep_unsettled(&durable, unsettled).await {
-                tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot drop settled entries of the crash ledger");
+            match Suspects::bind(ledger, &durable, &stream, unsettled).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(stream = %stream, filter = %filter, error = %e, "cannot read or write the crash ledger; messages the process died with run as usual");
+                    None
+                }
             }
-            Suspects::new(&durable, &stream, unsettled)
         }
         _ => None,
     };
@@ -213,12 +217,18 @@ pub async fn consume(
                         _ => match (suspects.as_mut(), seq) {
                             (Some(s), Some(seq)) => {
                                 match s.take(seq) {
-                                    Some(suspect) => handle_suspect(&ctx, kind, msg, suspect).await,
-                                    None => handle(&ctx, kind, msg).await,
+                                    Take::Usual => handle(&ctx, kind, msg, None).await,
+                                    Take::Rerun(r) => {
+                                        handle(&ctx, kind, msg, Some(OnSettled::Rerun(r))).await;
+                                        fail::fail_point!("bridge.rerun_handed");
+                                    }
+                                    Take::Alone { suspect, prior } => {
+                                        handle_suspect(&ctx, kind, msg, suspect, prior).await
+                                    }
                                 }
-                                s.report_past(seq);
+                                s.handed(seq).await;
                             }
-                            _ => handle(&ctx, kind, msg).await,
+                            _ => handle(&ctx, kind, msg, None).await,
                         },
                     }
                     // Handed to its shard(s) now (or settled without one).
@@ -274,8 +284,9 @@ async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration
     stopped || *stop.borrow()
 }
 
-/// One message from an aggregate or results consumer.
-async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) {
+/// One message from an aggregate or results consumer (`on_settled`: what else its
+/// settlement completes).
+async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message, on_settled: Option<OnSettled>) {
     let t = Transport::of(&msg);
     let routed = match kind {
         Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),
@@ -308,16 +319,26 @@ async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) 
         }
         replies.push(rx);
     }
-    settle(ctx, msg, replies, None);
+    settle(ctx, msg, replies, on_settled);
 }
 
-/// One message the process may have died with (see [`crate::crashes`]): counted, then
-/// handed to its shard(s) alone — no other suspect runs until the shards took it in, so a
-/// death now is charged to it only. At the count `consumers.max_crashes` it is quarantined
-/// (a poison dead letter per key, filed by the shard) instead of run; past it (the
-/// quarantine itself died, in decoding or routing) it is filed raw, undecoded.
-async fn handle_suspect(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message, suspect: Suspect) {
-    let Some(ledger) = ctx.crashes.clone() else { return handle(ctx, kind, msg).await };
+/// What a message's settlement completes besides (the crash ledger's bookkeeping).
+enum OnSettled {
+    /// Forget the message's count.
+    Forget(Rc<CrashLedger>, Suspect),
+    /// One message of a consumer's rerun after a crash.
+    Rerun(Rc<Rerun>),
+}
+
+/// One message the process died with at least once more after it was run again (see
+/// [`crate::crashes`]; `prior`: deaths before the starts at which it ran alone): counted,
+/// then handed to its shard(s) alone — no other one runs alone until the shards took it
+/// in, so a death now is charged to it only. Once the process died `consumers.max_crashes`
+/// times with it in flight it is quarantined (a poison dead letter per key, filed by the
+/// shard) instead of run; if that start died too (decoding or routing it crashes) it is
+/// filed raw, undecoded.
+async fn handle_suspect(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message, suspect: Suspect, prior: u32) {
+    let Some(ledger) = ctx.crashes.clone() else { return handle(ctx, kind, msg, None).await };
     let lane = ctx.lane.lock().await;
     metrics::counter!("runner_crash_suspects_total", "consumer" => kind.label()).increment(1);
     let starts = match ledger.mark(&suspect).await {
@@ -325,25 +346,28 @@ async fn handle_suspect(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::M
         Err(e) => {
             tracing::error!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot count a message the process may have died with; applying it as usual");
             drop(lane);
-            return handle(ctx, kind, msg).await;
+            return handle(ctx, kind, msg, None).await;
         }
     };
     ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let limit = ctx.cfg.max_crashes;
+    // Deaths with it in flight so far: those before it ran alone, and one per start at
+    // which it did (all but this one).
+    let deaths = prior + starts - 1;
     let t = Transport::of(&msg);
-    if starts > limit {
+    if deaths > limit {
         let error = format!(
             "crashed the process {} times (stream {}, sequence {}, subject {:?}): the last time while it was being quarantined, so it is kept raw, undecoded (consumers.max_crashes)",
-            starts, t.stream, t.seq, t.subject
+            deaths, t.stream, t.seq, t.subject
         );
-        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = starts, "message crashed the process again while being quarantined; filed raw");
+        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = deaths, "message crashed the process again while being quarantined; filed raw");
         file_suspect(ctx, msg, t, error, &ledger, &suspect).await;
         ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         return;
     }
-    let crashed = (starts == limit).then_some(starts);
+    let crashed = (deaths == limit).then_some(deaths);
     if crashed.is_some() {
-        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = starts, "message crashed the process every time it ran; quarantining it");
+        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = deaths, "message crashed the process every time it ran; quarantining it");
     }
     let routed = match kind {
         Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),
@@ -411,7 +435,7 @@ async fn handle_suspect(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::M
         // Waiting behind its key (or a shard went away): the next suspect goes; the entry
         // stays until the message settles.
         drop(lane);
-        settle(ctx, msg, replies, Some((ledger, suspect)));
+        settle(ctx, msg, replies, Some(OnSettled::Forget(ledger, suspect)));
     }
 }
 
@@ -534,14 +558,16 @@ fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeE
 }
 
 /// Waits for every shard's answer (sending in-progress meanwhile), then acks, terms or naks.
-/// `forget`: a crash ledger entry to remove once every shard answered, before the message
-/// is settled.
+/// `on_settled` is done once every shard answered, before the message is settled.
 fn settle(
     ctx: &Rc<Ctx>,
     msg: async_nats::jetstream::Message,
     replies: Vec<ReplyRx<ApplyOutcome>>,
-    forget: Option<(Rc<CrashLedger>, Suspect)>,
+    on_settled: Option<OnSettled>,
 ) {
+    if let Some(OnSettled::Rerun(r)) = &on_settled {
+        r.handed();
+    }
     let shared = ctx.shared.clone();
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -570,10 +596,14 @@ fn settle(
             }
         }
         if complete {
-            if let Some((ledger, suspect)) = forget
-                && let Err(e) = ledger.clear(&suspect).await
-            {
-                tracing::warn!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot clear a crash ledger entry");
+            match on_settled {
+                Some(OnSettled::Forget(ledger, suspect)) => {
+                    if let Err(e) = ledger.clear(&suspect).await {
+                        tracing::warn!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot clear a crash ledger entry");
+                    }
+                }
+                Some(OnSettled::Rerun(r)) => r.settled().await,
+                None => {}
             }
             let (r, label) = match outcome {
                 ApplyOutcome::Ack => (msg.ack().await, "ack"),

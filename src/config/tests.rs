@@ -68,7 +68,7 @@ fn every_problem_names_field_value_and_rule_at_once() {
         "field `consumers.batch` = 0",
         "field `consumers.ack_wait_ms` = 10",
         "field `consumers.max_deliver` = 0",
-        "field `consumers.max_crashes` = 1: must be 0 (off) or at least 2",
+        "field `consumers.max_crashes` = 1: must be 0 (off) or at least 3",
         "field `consumers.aggregate_filters` = \"events..x\"",
         "field `http.addr` = \"nowhere\"",
         "field `http.admin_token`: must be at least 16 characters (value not shown)",

@@ -447,13 +447,8 @@ fn apply_read(
 /// Why an event that crashed the process is quarantined: what it did, and where it is.
 fn crashed_reason(key: &SagaKey, event: &Event, crashes: u32) -> String {
     format!(
-        "crashed the process {crashes} times (stream {}, sequence {}, tenant {:?}, saga {:?}, key {:?}): the process died each time this event was in flight, {} of them while it ran alone after a restart; quarantined instead of run again (consumers.max_crashes)",
-        event.stream,
-        event.seq,
-        key.tenant,
-        key.saga,
-        key.correlation_id,
-        crashes.saturating_sub(1)
+        "crashed the process {crashes} times (stream {}, sequence {}, tenant {:?}, saga {:?}, key {:?}): the process died each time this event was in flight, the last time while it ran alone after a restart; quarantined instead of run again (consumers.max_crashes)",
+        event.stream, event.seq, key.tenant, key.saga, key.correlation_id
     )
 }
 
