@@ -131,6 +131,14 @@ pub struct RawConsumers {
     /// `runner_unmatched_events_total`, `/admin/stats` `unmatched`) and acked; with this set
     /// it is also kept as a dead letter. Default false.
     pub dead_letter_unmatched: Option<bool>,
+    /// The messages in flight when the process died run again as usual at the next start;
+    /// if the process dies again before they settled, they run alone, one at a time, each
+    /// counted first. Once the process has died this many times with a message in flight
+    /// (the last time while it ran alone) it is quarantined as a dead letter instead of run
+    /// again, and TERMed in our consumer (never removed from the stream). At least 3; 0
+    /// turns this off (a message that kills the process then kills it at every start).
+    /// Default 3.
+    pub max_crashes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -275,6 +283,9 @@ pub struct Config {
     pub tenancy_required: bool,
     /// Keep aggregate events that match no trigger as dead letters (`consumers.dead_letter_unmatched`).
     pub dead_letter_unmatched: bool,
+    /// Deaths with a message in flight after which it is quarantined (`consumers.max_crashes`;
+    /// 0: never).
+    pub max_crashes: u32,
     pub saga_manifests: Vec<PathBuf>,
     pub effect_manifests: Vec<PathBuf>,
     pub secrets_dir: PathBuf,
@@ -574,6 +585,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     if max_deliver == 0 || max_deliver < -1 {
         bad("consumers.max_deliver", &max_deliver, "must be -1 (unlimited) or at least 1");
     }
+    let max_crashes = raw.consumers.max_crashes.unwrap_or(3);
+    if max_crashes == 1 || max_crashes == 2 {
+        bad(
+            "consumers.max_crashes",
+            &max_crashes,
+            "must be 0 (off) or at least 3: a message runs alone only after two deaths in a row, and one death while it ran alone is the least evidence",
+        );
+    }
     let duplicate_window_ms = raw.streams.duplicate_window_ms.unwrap_or(120_000);
     if duplicate_window_ms < 100 {
         bad("streams.duplicate_window_ms", &duplicate_window_ms, "must be at least 100");
@@ -727,6 +746,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         max_deliver,
         tenancy_required: raw.tenancy.required.unwrap_or(false),
         dead_letter_unmatched: raw.consumers.dead_letter_unmatched.unwrap_or(false),
+        max_crashes,
         saga_manifests,
         effect_manifests,
         secrets_dir: raw.effects.secrets_dir.unwrap_or_else(|| "/run/secrets".into()),

@@ -8,6 +8,7 @@ use shards::manifest::ManifestSet;
 use shards::routing::Router;
 use shards::runtime::ShardHandle;
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use tokio::sync::watch;
@@ -82,6 +83,12 @@ pub struct Ctx {
     pub manifests: RefCell<Arc<ManifestSet>>,
     pub shared: Arc<BridgeShared>,
     pub stop_pulling: watch::Receiver<bool>,
+    /// How often the process died with each message in flight (`None`: not counted, see
+    /// `consumers.max_crashes`).
+    pub crashes: Option<Rc<crate::crashes::CrashLedger>>,
+    /// Held while a message redelivered after a crash is handed on alone: one at a time
+    /// over all consumers, so a death is charged to that message only.
+    pub lane: tokio::sync::Mutex<()>,
 }
 
 impl Ctx {

@@ -7,8 +7,10 @@
 //! `shard.timer_fired_before_commit`, `dispatch.after_confirm_before_delete`,
 //! `effect.after_call_before_commit` (a call a shard made, in either mode),
 //! `effect.after_started_before_call`, `effect.after_call_before_publish`,
-//! `effect.after_puback_before_completed` (the effect fleet's path), `move.after_copy`;
-//! `store.flush` (tests pause it) is in the shards crate.
+//! `effect.after_puback_before_completed` (the effect fleet's path), `move.after_copy`,
+//! `bridge.decode_marked` (an aggregate event whose body holds `crash_decode`, before it is
+//! decoded), `bridge.rerun_handed` (a message in flight at the last crash handed on again); `shard.apply_marked` (an event whose data holds `"crash_process": true`, before
+//! its program runs) and `store.flush` (tests pause it) are in the shards crate.
 
 /// Arms the crash points named in `RUNNER_FAILPOINTS` (no-op without the feature).
 pub fn install_from_env() {

@@ -5,6 +5,8 @@
 //! - [`envelope`]: wire formats and decoding.
 //! - [`context`]: state shared by the bridge's tasks, and what other threads see of it.
 //! - [`bridge`]: the tokio I/O thread — consumers, dispatch, NATS.
+//! - [`crashes`]: messages the process died with, counted across restarts (quarantined
+//!   after `consumers.max_crashes`).
 //! - [`quarantine`]: dead letters of undecodable messages.
 //! - [`effects`]: effect workers, providers, circuit breakers.
 //! - [`http_client`]: the outgoing HTTP client (Gateway, effect providers, inspection).
@@ -25,6 +27,7 @@ pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod crashes;
 pub mod demo;
 pub mod effects;
 pub mod envelope;

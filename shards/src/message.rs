@@ -382,6 +382,19 @@ pub enum Request {
         targets: Vec<Target>,
         reply: Reply<ApplyOutcome>,
     },
+    /// Apply an event that was in flight when the process last died (issue 17 item 16):
+    /// the bridge hands these on one at a time. Like [`Request::Apply`], and `ran` is told
+    /// once the batch that took the event in is durable while the event still waits (its
+    /// key is blocked); when it settles in that batch, `reply` answers instead and `ran` is
+    /// dropped. With `crashed`, the process has died that many times with the event in
+    /// flight: it is not run but quarantined as a poison event of each target's key.
+    ApplySuspect {
+        event: Arc<Event>,
+        targets: Vec<Target>,
+        reply: Reply<ApplyOutcome>,
+        ran: Reply<()>,
+        crashed: Option<u32>,
+    },
     /// The effect gate, before calling a provider. `msg_seq` is the command message's
     /// stream sequence.
     EffectBegin {
@@ -429,6 +442,9 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Request::Apply { event, targets, .. } => write!(f, "Apply({} -> {} targets)", event.id, targets.len()),
+            Request::ApplySuspect { event, targets, crashed, .. } => {
+                write!(f, "ApplySuspect({} -> {} targets, crashed {crashed:?})", event.id, targets.len())
+            }
             Request::EffectBegin { key, .. } => write!(f, "EffectBegin({})", key.command_id),
             Request::EffectFinish { key, .. } => write!(f, "EffectFinish({})", key.command_id),
             Request::EffectRelease { key } => write!(f, "EffectRelease({})", key.command_id),

@@ -162,6 +162,8 @@ pub struct Committed {
     /// The transaction to flush first (`None`: nothing to wait for).
     unflushed: Option<u64>,
     outbox_seq: u64,
+    /// Suspects ([`Request::ApplySuspect`]) the batch took in.
+    suspects: Vec<RequestId>,
 }
 
 impl Committed {
@@ -210,6 +212,9 @@ pub struct Shell {
     /// Due timers up to this time may fire in the next step (see [`Self::set_timers_until`]);
     /// `None`: up to the step's `now`.
     timers_until: Option<u64>,
+    /// Messages redelivered after a crash ([`Request::ApplySuspect`]) whose bridge waits to
+    /// hear that the batch that took them in is durable.
+    suspects: AHashMap<RequestId, Reply<()>>,
 }
 
 /// A manifest swap asked for, done between steps.
@@ -228,6 +233,7 @@ impl Shell {
             reloads: Vec::new(),
             caller: None,
             timers_until: None,
+            suspects: AHashMap::new(),
         }
     }
 
@@ -289,17 +295,11 @@ impl Shell {
     pub fn take(&mut self, req: Request) {
         match req {
             Request::Apply { event, targets, reply } => {
-                if targets.is_empty() {
-                    let _ = reply.send(ApplyOutcome::Ack);
-                    return;
-                }
-                let request = self.wait(Waiting::Apply { reply, remaining: targets.len(), term: None });
-                for target in targets {
-                    self.work.push(Work::Apply(crate::core::Pending {
-                        event: event.clone(),
-                        target,
-                        origin: crate::core::Origin::Delivery(request),
-                    }));
+                self.take_apply(event, targets, reply, None);
+            }
+            Request::ApplySuspect { event, targets, reply, ran, crashed } => {
+                if let Some(request) = self.take_apply(event, targets, reply, crashed) {
+                    self.suspects.insert(request, ran);
                 }
             }
             Request::EffectBegin { key, msg_seq, reply } => {
@@ -336,6 +336,30 @@ impl Shell {
                 }
             },
         }
+    }
+
+    /// One stream message for `targets` on this shard (`crashed`: not to be run, see
+    /// [`Request::ApplySuspect`]); its request, unless there is nothing to apply.
+    fn take_apply(
+        &mut self,
+        event: Arc<crate::message::Event>,
+        targets: Vec<crate::message::Target>,
+        reply: Reply<ApplyOutcome>,
+        crashed: Option<u32>,
+    ) -> Option<RequestId> {
+        if targets.is_empty() {
+            let _ = reply.send(ApplyOutcome::Ack);
+            return None;
+        }
+        let request = self.wait(Waiting::Apply { reply, remaining: targets.len(), term: None });
+        let origin = match crashed {
+            Some(crashes) => crate::core::Origin::Crashed { request, crashes },
+            None => crate::core::Origin::Delivery(request),
+        };
+        for target in targets {
+            self.work.push(Work::Apply(crate::core::Pending { event: event.clone(), target, origin: origin.clone() }));
+        }
+        Some(request)
     }
 
     /// The shard's caller (calls made in place), if it has one.
@@ -501,7 +525,9 @@ impl Shell {
             (Some(started.elapsed()), info.unflushed)
         };
         tracing::debug!(shard = self.core.shard(), txn = ?unflushed, timers_fired = staged.stats.timers_fired, applied = staged.stats.applied, "committed");
-        self.work.drain(..work.min(self.work.len()));
+        let taken = work.min(self.work.len());
+        let suspects = if self.suspects.is_empty() { Vec::new() } else { self.suspects_in(taken) };
+        self.work.drain(..taken);
         self.core.adopt(staged.overlay);
         if unflushed.is_some() {
             // The relay must not dispatch this batch's items from the store before the flush.
@@ -512,7 +538,25 @@ impl Shell {
             report: StepReport { stats: staged.stats, work, commit },
             unflushed,
             outbox_seq: self.core.outbox_seq(),
+            suspects,
         })
+    }
+
+    /// The suspects ([`Request::ApplySuspect`]) among the first `taken` units of work.
+    fn suspects_in(&self, taken: usize) -> Vec<RequestId> {
+        let mut out: Vec<RequestId> = self.work[..taken]
+            .iter()
+            .filter_map(|w| match w {
+                Work::Apply(p) => match p.origin {
+                    crate::core::Origin::Delivery(r) | crate::core::Origin::Crashed { request: r, .. } => Some(r),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .filter(|r| self.suspects.contains_key(r))
+            .collect();
+        out.dedup();
+        out
     }
 
     /// The committed batch is durable: answers, settlements and relay hints go out.
@@ -526,6 +570,15 @@ impl Shell {
         }
         self.relay.set_durable(committed.outbox_seq);
         self.carry_out(committed.actions, now);
+        // Suspects the batch took in: one that settled was answered; one that still waits
+        // (its key is blocked) is reported as taken, so the bridge hands on the next.
+        for request in committed.suspects {
+            if let Some(ran) = self.suspects.remove(&request)
+                && self.waiting.contains_key(&request)
+            {
+                let _ = ran.send(());
+            }
+        }
     }
 
     fn carry_out(&mut self, actions: Vec<Action>, now: u64) {
@@ -600,6 +653,7 @@ impl Shell {
                 let _ = reply.send(ApplyOutcome::Nak { delay_ms: 1_000 });
             }
         }
+        self.suspects.clear();
         self.work.clear();
     }
 }

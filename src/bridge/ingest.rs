@@ -2,17 +2,24 @@
 //! only after every shard that got it has committed (invariant 1). While a shard holds a
 //! message (its key is blocked and retrying) the message gets in-progress acks so JetStream
 //! does not redeliver it behind the shard's back.
+//!
+//! Messages a consumer had delivered and not settled when this process bound it (the last
+//! process may have died running one of them) run again as usual; if the process died in
+//! that rerun too, they go to the shards one at a time, each counted in the crash ledger
+//! first, and one that keeps killing the process is quarantined instead of run
+//! ([`crate::crashes`]).
 
 use crate::context::Ctx;
+use crate::crashes::{CrashLedger, Rerun, Suspect, Suspects, Take, Unsettled};
 use crate::effects::EffectsRuntime;
 use crate::envelope::{self, DecodeError, Transport};
-use crate::quarantine::quarantine;
+use crate::quarantine::{file_raw_letter, quarantine};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{Consumer, pull};
 use futures::StreamExt;
 use shards::clock::StreamWatermark;
 use shards::keys::SagaKey;
-use shards::message::{ApplyOutcome, Event, Request, Target, reply_channel};
+use shards::message::{ApplyOutcome, Event, ReplyRx, Request, Target, reply_channel};
 use shards::routing::RouteKey;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -32,7 +39,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Kind::Aggregate => "events",
             Kind::Results => "results",
@@ -89,7 +96,9 @@ const CAUGHT_UP_POLL: Duration = Duration::from_millis(50);
 /// restarts) without losing its position (the consumer is durable).
 /// `effects` is the effect workers' runtime, which [`Kind::Effects`] consumers hand their
 /// messages to. `mark` is the consumer's slot among the watermark's marks (consumers that
-/// feed sagas).
+/// feed sagas). `unsettled` is what the consumer had delivered and not settled when this
+/// process bound it: those messages go to the shards alone ([`handle_suspect`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn consume(
     ctx: Rc<Ctx>,
     kind: Kind,
@@ -98,6 +107,7 @@ pub async fn consume(
     mut consumer: Consumer<pull::Config>,
     effects: Option<Rc<EffectsRuntime>>,
     mark: Option<(Rc<Marks>, usize)>,
+    unsettled: Unsettled,
 ) {
     let mut stop = ctx.stop_pulling.clone();
     let consumed = metrics::counter!("runner_consumed_total", "consumer" => kind.label());
@@ -105,6 +115,18 @@ pub async fn consume(
     let lag = metrics::gauge!("runner_consumer_lag", "consumer" => kind.label(), "filter" => filter.clone());
     let durable = crate::config::durable_name(&ctx.cfg.durable_prefix, kind.label(), &filter);
     let mut received = super::screen::Received::default();
+    let mut suspects = match (&ctx.crashes, kind) {
+        (Some(ledger), Kind::Aggregate | Kind::Results) => {
+            match Suspects::bind(ledger, &durable, &stream, unsettled).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(stream = %stream, filter = %filter, error = %e, "cannot read or write the crash ledger; messages the process died with run as usual");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     // The highest consumer sequence handed on in this binding (to compare with what the
     // server delivered; a re-created consumer counts from 1 again).
     let mut last_cseq: u64;
@@ -173,7 +195,9 @@ pub async fn consume(
                     // Every message of this consumer published before this one was delivered
                     // before it; none was left when the server sent it if nothing is pending.
                     let mut handed = None;
+                    let mut seq = None;
                     if let Ok(info) = msg.info() {
+                        seq = Some(info.stream_sequence);
                         received.note(info.stream_sequence);
                         if info.delivered > 1 {
                             redelivered.increment(1);
@@ -190,7 +214,22 @@ pub async fn consume(
                         (Kind::Effects, Some(effects)) => crate::effects::handle(&ctx, effects, msg).await,
                         // No runtime, no effect workers: the message stays for redelivery.
                         (Kind::Effects, None) => {}
-                        _ => handle(&ctx, kind, msg).await,
+                        _ => match (suspects.as_mut(), seq) {
+                            (Some(s), Some(seq)) => {
+                                match s.take(seq) {
+                                    Take::Usual => handle(&ctx, kind, msg, None).await,
+                                    Take::Rerun(r) => {
+                                        handle(&ctx, kind, msg, Some(OnSettled::Rerun(r))).await;
+                                        fail::fail_point!("bridge.rerun_handed");
+                                    }
+                                    Take::Alone { suspect, prior } => {
+                                        handle_suspect(&ctx, kind, msg, suspect, prior).await
+                                    }
+                                }
+                                s.handed(seq).await;
+                            }
+                            _ => handle(&ctx, kind, msg, None).await,
+                        },
                     }
                     // Handed to its shard(s) now (or settled without one).
                     if let Some((cseq, at)) = handed {
@@ -245,8 +284,9 @@ async fn wait_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration
     stopped || *stop.borrow()
 }
 
-/// One message from an aggregate or results consumer.
-async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) {
+/// One message from an aggregate or results consumer (`on_settled`: what else its
+/// settlement completes).
+async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message, on_settled: Option<OnSettled>) {
     if kind == Kind::Results && envelope::ran_inline(&msg) {
         // The record of a call the saga's own shard ran in place: its result was applied in
         // the commit that removed the call's outbox item, before this copy was published.
@@ -287,7 +327,175 @@ async fn handle(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message) 
         }
         replies.push(rx);
     }
-    settle(ctx, msg, replies);
+    settle(ctx, msg, replies, on_settled);
+}
+
+/// What a message's settlement completes besides (the crash ledger's bookkeeping).
+enum OnSettled {
+    /// Forget the message's count.
+    Forget(Rc<CrashLedger>, Suspect),
+    /// One message of a consumer's rerun after a crash.
+    Rerun(Rc<Rerun>),
+}
+
+/// One message the process died with at least once more after it was run again (see
+/// [`crate::crashes`]; `prior`: deaths before the starts at which it ran alone): counted,
+/// then handed to its shard(s) alone — no other one runs alone until the shards took it
+/// in, so a death now is charged to it only. Once the process died `consumers.max_crashes`
+/// times with it in flight it is quarantined (a poison dead letter per key, filed by the
+/// shard) instead of run; if that start died too (decoding or routing it crashes) it is
+/// filed raw, undecoded.
+async fn handle_suspect(ctx: &Rc<Ctx>, kind: Kind, msg: async_nats::jetstream::Message, suspect: Suspect, prior: u32) {
+    let Some(ledger) = ctx.crashes.clone() else { return handle(ctx, kind, msg, None).await };
+    let lane = ctx.lane.lock().await;
+    metrics::counter!("runner_crash_suspects_total", "consumer" => kind.label()).increment(1);
+    let starts = match ledger.mark(&suspect).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot count a message the process may have died with; applying it as usual");
+            drop(lane);
+            return handle(ctx, kind, msg, None).await;
+        }
+    };
+    ctx.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let limit = ctx.cfg.max_crashes;
+    // Deaths with it in flight so far: those before it ran alone, and one per start at
+    // which it did (all but this one).
+    let deaths = prior + starts - 1;
+    let t = Transport::of(&msg);
+    if deaths > limit {
+        let error = format!(
+            "crashed the process {} times (stream {}, sequence {}, subject {:?}): the last time while it was being quarantined, so it is kept raw, undecoded (consumers.max_crashes)",
+            deaths, t.stream, t.seq, t.subject
+        );
+        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = deaths, "message crashed the process again while being quarantined; filed raw");
+        file_suspect(ctx, msg, t, error, &ledger, &suspect).await;
+        ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let crashed = (deaths == limit).then_some(deaths);
+    if crashed.is_some() {
+        tracing::error!(stream = %t.stream, seq = t.seq, subject = %t.subject, crashes = deaths, "message crashed the process every time it ran; quarantining it");
+    }
+    let routed = match kind {
+        Kind::Aggregate => route_aggregate(ctx, &msg.payload, &t),
+        _ => route_result(ctx, &msg.payload, &t),
+    };
+    let groups = match routed {
+        Ok(g) if !g.is_empty() => g,
+        Ok(_) if !ctx.cfg.dead_letter_unmatched => {
+            unmatched(ctx, &t);
+            let _ = ledger.clear(&suspect).await;
+            let _ = msg.ack().await;
+            ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        other => {
+            let error = match other {
+                Err(e) => e.to_string(),
+                Ok(_) => {
+                    unmatched(ctx, &t);
+                    format!("event on {:?} matches no saga trigger (consumers.dead_letter_unmatched)", t.subject)
+                }
+            };
+            file_suspect(ctx, msg, t, error, &ledger, &suspect).await;
+            ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+    };
+    let mut sent = Vec::with_capacity(groups.len());
+    for (shard, event, targets) in groups {
+        let (tx, rx) = reply_channel();
+        let (ran_tx, ran) = reply_channel();
+        let req = Request::ApplySuspect { event, targets, reply: tx, ran: ran_tx, crashed };
+        if ctx.shard(shard).send(req).await.is_err() {
+            // Shards are stopping: leave the message for redelivery.
+            ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        sent.push((rx, ran));
+    }
+    let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
+    let mut replies = Vec::with_capacity(sent.len());
+    let mut answered = true;
+    for (mut rx, ran) in sent {
+        match taken(&msg, &mut rx, ran, progress_every).await {
+            Some(answer) => {
+                answered &= answer.is_ok();
+                replies.push(resolved(answer));
+            }
+            None => {
+                answered = false;
+                replies.push(rx);
+            }
+        }
+    }
+    ctx.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    if answered {
+        // Settled by every shard: it ran and the process lived. Forgotten before the next
+        // suspect goes, so a death from now on is not charged to it.
+        if let Err(e) = ledger.clear(&suspect).await {
+            tracing::warn!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot clear a crash ledger entry");
+        }
+        drop(lane);
+        settle(ctx, msg, replies, None);
+    } else {
+        // Waiting behind its key (or a shard went away): the next suspect goes; the entry
+        // stays until the message settles.
+        drop(lane);
+        settle(ctx, msg, replies, Some(OnSettled::Forget(ledger, suspect)));
+    }
+}
+
+/// Waits until a shard took a suspect in: `Some(answer)` once it settled (or the shard went
+/// away), `None` when it waits behind its key. Keeps the message in progress meanwhile.
+async fn taken(
+    msg: &async_nats::jetstream::Message,
+    reply: &mut ReplyRx<ApplyOutcome>,
+    mut ran: ReplyRx<()>,
+    progress_every: Duration,
+) -> Option<Result<ApplyOutcome, futures::channel::oneshot::Canceled>> {
+    let mut ran_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut *reply => return Some(answer),
+            r = &mut ran, if ran_open => match r {
+                Ok(()) => return None,
+                // Settled in the batch that took it: the answer is on its way.
+                Err(_) => ran_open = false,
+            },
+            _ = tokio::time::sleep(progress_every) => {
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// An answer already received, as a channel that gives it (for [`settle`]).
+fn resolved(answer: Result<ApplyOutcome, futures::channel::oneshot::Canceled>) -> ReplyRx<ApplyOutcome> {
+    let (tx, rx) = reply_channel();
+    if let Ok(a) = answer {
+        let _ = tx.send(a);
+    }
+    rx
+}
+
+/// Files a suspect as a dead letter of its raw message, then forgets it and `TERM`s it.
+async fn file_suspect(
+    ctx: &Rc<Ctx>,
+    msg: async_nats::jetstream::Message,
+    t: Transport,
+    error: String,
+    ledger: &CrashLedger,
+    suspect: &Suspect,
+) {
+    let Some(rx) = file_raw_letter(ctx, t, msg.payload.to_vec(), error).await else { return };
+    if rx.await.is_ok() {
+        let _ = ledger.clear(suspect).await;
+        let _ = msg.ack_with(AckKind::Term).await;
+        metrics::counter!("runner_messages_settled_total", "outcome" => "term").increment(1);
+    }
 }
 
 fn unmatched(ctx: &Ctx, t: &Transport) {
@@ -307,7 +515,16 @@ fn group(ctx: &Ctx, event: Arc<Event>, targets: Vec<Target>) -> Groups {
     by_shard.into_iter().map(|(s, ts)| (s, event.clone(), ts)).collect()
 }
 
+/// A body holding these bytes passes the crash point `bridge.decode_marked` before it is
+/// decoded (the fault suite's input whose decoding crashes the process).
+#[cfg(feature = "failpoints")]
+const CRASH_DECODE_MARK: &[u8] = b"crash_decode";
+
 fn route_aggregate(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeError> {
+    #[cfg(feature = "failpoints")]
+    if body.windows(CRASH_DECODE_MARK.len()).any(|w| w == CRASH_DECODE_MARK) {
+        fail::fail_point!("bridge.decode_marked");
+    }
     let decoded = envelope::decode_aggregate(body, t, ctx.cfg.tenancy_required, ctx.cfg.max_event_bytes)?;
     let manifests = ctx.manifests.borrow().clone();
     let mut targets = Vec::new();
@@ -349,7 +566,16 @@ fn route_result(ctx: &Ctx, body: &[u8], t: &Transport) -> Result<Groups, DecodeE
 }
 
 /// Waits for every shard's answer (sending in-progress meanwhile), then acks, terms or naks.
-fn settle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, replies: Vec<shards::message::ReplyRx<ApplyOutcome>>) {
+/// `on_settled` is done once every shard answered, before the message is settled.
+fn settle(
+    ctx: &Rc<Ctx>,
+    msg: async_nats::jetstream::Message,
+    replies: Vec<ReplyRx<ApplyOutcome>>,
+    on_settled: Option<OnSettled>,
+) {
+    if let Some(OnSettled::Rerun(r)) = &on_settled {
+        r.handed();
+    }
     let shared = ctx.shared.clone();
     let progress_every = Duration::from_millis(ctx.cfg.ack_wait_ms / 3);
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -378,6 +604,15 @@ fn settle(ctx: &Rc<Ctx>, msg: async_nats::jetstream::Message, replies: Vec<shard
             }
         }
         if complete {
+            match on_settled {
+                Some(OnSettled::Forget(ledger, suspect)) => {
+                    if let Err(e) = ledger.clear(&suspect).await {
+                        tracing::warn!(stream = %suspect.stream, seq = suspect.seq, error = %e, "cannot clear a crash ledger entry");
+                    }
+                }
+                Some(OnSettled::Rerun(r)) => r.settled().await,
+                None => {}
+            }
             let (r, label) = match outcome {
                 ApplyOutcome::Ack => (msg.ack().await, "ack"),
                 ApplyOutcome::Term { .. } => (msg.ack_with(AckKind::Term).await, "term"),

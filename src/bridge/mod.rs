@@ -5,7 +5,8 @@
 //!
 //! Files: [`streams`] stream and consumer setup; [`ingest`] consumers → shards → acks;
 //! [`screen`] messages the client cannot parse; [`dispatch`] outbox items → JetStream /
-//! Gateway → confirmations. What the bridge's tasks share is in [`crate::context`].
+//! Gateway → confirmations. Messages the process died with are counted in
+//! [`crate::crashes`]. What the bridge's tasks share is in [`crate::context`].
 
 pub mod dispatch;
 pub mod ingest;
@@ -178,8 +179,38 @@ async fn setup(
         streams::ensure_streams(&js, &cfg).await.map_err(|e| BridgeError::Setup(e.to_string()))?;
     }
     let effects = cfg.mode.runs_effects().then(|| EffectsRuntime::new(&cfg));
+    let crashes = if cfg.mode.runs_sagas() && cfg.max_crashes > 0 {
+        let consumers: Vec<String> = cfg
+            .aggregate_filters
+            .iter()
+            .map(|f| crate::config::durable_name(&cfg.durable_prefix, ingest::Kind::Aggregate.label(), f))
+            .chain(
+                cfg.result_filters
+                    .iter()
+                    .map(|f| crate::config::durable_name(&cfg.durable_prefix, ingest::Kind::Results.label(), f)),
+            )
+            .collect();
+        let path = cfg.data_dir.join(crate::crashes::LEDGER_FILE);
+        Some(Rc::new(
+            crate::crashes::CrashLedger::open(&path, &consumers).map_err(|e| BridgeError::Setup(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
     tracing::info!(url = %url, "bridge connected");
-    Ok((Ctx { cfg, client, js, shards, router, manifests: RefCell::new(manifests), shared, stop_pulling }, effects))
+    let ctx = Ctx {
+        cfg,
+        client,
+        js,
+        shards,
+        router,
+        manifests: RefCell::new(manifests),
+        shared,
+        stop_pulling,
+        crashes,
+        lane: tokio::sync::Mutex::new(()),
+    };
+    Ok((ctx, effects))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -210,8 +241,8 @@ async fn run(
         }
     }
     for (stream, role, filter) in roles {
-        match streams::pull_consumer(&ctx.js, cfg, &stream, role, &filter).await {
-            Ok(c) => bound.push((stream, role, filter, c)),
+        match streams::bind(&ctx.js, cfg, &stream, role, &filter).await {
+            Ok((c, unsettled)) => bound.push((stream, role, filter, c, unsettled)),
             Err(e) => {
                 let _ = ready.send(Err(BridgeError::Setup(format!("consumer for {filter} on {stream}: {e}"))));
                 return;
@@ -222,10 +253,10 @@ async fn run(
     let dispatcher = tokio::task::spawn_local(dispatch::run(ctx.clone(), dispatch_rx));
     let mut consumers = Vec::new();
     // Every consumer that feeds the sagas has a mark before any starts (see `ingest::Marks`).
-    let feeding = bound.iter().filter(|(_, role, _, _)| *role != "effects").count();
+    let feeding = bound.iter().filter(|(_, role, ..)| *role != "effects").count();
     let marks = ingest::Marks::new(feeding, ctx.shared.stream_watermark.clone());
     let mut slot = 0;
-    for (stream, role, filter, consumer) in bound {
+    for (stream, role, filter, consumer, unsettled) in bound {
         let kind = match role {
             "events" => ingest::Kind::Aggregate,
             "results" => ingest::Kind::Results,
@@ -244,6 +275,7 @@ async fn run(
             consumer,
             effects,
             mark,
+            unsettled,
         )));
     }
     let reload_ctx = ctx.clone();

@@ -1,6 +1,7 @@
 //! Streams and durable consumers.
 
 use crate::config::{Config, durable_name};
+use crate::crashes::Unsettled;
 use async_nats::jetstream::{self, consumer, stream};
 use std::time::Duration;
 
@@ -48,6 +49,19 @@ pub async fn pull_consumer(
     role: &str,
     filter: &str,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
+    Ok(bind(js, cfg, stream_name, role, filter).await?.0)
+}
+
+/// [`pull_consumer`], also telling what the consumer had delivered and not settled (a
+/// process that died had those in flight). Re-creating the consumer resets JetStream's
+/// delivery counts, so this is read before.
+pub async fn bind(
+    js: &jetstream::Context,
+    cfg: &Config,
+    stream_name: &str,
+    role: &str,
+    filter: &str,
+) -> Result<(consumer::Consumer<consumer::pull::Config>, Unsettled), async_nats::Error> {
     let stream = js.get_stream(stream_name).await?;
     let name = durable_name(&cfg.durable_prefix, role, filter);
     let mut config = consumer::pull::Config {
@@ -60,14 +74,18 @@ pub async fn pull_consumer(
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     };
+    let mut unsettled = Unsettled::default();
     if let Ok(info) = stream.consumer_info(&name).await {
+        let floor = info.ack_floor.stream_sequence;
+        unsettled = Unsettled { floor, upto: floor };
         if info.num_ack_pending == 0 {
-            return stream.get_consumer(&name).await;
+            return Ok((stream.get_consumer(&name).await?, unsettled));
         }
-        let start = info.ack_floor.stream_sequence + 1;
+        unsettled.upto = info.delivered.stream_sequence;
+        let start = floor + 1;
         tracing::info!(stream = stream_name, consumer = %name, pending = info.num_ack_pending, start, "restarting delivery at the ack floor");
         stream.delete_consumer(&name).await?;
         config.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence: start };
     }
-    Ok(stream.get_or_create_consumer(&name, config).await?)
+    Ok((stream.get_or_create_consumer(&name, config).await?, unsettled))
 }

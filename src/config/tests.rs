@@ -13,6 +13,7 @@ fn defaults_are_valid_and_sensible() {
     assert_eq!(c.durability, Durability::Fsync);
     assert_eq!(c.aggregate_stream, "AGGREGATE_EVENTS");
     assert_eq!(c.max_deliver, -1);
+    assert_eq!(c.max_crashes, 3);
 }
 
 #[test]
@@ -56,7 +57,7 @@ fn every_problem_names_field_value_and_rule_at_once() {
     let p = dir.path().join("bad.toml");
     std::fs::write(
         &p,
-        "shards = 0\npartitions = 0\n[consumers]\nbatch = 0\nack_wait_ms = 10\nmax_deliver = 0\naggregate_filters = [\"events..x\"]\n[http]\naddr = \"nowhere\"\nadmin_token = \"short\"\n[gateway]\nurl = \"ftp://x\"\n[storage]\ninitial_map_size = 10\n[log]\nlevel = \"[[[\"\n",
+        "shards = 0\npartitions = 0\n[consumers]\nbatch = 0\nack_wait_ms = 10\nmax_deliver = 0\nmax_crashes = 1\naggregate_filters = [\"events..x\"]\n[http]\naddr = \"nowhere\"\nadmin_token = \"short\"\n[gateway]\nurl = \"ftp://x\"\n[storage]\ninitial_map_size = 10\n[log]\nlevel = \"[[[\"\n",
     )
     .unwrap();
     let err = load(Some(&p), &[]).unwrap_err();
@@ -67,6 +68,7 @@ fn every_problem_names_field_value_and_rule_at_once() {
         "field `consumers.batch` = 0",
         "field `consumers.ack_wait_ms` = 10",
         "field `consumers.max_deliver` = 0",
+        "field `consumers.max_crashes` = 1: must be 0 (off) or at least 3",
         "field `consumers.aggregate_filters` = \"events..x\"",
         "field `http.addr` = \"nowhere\"",
         "field `http.admin_token`: must be at least 16 characters (value not shown)",

@@ -197,45 +197,43 @@ impl Scenario {
 
     /// The same for the keys `which` selects.
     pub fn wait_complete_where(&self, ports: &[u16], timeout: Duration, which: &dyn Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while let Some(last) = self.incomplete_where(ports, which) {
+            assert!(Instant::now() < deadline, "{}: not complete after {timeout:?}; e.g. {last}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The first key of those `which` selects that does not yet show all its events, results
+    /// and ticks with an empty outbox over HTTP at `ports`, and what it shows; `None` when
+    /// every one does. A runner that is not answering shows nothing.
+    pub fn incomplete_where(&self, ports: &[u16], which: &dyn Fn(&str) -> bool) -> Option<String> {
         let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
         for s in self.sent.iter().filter(|s| which(&s.key)) {
             *expected.entry(s.key.as_str()).or_default() += 1;
         }
-        let deadline = Instant::now() + timeout;
-        let mut last = String::new();
-        loop {
-            let mut done = true;
-            for (key, n) in &expected {
-                let tenant = key.split('-').next().unwrap();
-                let state = ports.iter().find_map(|p| {
-                    let (s, body) = self.h.http(
-                        "GET",
-                        &format!("http://127.0.0.1:{p}/sagas/{tenant}/{LEDGER_SAGA}/{key}"),
-                        None,
-                        None,
-                    );
-                    (s == 200).then(|| serde_json::from_str::<serde_json::Value>(&body).unwrap())
-                });
-                let ok = state.as_ref().is_some_and(|v| {
-                    let len = |f: &str| v["state"][f].as_array().map(|a| a.len()).unwrap_or(0);
-                    len("seen") >= *n
-                        && len("results") >= *n
-                        && len("ticks") >= n.div_ceil(10)
-                        && v["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
-                });
-                if !ok {
-                    last =
-                        format!("{key}: {}", state.map(|v| v["state"].to_string()).unwrap_or_else(|| "absent".into()));
-                    done = false;
-                    break;
-                }
+        for (key, n) in &expected {
+            let tenant = key.split('-').next().unwrap();
+            let state = ports.iter().find_map(|p| {
+                let (s, body) =
+                    self.h.http("GET", &format!("http://127.0.0.1:{p}/sagas/{tenant}/{LEDGER_SAGA}/{key}"), None, None);
+                (s == 200).then(|| serde_json::from_str::<serde_json::Value>(&body).unwrap())
+            });
+            let ok = state.as_ref().is_some_and(|v| {
+                let len = |f: &str| v["state"][f].as_array().map(|a| a.len()).unwrap_or(0);
+                len("seen") >= *n
+                    && len("results") >= *n
+                    && len("ticks") >= n.div_ceil(10)
+                    && v["pending_outbox"].as_array().is_some_and(|a| a.is_empty())
+            });
+            if !ok {
+                return Some(format!(
+                    "{key}: {}",
+                    state.map(|v| v["state"].to_string()).unwrap_or_else(|| "absent".into())
+                ));
             }
-            if done {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{}: not complete after {timeout:?}; e.g. {last}", self.name);
-            std::thread::sleep(Duration::from_millis(100));
         }
+        None
     }
 
     /// Runs the checker against final states read from the stopped runners' data dirs.
@@ -561,6 +559,48 @@ impl Drop for RunnerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A supervisor's restart loop: `running` was started from `config` with `env`; each time
+/// it dies it is marked in `sc.crashes` and started again (log `start-N.log` in the
+/// scenario's directory), until `settled` holds while it is up. Panics when it died at each
+/// of `max_starts` starts, or after `timeout`. Returns the running process and the logs of
+/// the runs that died.
+pub fn supervise(
+    sc: &mut Scenario,
+    mut running: RunnerProcess,
+    config: &Path,
+    env: &[(&str, &str)],
+    max_starts: usize,
+    timeout: Duration,
+    settled: &dyn Fn(&Scenario) -> bool,
+) -> (RunnerProcess, Vec<String>) {
+    let deadline = Instant::now() + timeout;
+    let mut died = Vec::new();
+    loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            sc.crashes.push(Instant::now());
+            let log = running.log();
+            let starts = died.len() + 1;
+            let tail = log.len().saturating_sub(4_000);
+            let tail = log.char_indices().map(|(i, _)| i).find(|i| *i >= tail).unwrap_or(0);
+            assert!(
+                starts < max_starts,
+                "{}: the runner died at each of {starts} starts (last: {status}); last log ends:\n{}",
+                sc.name,
+                &log[tail..]
+            );
+            died.push(log);
+            let next = sc.h.dir.path().join(format!("start-{}.log", starts + 1));
+            running = RunnerProcess::start(config, running.port, env, &next);
+            continue;
+        }
+        if settled(sc) && running.child.try_wait().unwrap().is_none() {
+            return (running, died);
+        }
+        assert!(Instant::now() < deadline, "{}: not settled after {timeout:?}", sc.name);
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

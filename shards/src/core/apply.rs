@@ -20,6 +20,12 @@ use std::time::Instant;
 /// Largest raw body kept in a dead letter.
 const MAX_RAW: usize = 64 << 10;
 
+/// An event whose `data` holds `"crash_process": true` passes the crash point
+/// `shard.apply_marked` just before its program runs (the fault suite's crash-inducing
+/// input; without the `failpoints` feature, or unarmed, nothing happens).
+#[cfg(feature = "failpoints")]
+pub const CRASH_MARK: &str = "crash_process";
+
 /// Routes one event: behind its key's blocked head if there is one, else applied now.
 /// Borrows `p`: the shell keeps the batch's work for a redo, so only a key that blocks
 /// keeps a copy.
@@ -126,7 +132,12 @@ fn on_failure(
     let spec = core.manifests.sagas.get(&key.saga).map(|s| (s.spec.retry, s.spec.on_poison));
     let (retry, policy) =
         spec.unwrap_or((crate::manifest::RetrySpec { attempts: 1, ..Default::default() }, PoisonPolicy::Park));
-    if attempts < retry.attempts {
+    // An event that crashed the process is not retried: a retry would crash it again.
+    let (attempts, crashed) = match head.origin {
+        Origin::Crashed { crashes, .. } => (crashes, true),
+        _ => (attempts, false),
+    };
+    if attempts < retry.attempts && !crashed {
         let unit = (crate::routing::stable_hash(&key.tenant, key.route()) % 1000) as f64 / 1000.0;
         let retry_at = now + retry.backoff_jittered(attempts, unit).max(1);
         tracing::warn!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, retry_in_ms = retry_at - now, error = %error, "transition failed; key blocked, will retry");
@@ -311,10 +322,19 @@ fn apply_read(
         }
     };
 
+    if let Origin::Crashed { crashes, .. } = p.origin {
+        // It would run now: it killed the process every time it did.
+        return Ok(Err(crashed_reason(key, event, crashes)));
+    }
     let entry = match &event.result {
         Some(r) if r.outcome == "failed" && saga.spec.compensation.is_some() => Entry::Compensation,
         _ => Entry::OnEvent,
     };
+    #[cfg(feature = "failpoints")]
+    if event.data.get(CRASH_MARK).and_then(serde_json::Value::as_bool) == Some(true) {
+        // A crash-inducing input for the fault suite: the process dies running this event.
+        fail::fail_point!("shard.apply_marked");
+    }
     let is_new = state.is_none();
     let input_event = event_dynamic(event, &key.correlation_id);
     let started = Instant::now();
@@ -424,6 +444,14 @@ fn apply_read(
     Ok(Ok(()))
 }
 
+/// Why an event that crashed the process is quarantined: what it did, and where it is.
+fn crashed_reason(key: &SagaKey, event: &Event, crashes: u32) -> String {
+    format!(
+        "crashed the process {crashes} times (stream {}, sequence {}, tenant {:?}, saga {:?}, key {:?}): the process died each time this event was in flight, the last time while it ran alone after a restart; quarantined instead of run again (consumers.max_crashes)",
+        event.stream, event.seq, key.tenant, key.saga, key.correlation_id
+    )
+}
+
 /// The program's view of an event (DESIGN "Saga programs").
 pub fn event_dynamic(event: &Event, correlation_id: &str) -> Dynamic {
     // Built in key order: a sorted bulk build of the map, not a dozen inserts.
@@ -476,7 +504,9 @@ fn to_json(v: &Dynamic) -> Json {
 /// requeued dead letter in the same transaction.
 fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>, now: u64) {
     match &p.origin {
-        Origin::Delivery(request) => st.actions.push(Action::Settle { request: *request, term }),
+        Origin::Delivery(request) | Origin::Crashed { request, .. } => {
+            st.actions.push(Action::Settle { request: *request, term })
+        }
         Origin::Timer(sk) | Origin::ReplayTimer(sk) => {
             st.batch.delete_schedule(sk);
             st.overlay.schedules_changed = true;

@@ -104,6 +104,10 @@ impl Default for CoreConfig {
 pub enum Origin {
     /// A stream message: settle it (ack or term) once the batch is durable.
     Delivery(RequestId),
+    /// A stream message the process died with in flight `crashes` times (issue 17 item
+    /// 16): settled like [`Origin::Delivery`], but never run; where it would run it is
+    /// quarantined as a poison event of its key (the key's `on_poison` policy applies).
+    Crashed { request: RequestId, crashes: u32 },
     /// A durable timer: delete its schedule entry in the same transaction.
     Timer(ScheduleKey),
     /// A requeued dead letter: delete it in the same transaction; passes the sequence gate.
@@ -528,7 +532,7 @@ impl ShardCore {
     pub fn waiting_deliveries(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.blocked.values().flat_map(|b| std::iter::once(&b.head).chain(b.queue.iter())).filter_map(|p| {
             match p.origin {
-                Origin::Delivery(r) => Some(r),
+                Origin::Delivery(r) | Origin::Crashed { request: r, .. } => Some(r),
                 _ => None,
             }
         })

@@ -1415,6 +1415,7 @@ fn a_result_run_in_place_for_a_blocked_key_waits_with_its_item_kept() {
     assert!(env.outbox().iter().any(|(k, _)| *k == item_key), "the item went while its result waits in memory");
 }
 
+mod crashed;
 mod deadletters;
 mod limits;
 mod prune;
