@@ -7,7 +7,8 @@
 //! `shard.timer_fired_before_commit`, `dispatch.after_confirm_before_delete`,
 //! `effect.after_call_before_commit` (a call a shard made, in either mode),
 //! `effect.after_started_before_call`, `effect.after_call_before_publish`,
-//! `effect.after_puback_before_completed` (the effect fleet's path), `move.after_copy`;
+//! `effect.after_puback_before_completed` (the effect fleet's path), `move.after_copy`,
+//! `replay.after_step` (a page of a controlled replay committed);
 //! `store.flush` (tests pause it) is in the shards crate.
 
 /// Arms the crash points named in `RUNNER_FAILPOINTS` (no-op without the feature).
