@@ -9,8 +9,10 @@
 //! `effect.after_started_before_call`, `effect.after_call_before_publish`,
 //! `effect.after_puback_before_completed` (the effect fleet's path), `move.after_copy`,
 //! `bridge.decode_marked` (an aggregate event whose body holds `crash_decode`, before it is
-//! decoded), `bridge.rerun_handed` (a message in flight at the last crash handed on again); `shard.apply_marked` (an event whose data holds `"crash_process": true`, before
-//! its program runs) and `store.flush` (tests pause it) are in the shards crate.
+//! decoded), `bridge.rerun_handed` (a message in flight at the last crash handed on again);
+//! `shard.apply_marked` (an event whose data holds `"crash_process": true`, before its
+//! program runs), `replay.after_step` (a page of a controlled replay committed) and
+//! `store.flush` (tests pause it) are in the shards crate.
 
 /// Arms the crash points named in `RUNNER_FAILPOINTS` (no-op without the feature).
 pub fn install_from_env() {

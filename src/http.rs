@@ -78,13 +78,27 @@ impl OpsServer {
                 probing.probe_data_dir();
             }
         })?);
-        if let Some(listener) = listener {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            threads.push(std::thread::Builder::new().name("ops-http".into()).spawn(move || {
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, serve(ops, listener, stop_rx));
-            })?);
-        }
+        // The operations thread serves HTTP (with a listener) and resumes the replays a
+        // crash left unfinished.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        threads.push(std::thread::Builder::new().name("ops-http".into()).spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            let resuming = ops.clone();
+            let mut stop = stop_rx.clone();
+            local.spawn_local(async move {
+                tokio::select! {
+                    _ = resuming.resume_replays() => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+            match listener {
+                Some(listener) => local.block_on(&rt, serve(ops, listener, stop_rx)),
+                None => local.block_on(&rt, async move {
+                    let mut stop = stop_rx;
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+            }
+        })?);
         Ok(Self { threads, stop, probe_stop: Some(probe_stop) })
     }
 

@@ -8,14 +8,16 @@ use serde_json::{Value, json};
 use shards::keys::{DeadLetterKey, SagaKey};
 use shards::manifest::ManifestSet;
 use shards::message::{
-    AdminAnswer, AdminOp, DeadLetterView, Query, Reply, Request, SagaView, ShardError, ShardStats, reply_channel,
+    AdminAnswer, AdminError, AdminOp, DeadLetterView, Query, Reply, Request, SagaView, ShardError, ShardStats,
+    reply_channel,
 };
-use shards::record::AppliedRef;
 use shards::routing::Router;
 use shards::runtime::ShardHandle;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+mod replay;
 
 /// The process-wide Prometheus recorder (installed once; later runners in the same process
 /// share it).
@@ -291,13 +293,18 @@ impl Ops {
     }
 
     async fn admin(&self, shard: usize, op: AdminOp) -> Result<AdminAnswer, OpsError> {
-        let (tx, rx) = reply_channel();
-        let h = &self.shards[shard % self.shards.len()];
-        h.send(Request::Admin { op, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
-        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))?.map_err(|e| {
+        self.admin_raw(shard, op).await?.map_err(|e| {
             let status = if e.is_not_found() { 404 } else { 409 };
             OpsError::new(status, e.to_string())
         })
+    }
+
+    /// An operator action and the shard's answer as it came (`Err`: no answer).
+    async fn admin_raw(&self, shard: usize, op: AdminOp) -> Result<Result<AdminAnswer, AdminError>, OpsError> {
+        let (tx, rx) = reply_channel();
+        let h = &self.shards[shard % self.shards.len()];
+        h.send(Request::Admin { op, reply: tx }).await.map_err(|e| OpsError::new(503, e.to_string()))?;
+        rx.await.map_err(|_| OpsError::new(503, format!("shard {shard} did not answer")))
     }
 
     pub async fn saga(&self, key: SagaKey) -> Result<SagaView, OpsError> {
@@ -451,142 +458,6 @@ impl Ops {
         Ok(
             json!({ "reloaded": true, "sagas": set.sagas.keys().collect::<Vec<_>>(), "effects": set.effects.keys().collect::<Vec<_>>() }),
         )
-    }
-
-    /// Controlled replay: without `confirm` only reports what it would reset.
-    pub async fn replay(
-        &self,
-        tenant: String,
-        saga: String,
-        correlation_id: Option<String>,
-        from_seq: u64,
-        confirm: bool,
-    ) -> OpsResult {
-        if !self.manifests().sagas.contains_key(&saga) {
-            return Err(OpsError::new(404, format!("saga {saga:?} is not loaded")));
-        }
-        // What would be reset: instances of the saga for the tenant (or the one instance).
-        let instances = match &correlation_id {
-            Some(cid) => match self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await {
-                Ok(_) => vec![cid.clone()],
-                Err(e) if e.status == 404 => Vec::new(),
-                Err(e) => return Err(e),
-            },
-            None => self.instances(&tenant, &saga).await?,
-        };
-        if !confirm {
-            return Err(OpsError::new(
-                400,
-                format!(
-                    "replay needs \"confirm\": true; it would reset {} instance(s) of saga {saga:?} for tenant {tenant:?} and re-apply their events from sequence {from_seq}: {}",
-                    instances.len(),
-                    instances.join(", ")
-                ),
-            ));
-        }
-        // Refuse instances whose history was trimmed: they cannot be rebuilt exactly.
-        for cid in &instances {
-            let v = self.saga(SagaKey::new(tenant.clone(), saga.clone(), cid.clone())).await?;
-            let remembered = v.record.applied.len() as u64;
-            if v.record.version > remembered {
-                return Err(OpsError::new(
-                    409,
-                    format!(
-                        "instance {cid:?} applied {} events but remembers the last {remembered} only; it cannot be replayed exactly",
-                        v.record.version
-                    ),
-                ));
-            }
-        }
-        let mut reset = Vec::new();
-        for s in 0..self.shards.len() {
-            let op = AdminOp::Replay {
-                tenant: tenant.clone(),
-                saga: saga.clone(),
-                correlation_id: correlation_id.clone(),
-                from_seq,
-            };
-            if let AdminAnswer::Reset(r) = self.admin(s, op).await? {
-                reset.extend(r.instances);
-            }
-        }
-        tracing::warn!(tenant = %tenant, saga = %saga, correlation_id = ?correlation_id, from_seq, instances = reset.len(), "controlled replay: instances reset, re-applying their events");
-        let mut report = Vec::new();
-        for instance in reset {
-            let key = SagaKey::new(tenant.clone(), saga.clone(), instance.correlation_id.clone());
-            let applied = self.refeed(&key, instance.applied, from_seq).await?;
-            self.admin(self.router.shard(&key.tenant, key.route()), AdminOp::EndReplay { key: key.clone() }).await?;
-            report.push(json!({ "correlation_id": instance.correlation_id, "re_applied": applied }));
-        }
-        Ok(json!({ "replayed": report, "from_seq": from_seq }))
-    }
-
-    /// Applies an instance's recorded events again, in their original order: stream events
-    /// read back from JetStream by sequence, timers fired at their place.
-    async fn refeed(&self, key: &SagaKey, applied: Vec<AppliedRef>, from_seq: u64) -> Result<usize, OpsError> {
-        let js = self.js.get().ok_or_else(|| OpsError::new(503, "not connected to JetStream"))?;
-        let shard = self.router.shard(&key.tenant, key.route());
-        let mut n = 0;
-        for r in applied {
-            let (stream, seq) = (r.stream.as_str(), r.seq);
-            if stream == "timers" {
-                self.admin(shard, AdminOp::FireTimer { key: key.clone(), timer_id: r.id }).await?;
-                n += 1;
-                continue;
-            }
-            if seq == 0 {
-                // An effect result applied in place (combined mode): recorded with the instance.
-                self.admin(shard, AdminOp::ApplyRecorded { key: key.clone(), event_id: r.id }).await?;
-                n += 1;
-                continue;
-            }
-            if seq < from_seq {
-                continue;
-            }
-            let msg = async {
-                let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-                s.get_raw_message(seq).await.map_err(|e| e.to_string())
-            }
-            .await
-            .map_err(|e| OpsError::new(502, format!("cannot read {stream} #{seq} back: {e}")))?;
-            let headers = msg
-                .headers
-                .iter()
-                .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.as_str().to_owned())))
-                .collect();
-            let t = crate::envelope::Transport {
-                stream: stream.to_owned(),
-                seq,
-                subject: msg.subject.to_string(),
-                headers,
-                published_ms: (msg.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
-            };
-            let event = if stream == self.cfg.events_stream {
-                crate::envelope::decode_result(&msg.payload, &t, self.cfg.max_event_bytes).map(|(_, e)| e)
-            } else {
-                crate::envelope::decode_aggregate(&msg.payload, &t, self.cfg.tenancy_required, self.cfg.max_event_bytes)
-                    .map(|d| d.event)
-            }
-            .map_err(|e| OpsError::new(500, format!("{stream} #{seq} no longer decodes: {e}")))?;
-            let target = shards::message::Target {
-                saga: key.saga.clone(),
-                correlation_id: key.correlation_id.clone(),
-                may_start: true,
-            };
-            let (tx, rx) = reply_channel();
-            self.shards[shard]
-                .send(Request::Apply { event: Arc::new(event), targets: vec![target], reply: tx })
-                .await
-                .map_err(|e| OpsError::new(503, e.to_string()))?;
-            match rx.await {
-                Ok(shards::message::ApplyOutcome::Ack) => n += 1,
-                Ok(other) => {
-                    return Err(OpsError::new(500, format!("re-applying {stream} #{seq} to {key} failed: {other:?}")));
-                }
-                Err(_) => return Err(OpsError::new(503, "the shard did not answer")),
-            }
-        }
-        Ok(n)
     }
 }
 

@@ -242,3 +242,130 @@ fn a_controlled_replay_from_sequence_zero_rebuilds_identically_without_dispatchi
     assert_eq!(sc.h.read_stream("WORKFLOW_COMMANDS").len(), commands, "the replay published commands again");
     sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
 }
+
+/// Keys per tenant in the replay scenarios: tenant `r` is replayed, tenant `w` is its twin,
+/// fed the same events and never replayed.
+const TWIN_KEYS: usize = 20;
+
+/// One event per key of both tenants per slice, `r` and `w` interleaved.
+fn twin_slices(sc: &mut Scenario, per: u64, first_n: u64) -> Vec<Vec<Outgoing>> {
+    let mut slices = Vec::new();
+    for n in first_n..first_n + per {
+        let r = sc.plan_events("r", TWIN_KEYS, 1, n, &|_, _| None);
+        let w = sc.plan_events("w", TWIN_KEYS, 1, n, &|_, _| None);
+        slices.push(r.into_iter().zip(w).flat_map(|(a, b)| [a, b]).collect());
+    }
+    slices
+}
+
+/// Publishes `slices` one every 20 ms (fault timing: the load keeps arriving while the
+/// replay runs, whatever this machine's speed) and returns when each went out.
+fn publish_paced(h: &Harness, slices: Vec<Vec<Outgoing>>, sent: &std::sync::atomic::AtomicUsize) -> Vec<Instant> {
+    let mut at = Vec::new();
+    for slice in slices {
+        h.publish_many(slice);
+        at.push(Instant::now());
+        sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    at
+}
+
+/// Every replayed instance `r-kN` ends exactly like its twin `w-kN`: same state (every event,
+/// result and tick, in order), same number of transitions, same status, not replaying.
+fn assert_like_their_twins(sc: &Scenario, port: u16) {
+    for k in 0..TWIN_KEYS {
+        let r = sc.instance(port, &format!("r-k{k}")).unwrap();
+        let w = sc.instance(port, &format!("w-k{k}")).unwrap();
+        assert_eq!(r["state"], w["state"], "r-k{k} ended unlike its twin");
+        assert_eq!(r["version"], w["version"], "r-k{k}: transitions differ from its twin's");
+        assert_eq!(r["status"], w["status"], "r-k{k}: status differs from its twin's");
+        assert!(r.get("replaying").is_none_or(|v| v == false), "r-k{k} is still replaying: {r}");
+    }
+}
+
+/// Replays not yet finished, as `/admin/stats` counts them (`None`: not reported).
+fn replays_left(sc: &Scenario, port: u16) -> Option<u64> {
+    let (status, body) = sc.h.http("GET", &url(port, "/admin/stats"), None, None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["shards"].as_array()?.iter().map(|s| s["store"]["replays"].as_u64()).sum()
+}
+
+#[test]
+fn a_replay_under_live_traffic_ends_each_instance_like_its_unreplayed_twin() {
+    let _serial = serial();
+    let mut sc = Scenario::new("replay-under-traffic");
+    let port = free_port();
+    let mut p = RunnerProcess::start(&sc.config("a", 2, port, ""), port, &[], &sc.h.dir.path().join("run.log"));
+    p.wait_ready(&sc.h, T);
+    // A history of 25 events per key (with results and ticks, 53 transitions), then 20 more
+    // per key published while tenant r is replayed.
+    for slice in twin_slices(&mut sc, 25, 0) {
+        sc.h.publish_many(slice);
+    }
+    sc.wait_complete(&[port], T);
+    let live = twin_slices(&mut sc, 20, 25);
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    let req = serde_json::json!({"tenant": "r", "saga": LEDGER_SAGA, "confirm": true});
+    let (published, (began, ended), (status, body)) = std::thread::scope(|s| {
+        let h = &sc.h;
+        let sent = &sent;
+        let publisher = s.spawn(move || publish_paced(h, live, sent));
+        wait_until(T, "live load under way", || sent.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        let began = Instant::now();
+        let answer = sc.h.http("POST", &url(port, "/admin/replay"), None, Some(req));
+        (publisher.join().unwrap(), (began, Instant::now()), answer)
+    });
+    assert_eq!(status, 200, "{body}");
+    let during = published.iter().filter(|t| **t >= began && **t <= ended).count();
+    assert!(during >= 1, "no live event was published while the replay ran ({} slices)", published.len());
+    sc.wait_complete(&[port], T);
+    assert_like_their_twins(&sc, port);
+    sc.finish(&mut [&mut p], &[sc.h.dir.path().join("data-a")]);
+}
+
+#[test]
+fn a_replay_killed_midway_resumes_on_start_and_ends_each_instance_like_its_twin() {
+    let _serial = serial();
+    let mut sc = Scenario::new("replay-killed-midway");
+    let port = free_port();
+    let dir = sc.h.dir.path().to_owned();
+    let cfg = sc.config("a", 2, port, "");
+    // Killed after the second page of steps: the first instance is part-way through its
+    // history of 40 events per key (84 transitions, more than the 64 a replay once allowed).
+    let mut p =
+        RunnerProcess::start(&cfg, port, &[("RUNNER_FAILPOINTS", "replay.after_step:2")], &dir.join("run-0.log"));
+    p.wait_ready(&sc.h, T);
+    for slice in twin_slices(&mut sc, 40, 0) {
+        sc.h.publish_many(slice);
+    }
+    sc.wait_complete(&[port], T);
+    let live = twin_slices(&mut sc, 20, 40);
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    let req = serde_json::json!({"tenant": "r", "saga": LEDGER_SAGA, "confirm": true});
+    std::thread::scope(|s| {
+        let h = &sc.h;
+        let sent = &sent;
+        let publisher = s.spawn(move || publish_paced(h, live, sent));
+        wait_until(T, "live load under way", || sent.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        let (status, body) = sc.h.http("POST", &url(port, "/admin/replay"), None, Some(req));
+        assert_eq!(status, 0, "the replay answered rather than dying midway: {body}");
+        assert_eq!(p.wait_exit(T), Some(9), "not killed by the failpoint; log:\n{}", p.log());
+        assert!(p.log().contains("failpoint replay.after_step hit"), "{}", p.log());
+        sc.crashes.push(Instant::now());
+        p = RunnerProcess::start(&cfg, port, &[], &dir.join("run-1.log"));
+        p.wait_ready(&sc.h, T);
+        publisher.join().unwrap();
+    });
+    wait_until(T, "every replay finished", || replays_left(&sc, port) == Some(0));
+    sc.wait_complete(&[port], T);
+    let log = p.log();
+    // The instance killed part-way (its key held again at start) is resumed first.
+    assert!(
+        log.lines().any(|l| l.contains("resuming replay") && l.contains("started=true")),
+        "the restarted runner did not resume the replay it was killed in:\n{log}"
+    );
+    assert_like_their_twins(&sc, port);
+    sc.finish(&mut [&mut p], &[dir.join("data-a")]);
+}

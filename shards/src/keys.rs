@@ -14,6 +14,9 @@
 //! | `effects` | tenant, command_id |
 //! | `checkpoints` | tenant, saga, stream |
 //! | `deadletter` | tenant, at u64 (ms), id |
+//! | `results` | tenant, saga, correlation_id, event id |
+//! | `history` | tenant, saga, correlation_id, index u64 |
+//! | `replays` | tenant, saga, correlation_id |
 
 use thiserror::Error;
 
@@ -156,6 +159,28 @@ impl ResultKey {
         let mut r = KeyReader::new("results", bytes);
         let saga = SagaKey { tenant: r.str()?, saga: r.str()?, correlation_id: r.str()? };
         let key = Self { saga, event_id: r.str()? };
+        r.end()?;
+        Ok(key)
+    }
+}
+
+/// `(tenant, saga, correlation_id, index)`: one applied event of an instance's history. The
+/// instance's key is a prefix of its entries' keys, which sort by index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HistoryKey {
+    pub saga: SagaKey,
+    pub index: u64,
+}
+
+impl HistoryKey {
+    pub fn encode(&self) -> Vec<u8> {
+        KeyBuf::new().str(&self.saga.tenant).str(&self.saga.saga).str(&self.saga.correlation_id).u64(self.index).0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, KeyError> {
+        let mut r = KeyReader::new("history", bytes);
+        let saga = SagaKey { tenant: r.str()?, saga: r.str()?, correlation_id: r.str()? };
+        let key = Self { saga, index: r.u64()? };
         r.end()?;
         Ok(key)
     }
@@ -380,6 +405,23 @@ mod tests {
             prop_assert_eq!(OutboxKey::decode(&o1.encode()).unwrap(), o1);
             prop_assert_eq!(o1 == o2, o1.encode() == o2.encode());
             prop_assert_eq!(o1 < o2, o1.encode() < o2.encode());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn history_keys_are_injective_and_sort_by_index_within_an_instance(
+            a in (saga_key(), any::<u64>()), b in (saga_key(), any::<u64>())
+        ) {
+            let (ka, kb) = (HistoryKey { saga: a.0, index: a.1 }, HistoryKey { saga: b.0, index: b.1 });
+            prop_assert_eq!(HistoryKey::decode(&ka.encode()).unwrap(), ka.clone());
+            prop_assert_eq!(ka == kb, ka.encode() == kb.encode());
+            prop_assert!(ka.encode().starts_with(&ka.saga.encode()));
+            if ka.saga == kb.saga {
+                prop_assert_eq!(ka.index < kb.index, ka.encode() < kb.encode());
+            } else {
+                prop_assert!(!kb.encode().starts_with(&ka.saga.encode()));
+            }
         }
     }
 

@@ -236,13 +236,30 @@ fn entry_partition(db: Db, key: &[u8], value: &[u8], partitions: u32) -> Result<
             let k = crate::keys::ResultKey::decode(key).map_err(|e| e.to_string())?;
             partition_for(&k.saga.tenant, k.saga.route(), partitions)
         }
+        Db::History => {
+            let k = crate::keys::HistoryKey::decode(key).map_err(|e| e.to_string())?;
+            partition_for(&k.saga.tenant, k.saga.route(), partitions)
+        }
+        Db::Replays => {
+            let k = SagaKey::decode(key).map_err(|e| e.to_string())?;
+            partition_for(&k.tenant, k.route(), partitions)
+        }
         Db::Checkpoints | Db::Meta => return Ok(None),
     };
     Ok(Some(p))
 }
 
-const MOVED_DBS: [Db; 7] =
-    [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::DeadLetter, Db::Checkpoints, Db::Results];
+const MOVED_DBS: [Db; 9] = [
+    Db::Sagas,
+    Db::Outbox,
+    Db::Schedules,
+    Db::Effects,
+    Db::DeadLetter,
+    Db::Checkpoints,
+    Db::Results,
+    Db::History,
+    Db::Replays,
+];
 
 fn run_move(
     root: &Path,

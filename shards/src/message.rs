@@ -140,6 +140,13 @@ pub enum Query {
     Stats {
         reply: Reply<Result<ShardStats, ShardError>>,
     },
+    /// Replays recorded on this shard and not finished, in key order after `after`, at most
+    /// `limit`; `true` for those already started (their keys are held).
+    Replays {
+        after: Option<SagaKey>,
+        limit: usize,
+        reply: Reply<Result<Vec<(SagaKey, bool)>, ShardError>>,
+    },
 }
 
 impl std::fmt::Debug for Query {
@@ -151,6 +158,7 @@ impl std::fmt::Debug for Query {
             Query::Sagas { tenant, saga, limit, .. } => write!(f, "Sagas({tenant:?}, {saga:?}, {limit})"),
             Query::List { tenant, saga, limit, .. } => write!(f, "List({tenant:?}, {saga:?}, {limit})"),
             Query::Stats { .. } => write!(f, "Stats"),
+            Query::Replays { limit, .. } => write!(f, "Replays({limit})"),
         }
     }
 }
@@ -183,15 +191,17 @@ pub struct TimerView {
     pub payload: Json,
 }
 
-/// A key whose head event failed and waits for a retry in place.
+/// A key whose head event failed and waits for a retry in place, or that a replay holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BlockedView {
     pub attempts: u32,
     pub retry_at: u64,
     pub error: String,
-    /// Later events of the key waiting behind the head one.
+    /// Later events of the key waiting behind the head one (or behind the replay).
     pub queued: usize,
     pub event_id: String,
+    /// Held by a replay (no head event, no retry).
+    pub replaying: bool,
 }
 
 /// A dead letter with the key it is stored under and the shard that holds it.
@@ -267,8 +277,21 @@ pub struct ShardStats {
     pub next_timer_due: Option<u64>,
 }
 
+/// Steps of a replay per [`AdminOp::ReplaySteps`] at most (a page: one batch each).
+pub const REPLAY_PAGE: usize = 32;
+
+/// One step of an instance's replayed history, as the driver hands it to the shard.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplayStep {
+    /// A stream event read back by its sequence.
+    Event(Arc<Event>),
+    /// A step the shard takes from its own records: a timer, an effect result applied in
+    /// place, or a stream event below the replay's `from_seq` (skipped).
+    Own,
+}
+
 /// Operator actions that write.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AdminOp {
     /// Re-apply the dead letters of a parked (or quarantined) instance in order; with
     /// `skip_poison` the poison event itself is discarded first.
@@ -278,19 +301,23 @@ pub enum AdminOp {
     /// Put the work item of a dispatch dead letter back in the outbox (attempts from 0,
     /// same work id, so the receiver's dedupe still holds) and delete the letter.
     Resend { key: DeadLetterKey },
-    /// Reset instances of a saga so their events can be applied again (controlled replay):
-    /// every instance of `saga` for `tenant` (or only `correlation_id`) is cleared, its
-    /// dispatched work ids remembered so nothing is dispatched twice, and the checkpoint set
-    /// to `from_seq`. Answers, per reset instance, the events it had applied, in order, so
-    /// the caller can apply them again in that order.
+    /// A controlled replay of instances of a saga: every instance of `saga` for `tenant` (or
+    /// only `correlation_id`) is recorded as to be replayed (db `replays`, so the replay
+    /// survives a crash) and the checkpoints set to `from_seq`. Nothing is reset yet: each
+    /// instance is, by its first [`AdminOp::ReplaySteps`]. Instances whose history is
+    /// incomplete are left out (refused when named).
     Replay { tenant: String, saga: String, correlation_id: Option<String>, from_seq: u64 },
-    /// During a replay: apply the instance's timer `timer_id` now (its place in the history).
-    FireTimer { key: SagaKey, timer_id: String },
-    /// The replay of an instance is over: its timers fire normally again.
-    EndReplay { key: SagaKey },
-    /// During a replay: apply again the effect result `event_id` the instance applied in
-    /// place (it came from no stream, so it was recorded with the instance).
-    ApplyRecorded { key: SagaKey, event_id: String },
+    /// The next page of an instance's replay (where it stands, the history refs to apply
+    /// next). Writes nothing.
+    ReplayNext { key: SagaKey },
+    /// Applies the next steps of an instance's replay: `steps[i]` is step `at + i` of its
+    /// history. The first step resets the instance and holds its key (events, results and
+    /// timers for it wait, in order); the last releases it and applies what waited. Answers
+    /// the next page.
+    ReplaySteps { key: SagaKey, at: u64, steps: Vec<ReplayStep> },
+    /// Gives an instance's replay up: one not started is forgotten; a started one puts the
+    /// instance back exactly as it was before its reset and releases its key.
+    ReplayAbort { key: SagaKey, reason: String },
 }
 
 /// What an [`AdminOp`] did (serialised as the admin API's answer).
@@ -300,29 +327,39 @@ pub enum AdminAnswer {
     Requeued { requeued: usize, skipped: Option<String> },
     Discarded { discarded: String },
     Resent { resent: String, work_id: String },
-    Reset(ReplayReset),
-    TimerFired { fired: String },
-    ReplayEnded { replay_ended: String },
-    RecordedApplied { applied: String },
+    Marked(ReplayMarked),
+    Page(ReplayPage),
+    Aborted { aborted: String, restored: bool },
 }
 
-/// The instances a replay reset, with the events each had applied.
+/// The instances a replay was asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ReplayReset {
-    pub instances: Vec<ResetInstance>,
-    pub count: usize,
+pub struct ReplayMarked {
+    /// Correlation ids of the instances recorded for the replay (or recorded already).
+    pub instances: Vec<String>,
+    /// Instances left out, with the reason (an incomplete history).
+    pub skipped: Vec<(String, String)>,
     pub from_seq: u64,
     pub streams: Vec<String>,
 }
 
-/// One instance reset by a replay.
+/// Where one instance's replay stands and what it applies next.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ResetInstance {
+pub struct ReplayPage {
     pub correlation_id: String,
-    /// The events it had applied, oldest first.
-    pub applied: Vec<AppliedRef>,
-    /// It applied more events than it remembers: it cannot be rebuilt exactly.
-    pub truncated: bool,
+    /// The step the first of `refs` is (steps applied so far).
+    pub at: u64,
+    /// The history's next steps (at most [`REPLAY_PAGE`]); each one a stream event to read
+    /// back unless [`AppliedRef::from_stream`] says otherwise or it lies below `from_seq`.
+    pub refs: Vec<AppliedRef>,
+    pub from_seq: u64,
+    /// Steps in the whole history.
+    pub total: u64,
+    /// The replay is over: its key is released (and the instance rebuilt, unless aborted).
+    pub ended: bool,
+    /// Why the replay was given up and the instance put back as it was (a history event
+    /// the program now fails on).
+    pub aborted: Option<String>,
 }
 
 /// Why an operator action was refused (nothing was written).
@@ -338,12 +375,22 @@ pub enum AdminError {
     NoSuchLetter { tenant: String, id: String },
     #[error("dead letter {id} of tenant {tenant:?} is a {kind} letter, not a failed dispatch: requeue or discard it")]
     NotResendable { tenant: String, id: String, kind: String },
-    #[error("no pending timer {timer_id} for {key}")]
-    NoSuchTimer { key: SagaKey, timer_id: String },
-    #[error("no recorded result {event_id} for {key}")]
-    NoSuchResult { key: SagaKey, event_id: String },
     #[error("{key} is retrying an event; replay it after that settles")]
     ReplayWhileRetrying { key: SagaKey },
+    #[error("{key} is parked behind a dead letter; requeue or skip its dead letters before a replay")]
+    ReplayWhileParked { key: SagaKey },
+    #[error("{key} is being replayed; requeue after the replay")]
+    RequeueWhileReplaying { key: SagaKey },
+    #[error(
+        "{key} applied {applied} events but remembers only the last {remembered}: its record was written before instances kept their whole history, so it cannot be replayed exactly; leave it as it is (a replay of the whole saga skips it); instances started since keep their whole history"
+    )]
+    HistoryIncomplete { key: SagaKey, applied: u64, remembered: u64 },
+    #[error("no replay of {key} is under way")]
+    NoReplay { key: SagaKey },
+    #[error("the replay of {key} stands at step {done}, not {at}: another request is driving it")]
+    ReplayConflict { key: SagaKey, at: u64, done: u64 },
+    #[error("step {index} of the replay of {key} does not match its history: {why}")]
+    ReplayStepMismatch { key: SagaKey, index: u64, why: String },
     #[error("the stored instance {key} cannot be read: {error}")]
     UnreadableInstance { key: SagaKey, error: String },
 }
@@ -353,7 +400,7 @@ impl AdminError {
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
-            AdminError::NoSuchLetter { .. } | AdminError::NoSuchTimer { .. } | AdminError::NothingToRequeue { .. }
+            AdminError::NoSuchLetter { .. } | AdminError::NothingToRequeue { .. } | AdminError::NoReplay { .. }
         )
     }
 }

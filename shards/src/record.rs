@@ -91,19 +91,19 @@ pub struct SagaRecord<S = Json> {
     /// The trace context of the event that started the instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
-    /// Ids of the events applied, in order, bounded (most recent last); replay uses it to
-    /// re-apply results in the order the instance first saw them.
-    #[serde(default)]
+    /// The events applied before the history table existed, oldest first: the last 64 at
+    /// most. Read by a replay, never extended (new ones go to db `history`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<AppliedRef>,
-    /// After a controlled replay reset: ids of events applied before the reset. Work that
-    /// re-applying one of them produces was dispatched already, so it is not dispatched
-    /// again (each id is removed once its event is re-applied).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub replay_suppress: BTreeSet<String>,
-    /// An operator's replay is re-applying this instance's history: its timers fire only
-    /// when the replay reaches them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replaying: bool,
+    /// Where the rest of the instance's applied events lie in db `history`, oldest first:
+    /// what a controlled replay applies again, in the order the instance first saw them.
+    #[serde(default)]
+    pub history: History,
+    /// An operator's replay is re-applying this instance's history: how many of its steps
+    /// are applied (written with the state they built, so a replay killed midway resumes
+    /// from here). Events for the instance wait (its key is held) until the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_step: Option<u64>,
     /// Timers this instance set that may still be pending: timer id → due time (the
     /// schedule table is ordered by due time; this finds an instance's timers without a
     /// scan). An entry leaves when its timer is applied; one dropped unapplied (the
@@ -115,15 +115,71 @@ pub struct SagaRecord<S = Json> {
     pub state: S,
 }
 
-/// How many applied-event references an instance keeps.
-pub const APPLIED_HISTORY: usize = 64;
+/// How many applied-event references an instance kept in its record before the history
+/// table: a record whose [`SagaRecord::applied`] is this long may have forgotten older ones.
+pub const LEGACY_APPLIED_HISTORY: usize = 64;
 
-/// One applied event, as remembered by its instance.
+/// One applied event, as remembered by its instance (db `history`, one entry per event).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedRef {
     pub stream: String,
     pub seq: u64,
     pub id: String,
+}
+
+impl AppliedRef {
+    /// Stream name of the events a timer fired (they come from no stream).
+    pub const TIMERS: &'static str = "timers";
+
+    /// Whether the event came from a stream (and can be read back from it by sequence):
+    /// not a timer, not an effect result applied in place (sequence 0).
+    pub fn from_stream(&self) -> bool {
+        self.seq > 0 && self.stream != Self::TIMERS
+    }
+}
+
+/// An instance's entries in db `history`: indices `first..next` (keys
+/// [`crate::keys::HistoryKey`]), one per applied event. A replay applies `first..next`
+/// again and the rebuilt history is appended after them; the old entries go when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    pub first: u64,
+    pub next: u64,
+}
+
+impl History {
+    pub fn len(&self) -> u64 {
+        self.next.saturating_sub(self.first)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An operator's replay of one instance (db `replays`, keyed by the instance): written when
+/// the replay is asked for, so it survives a crash at any point until its last step, which
+/// deletes it. A replay killed midway is resumed on start from `plan.done`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayMark {
+    /// Stream events below this sequence are not applied again.
+    pub from_seq: u64,
+    /// Set when the instance was reset (its first step): the history being applied again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<ReplayPlan>,
+}
+
+/// The history a started replay applies again: `legacy` (refs kept in an older record), then
+/// entries `first..end` of db `history` (how many are applied is in the instance's record,
+/// [`SagaRecord::replay_step`], committed with the state they built).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayPlan {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub legacy: Vec<AppliedRef>,
+    pub first: u64,
+    pub end: u64,
+    /// The instance's record as it was before the reset: an aborted replay puts it back.
+    pub before: Json,
 }
 
 /// What an outbox item asks the bridge to do.

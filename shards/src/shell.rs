@@ -448,6 +448,9 @@ impl Shell {
                 });
                 let _ = reply.send(stats.map_err(ShardError::from));
             }
+            Query::Replays { after, limit, reply } => {
+                let _ = reply.send(c.replays(after.as_ref(), limit).map_err(ShardError::from));
+            }
         }
     }
 

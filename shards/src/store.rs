@@ -6,10 +6,10 @@
 //! ever held across an `.await`.
 
 use crate::keys::{
-    CheckpointKey, DeadLetterKey, EffectKey, OutboxKey, ResultKey, SagaKey, ScheduleKey, deadletter_tenant_prefix,
-    schedule_upper_bound,
+    CheckpointKey, DeadLetterKey, EffectKey, HistoryKey, OutboxKey, ResultKey, SagaKey, ScheduleKey,
+    deadletter_tenant_prefix, schedule_upper_bound,
 };
-use crate::record::{DeadLetter, EffectRecord, OutboxItem, SagaRecord, ScheduleEntry};
+use crate::record::{AppliedRef, DeadLetter, EffectRecord, OutboxItem, ReplayMark, SagaRecord, ScheduleEntry};
 use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, WithoutTls};
 use serde::{Deserialize, Serialize};
@@ -148,11 +148,25 @@ pub enum Db {
     /// Effect results applied in place (combined mode), per instance: what a replay
     /// applies again, since they were never consumed from a stream.
     Results,
+    /// Every event each instance applied, in order (what a replay applies again).
+    History,
+    /// Replays asked for and not yet finished, per instance (resumed on start).
+    Replays,
 }
 
 impl Db {
-    pub const ALL: [Db; 8] =
-        [Db::Sagas, Db::Outbox, Db::Schedules, Db::Effects, Db::Checkpoints, Db::DeadLetter, Db::Meta, Db::Results];
+    pub const ALL: [Db; 10] = [
+        Db::Sagas,
+        Db::Outbox,
+        Db::Schedules,
+        Db::Effects,
+        Db::Checkpoints,
+        Db::DeadLetter,
+        Db::Meta,
+        Db::Results,
+        Db::History,
+        Db::Replays,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -164,6 +178,8 @@ impl Db {
             Db::DeadLetter => "deadletter",
             Db::Meta => "meta",
             Db::Results => "results",
+            Db::History => "history",
+            Db::Replays => "replays",
         }
     }
 }
@@ -262,12 +278,32 @@ impl Batch {
         self.put(Db::Sagas, key.encode(), record);
     }
 
-    /// Deletes an instance and the results it recorded.
+    /// Deletes an instance, the results it recorded and its history.
     pub fn delete_saga(&mut self, key: &SagaKey) {
         self.delete(Db::Sagas, key.encode());
-        let prefix = key.encode();
-        self.bytes += prefix.len();
-        self.ops.push(Op::DeletePrefix { db: Db::Results, prefix });
+        for db in [Db::Results, Db::History] {
+            let prefix = key.encode();
+            self.bytes += prefix.len();
+            self.ops.push(Op::DeletePrefix { db, prefix });
+        }
+    }
+
+    /// Records one applied event of an instance's history.
+    pub fn put_history(&mut self, key: &HistoryKey, applied: &AppliedRef) {
+        self.put(Db::History, key.encode(), to_json(applied));
+    }
+
+    pub fn delete_history(&mut self, key: &HistoryKey) {
+        self.delete(Db::History, key.encode());
+    }
+
+    /// Records an operator's replay of the instance `key` and how far it got.
+    pub fn put_replay(&mut self, key: &SagaKey, mark: &ReplayMark) {
+        self.put(Db::Replays, key.encode(), to_json(mark));
+    }
+
+    pub fn delete_replay(&mut self, key: &SagaKey) {
+        self.delete(Db::Replays, key.encode());
     }
 
     /// Records an effect result applied in place to the instance `key`.
@@ -432,7 +468,7 @@ fn read_marker(path: &Path, shard: usize) -> Result<Option<u64>, StoreError> {
 /// One shard's environment. Owned by the shard's thread.
 pub struct Store {
     env: Env<WithoutTls>,
-    dbs: [Raw; 8],
+    dbs: [Raw; 10],
     shard: usize,
     partitions: u32,
     path: PathBuf,
@@ -523,7 +559,7 @@ impl Store {
             let handle: Raw = env.create_database(&mut wtxn, Some(db.name())).map_err(lmdb)?;
             dbs.push(handle);
         }
-        let dbs: [Raw; 8] = dbs.try_into().map_err(|_| StoreError::Corrupt {
+        let dbs: [Raw; 10] = dbs.try_into().map_err(|_| StoreError::Corrupt {
             shard,
             path: path.to_owned(),
             db: "meta",
@@ -606,7 +642,7 @@ impl Store {
                 (Some(h), _) => h,
                 // Written by a version before it existed (not opened for writing since):
                 // nothing recorded; reads see the empty meta database in its place.
-                (None, Db::Results) => dbs[Db::Meta as usize],
+                (None, Db::Results | Db::History | Db::Replays) => dbs[Db::Meta as usize],
                 (None, _) => {
                     return Err(StoreError::Corrupt {
                         shard,
@@ -626,7 +662,7 @@ impl Store {
             .unwrap_or(0);
         // Committing the read transaction keeps the opened database handles (LMDB).
         rtxn.commit().map_err(lmdb)?;
-        let dbs: [Raw; 8] = dbs.try_into().map_err(|_| StoreError::Corrupt {
+        let dbs: [Raw; 10] = dbs.try_into().map_err(|_| StoreError::Corrupt {
             shard,
             path: path.to_owned(),
             db: "meta",
@@ -808,6 +844,10 @@ pub struct StoreStats {
     pub effects: u64,
     pub checkpoints: u64,
     pub deadletters: u64,
+    /// Entries of instance histories (one per applied event).
+    pub history: u64,
+    /// Replays asked for and not yet finished.
+    pub replays: u64,
 }
 
 /// A consistent snapshot of one shard's store.
@@ -1028,6 +1068,55 @@ impl<'s> ReadView<'s> {
         self.get_raw(Db::Results, &key.encode())?.map(|b| self.decode(Db::Results, b)).transpose()
     }
 
+    /// Entries `from..` of an instance's history, at most `limit`, in order (an index with
+    /// no entry ends the page: histories have no gaps).
+    pub fn history(&self, key: &SagaKey, from: u64, limit: usize) -> Result<Vec<AppliedRef>, StoreError> {
+        let db = self.store.db(Db::History);
+        let start = HistoryKey { saga: key.clone(), index: from }.encode();
+        let prefix = key.encode();
+        let range = (std::ops::Bound::Included(&start[..]), std::ops::Bound::Unbounded);
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &range).map_err(|e| self.store.lmdb(e))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.store.lmdb(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let index = HistoryKey::decode(k).map_err(|e| self.corrupt(Db::History, e))?.index;
+            if index != from + out.len() as u64 {
+                break;
+            }
+            out.push(self.decode(Db::History, v)?);
+        }
+        Ok(out)
+    }
+
+    /// The replay recorded for one instance.
+    pub fn replay(&self, key: &SagaKey) -> Result<Option<ReplayMark>, StoreError> {
+        self.get_raw(Db::Replays, &key.encode())?.map(|b| self.decode(Db::Replays, b)).transpose()
+    }
+
+    /// Replays recorded after `after`, in key order, at most `limit`.
+    pub fn replays(&self, after: Option<&SagaKey>, limit: usize) -> Result<Vec<(SagaKey, ReplayMark)>, StoreError> {
+        let db = self.store.db(Db::Replays);
+        let start = after.map(SagaKey::encode);
+        let lower = match &start {
+            Some(k) => std::ops::Bound::Excluded(&k[..]),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in db.range(&self.txn, &(lower, std::ops::Bound::Unbounded)).map_err(|e| self.store.lmdb(e))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.store.lmdb(e))?;
+            out.push((SagaKey::decode(k).map_err(|e| self.corrupt(Db::Replays, e))?, self.decode(Db::Replays, v)?));
+        }
+        Ok(out)
+    }
+
     /// One dead letter.
     pub fn deadletter(&self, key: &DeadLetterKey) -> Result<Option<DeadLetter>, StoreError> {
         self.get_raw(Db::DeadLetter, &key.encode())?.map(|b| self.decode(Db::DeadLetter, b)).transpose()
@@ -1141,6 +1230,8 @@ impl<'s> ReadView<'s> {
             effects: n(Db::Effects)?,
             checkpoints: n(Db::Checkpoints)?,
             deadletters: n(Db::DeadLetter)?,
+            history: n(Db::History)?,
+            replays: n(Db::Replays)?,
         })
     }
 

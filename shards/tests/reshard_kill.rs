@@ -28,8 +28,8 @@ fn record(i: usize) -> SagaRecord {
         parked: None,
         traceparent: None,
         applied: vec![],
-        replay_suppress: Default::default(),
-        replaying: false,
+        history: Default::default(),
+        replay_step: None,
         timers: None,
         state: serde_json::value::to_raw_value(&serde_json::json!({ "i": i, "pad": "x".repeat(200) })).unwrap(),
     }

@@ -1,12 +1,11 @@
-//! Operator actions that write: requeue, re-send or discard dead letters, reset instances for a
-//! controlled replay and step through it. Each is checked before anything is staged, so a
-//! refused action writes nothing.
+//! Operator actions that write: requeue, re-send or discard dead letters; a controlled replay
+//! (in [`super::replay`]). Each is checked before anything is staged, so a refused action
+//! writes nothing.
 
 use super::{Action, CoreError, Origin, Pending, RequestId, ShardCore, Staged};
-use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, SagaKey, ScheduleKey};
-use crate::message::{AdminAnswer, AdminError, AdminOp, Event, ReplayReset, ResetInstance, Target};
-use crate::record::{DeadLetter, DeadLetterKind, InstanceStatus};
-use rhai::Dynamic;
+use crate::keys::{DeadLetterKey, OutboxKey, SagaKey};
+use crate::message::{AdminAnswer, AdminError, AdminOp, Event, Target};
+use crate::record::{DeadLetter, DeadLetterKind};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -22,11 +21,11 @@ pub(super) fn run(
         AdminOp::Discard { key } => discard(core, st, key),
         AdminOp::Resend { key } => resend(core, st, key, now),
         AdminOp::Replay { tenant, saga, correlation_id, from_seq } => {
-            replay(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)
+            super::replay::ask(core, st, tenant, saga, correlation_id.as_deref(), *from_seq)
         }
-        AdminOp::FireTimer { key, timer_id } => fire_timer(core, st, key, timer_id, now),
-        AdminOp::EndReplay { key } => end_replay(core, st, key),
-        AdminOp::ApplyRecorded { key, event_id } => apply_recorded(core, st, key, event_id, now),
+        AdminOp::ReplayNext { key } => super::replay::next(core, st, key),
+        AdminOp::ReplaySteps { key, at, steps } => super::replay::steps(core, st, key, *at, steps, now),
+        AdminOp::ReplayAbort { key, reason } => super::replay::abort(core, st, key, reason, now),
     };
     let answer = match answer {
         Ok(answer) => answer,
@@ -151,6 +150,9 @@ fn requeue(
     skip_poison: bool,
     now: u64,
 ) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
+    if core.is_replaying(st, key) {
+        return Ok(Err(AdminError::RequeueWhileReplaying { key: key.clone() }));
+    }
     if core.is_blocked(st, key) {
         return Ok(Err(AdminError::RequeueWhileRetrying { key: key.clone() }));
     }
@@ -201,140 +203,4 @@ fn requeue(
     tracing::info!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, events = n, skipped = ?skipped, "requeueing dead letters");
     super::apply::drive_requeued(core, st, key.clone(), queue, now)?;
     Ok(Ok(AdminAnswer::Requeued { requeued: n, skipped }))
-}
-
-fn replay(
-    core: &ShardCore,
-    st: &mut Staged,
-    tenant: &str,
-    saga: &str,
-    correlation_id: Option<&str>,
-    from_seq: u64,
-) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
-    let keys: Vec<SagaKey> = match correlation_id {
-        Some(cid) => vec![SagaKey::new(tenant, saga, cid)],
-        None => core
-            .store
-            .read()?
-            .sagas_of::<serde::de::IgnoredAny>(tenant, saga, None, usize::MAX)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect(),
-    };
-    if let Some(key) = keys.iter().find(|k| core.is_blocked(st, k)) {
-        return Ok(Err(AdminError::ReplayWhileRetrying { key: key.clone() }));
-    }
-    // Every instance is read before any is reset.
-    for key in &keys {
-        core.instance(st, key)?;
-    }
-    let mut instances = Vec::new();
-    for key in keys {
-        if core.instance(st, &key)?.is_none() {
-            continue;
-        }
-        let Some(inst) = core.instance_mut(st, &key, false) else { continue };
-        let truncated = inst.version > inst.applied.len() as u64;
-        let applied = std::mem::take(&mut inst.applied);
-        // Everything applied before is remembered so its work is not dispatched again.
-        inst.replay_suppress.extend(applied.iter().map(|a| a.id.clone()));
-        inst.state = Dynamic::UNIT;
-        inst.status = InstanceStatus::Running;
-        inst.version = 0;
-        inst.last_seq.clear();
-        inst.outstanding.clear();
-        inst.parked = None;
-        inst.replaying = true;
-        instances.push(ResetInstance { correlation_id: key.correlation_id.clone(), applied, truncated });
-    }
-    let mut streams: Vec<String> = core
-        .manifests
-        .sagas
-        .get(saga)
-        .map(|s| s.spec.triggers.iter().map(|t| t.stream.clone()).collect())
-        .unwrap_or_default();
-    streams.sort();
-    streams.dedup();
-    for stream in &streams {
-        st.batch.set_checkpoint(
-            &CheckpointKey { tenant: tenant.to_owned(), saga: saga.to_owned(), stream: stream.clone() },
-            from_seq.saturating_sub(1),
-        );
-    }
-    Ok(Ok(AdminAnswer::Reset(ReplayReset { count: instances.len(), instances, from_seq, streams })))
-}
-
-/// The schedule key of one of the instance's pending timers.
-fn find_timer(
-    core: &ShardCore,
-    st: &mut Staged,
-    key: &SagaKey,
-    timer_id: &str,
-) -> Result<Option<ScheduleKey>, CoreError> {
-    let listed = core.instance(st, key)?.and_then(|i| i.timers.as_ref().map(|t| t.get(timer_id).copied()));
-    let view = core.store.read()?;
-    match listed {
-        Some(Some(due_at)) => {
-            let sk = ScheduleKey { due_at, saga: key.clone(), timer_id: timer_id.to_owned() };
-            Ok(view.schedule(&sk)?.map(|_| sk))
-        }
-        Some(None) => Ok(None),
-        // A record from before instances listed their timers.
-        None => Ok(view.schedules_of(key)?.into_iter().map(|(k, _)| k).find(|k| k.timer_id == timer_id)),
-    }
-}
-
-/// Applies the instance's timer `timer_id` now (its place in a replayed history).
-fn fire_timer(
-    core: &ShardCore,
-    st: &mut Staged,
-    key: &SagaKey,
-    timer_id: &str,
-    now: u64,
-) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
-    let Some(sk) = find_timer(core, st, key, timer_id)? else {
-        return Ok(Err(AdminError::NoSuchTimer { key: key.clone(), timer_id: timer_id.to_owned() }));
-    };
-    let Some(entry) = core.store.read()?.schedule(&sk)? else {
-        return Ok(Err(AdminError::NoSuchTimer { key: key.clone(), timer_id: timer_id.to_owned() }));
-    };
-    let event = super::timers::timer_event(&sk, &entry);
-    let target = Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: false };
-    core.set_held(st, sk.clone(), false);
-    super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::ReplayTimer(sk) }, now)?;
-    st.overlay.schedules_changed = true;
-    Ok(Ok(AdminAnswer::TimerFired { fired: timer_id.to_owned() }))
-}
-
-/// Applies again a result the instance applied in place (its place in a replayed history).
-fn apply_recorded(
-    core: &ShardCore,
-    st: &mut Staged,
-    key: &SagaKey,
-    event_id: &str,
-    now: u64,
-) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
-    let rkey = crate::keys::ResultKey { saga: key.clone(), event_id: event_id.to_owned() };
-    let Some(event) = core.store.read()?.result(&rkey)? else {
-        return Ok(Err(AdminError::NoSuchResult { key: key.clone(), event_id: event_id.to_owned() }));
-    };
-    let target = Target { saga: key.saga.clone(), correlation_id: key.correlation_id.clone(), may_start: false };
-    super::apply::route(core, st, &Pending { event: Arc::new(event), target, origin: Origin::Recorded }, now)?;
-    Ok(Ok(AdminAnswer::RecordedApplied { applied: event_id.to_owned() }))
-}
-
-fn end_replay(core: &ShardCore, st: &mut Staged, key: &SagaKey) -> Result<Result<AdminAnswer, AdminError>, CoreError> {
-    if core.instance(st, key)?.is_some_and(|i| i.replaying)
-        && let Some(inst) = core.instance_mut(st, key, false)
-    {
-        inst.replaying = false;
-        inst.replay_suppress.clear();
-    }
-    let mut held: Vec<ScheduleKey> = core.held_timers.iter().filter(|k| k.saga == *key).cloned().collect();
-    held.extend(st.overlay.held.iter().filter(|(k, h)| **h && k.saga == *key).map(|(k, _)| k.clone()));
-    for k in held {
-        core.set_held(st, k, false);
-    }
-    st.overlay.schedules_changed = true;
-    Ok(Ok(AdminAnswer::ReplayEnded { replay_ended: key.correlation_id.clone() }))
 }

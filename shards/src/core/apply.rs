@@ -2,15 +2,14 @@
 //! timers and checkpoints; blocked keys, retries in place and quarantine (invariants 3, 5,
 //! 7).
 
-use super::{Action, Blocked, CoreError, Instance, Origin, Pending, ShardCore, Staged};
+use super::{Action, Blocked, CoreError, Instance, Origin, Pending, Retry, ShardCore, Staged};
 use crate::ids;
-use crate::keys::{CheckpointKey, DeadLetterKey, OutboxKey, ResultKey, SagaKey, ScheduleKey};
+use crate::keys::{CheckpointKey, DeadLetterKey, HistoryKey, OutboxKey, ResultKey, SagaKey, ScheduleKey};
 use crate::manifest::PoisonPolicy;
 use crate::message::{Event, RawLetter};
 use crate::program::{Entry, ScheduleSpec, Transition, WorkSpec};
 use crate::record::{
-    APPLIED_HISTORY, AppliedRef, DeadLetter, DeadLetterKind, InstanceStatus, Json, OutboxItem, Parked, ScheduleEntry,
-    WorkKind,
+    AppliedRef, DeadLetter, DeadLetterKind, InstanceStatus, Json, OutboxItem, Parked, ScheduleEntry, WorkKind,
 };
 use crate::routing::RouteKey;
 use rhai::Dynamic;
@@ -41,7 +40,11 @@ pub(super) fn route(core: &ShardCore, st: &mut Staged, p: &Pending, now: u64) ->
             core.set_held(st, sk.clone(), true);
         }
         if let Some(b) = blocked_mut(core, st, &key) {
-            b.queue.push_back(p.clone());
+            // A replay fires the timers of the history at their place and releases the
+            // others at its end: a held timer is not queued as well.
+            if b.retry.is_some() || p.origin.timer().is_none() {
+                b.queue.push_back(p.clone());
+            }
         }
         return Ok(());
     }
@@ -99,19 +102,39 @@ pub(super) fn drive_requeued(
     drive(core, st, key, queue, now)
 }
 
+/// Holds a key for a replay: from here on its events, results and timers wait.
+pub(super) fn hold_for_replay(core: &ShardCore, st: &mut Staged, key: SagaKey) {
+    core.set_blocked(st, key, Some(Blocked::replay()));
+}
+
+/// Ends a replay's hold on a key: what waited applies now, in the order it came; the timers
+/// held meanwhile fire when due.
+pub(super) fn release_replay(core: &ShardCore, st: &mut Staged, key: &SagaKey, now: u64) -> Result<(), CoreError> {
+    let mut held: Vec<ScheduleKey> = core.held_timers.iter().filter(|k| k.saga == *key).cloned().collect();
+    held.extend(st.overlay.held.iter().filter(|(k, h)| **h && k.saga == *key).map(|(k, _)| k.clone()));
+    for k in held {
+        core.set_held(st, k, false);
+    }
+    st.overlay.schedules_changed = true;
+    match take_blocked(core, st, key) {
+        Some(b) => drive(core, st, key.clone(), b.queue, now),
+        None => Ok(()),
+    }
+}
+
 /// Retries the heads of blocked keys whose time has come.
 pub(super) fn retry_due(core: &ShardCore, st: &mut Staged, now: u64) -> Result<(), CoreError> {
     if core.blocked.is_empty() && st.overlay.blocked.is_empty() {
         return Ok(());
     }
     for key in core.due_retries(st, now) {
-        let Some(b) = take_blocked(core, st, &key) else { continue };
-        match apply_one(core, st, &key, &b.head, now)? {
+        let Some(Blocked { retry: Some(r), queue }) = take_blocked(core, st, &key) else { continue };
+        match apply_one(core, st, &key, &r.head, now)? {
             Ok(()) => {
-                tracing::info!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, attempts = b.attempts + 1, "blocked key recovered");
-                drive(core, st, key, b.queue, now)?;
+                tracing::info!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, attempts = r.attempts + 1, "blocked key recovered");
+                drive(core, st, key, queue, now)?;
             }
-            Err(error) => on_failure(core, st, key, b.head, error, b.attempts + 1, b.queue, now)?,
+            Err(error) => on_failure(core, st, key, r.head, error, r.attempts + 1, queue, now)?,
         }
     }
     Ok(())
@@ -146,7 +169,11 @@ fn on_failure(
                 core.set_held(st, sk.clone(), true);
             }
         }
-        core.set_blocked(st, key, Some(Blocked { head, attempts, retry_at, queue: rest, error }));
+        core.set_blocked(
+            st,
+            key,
+            Some(Blocked { retry: Some(Retry { head, attempts, retry_at, error }), queue: rest }),
+        );
         return Ok(());
     }
     tracing::error!(shard = core.shard, tenant = %key.tenant, saga = %key.saga, correlation_id = %key.correlation_id, event_id = %head.event.id, attempts, error = %error, policy = ?policy, "event quarantined");
@@ -196,8 +223,8 @@ fn new_instance(event: &Event, now: u64) -> Instance {
         parked: None,
         traceparent: event.traceparent.clone(),
         applied: Vec::new(),
-        replay_suppress: Default::default(),
-        replaying: false,
+        history: Default::default(),
+        replay_step: None,
         timers: Some(BTreeMap::new()),
         state: Dynamic::UNIT,
     }
@@ -209,8 +236,6 @@ enum Gate {
     Apply { state: Option<Dynamic>, traceparent: Option<String>, suppressed: bool },
     /// Nothing to apply: acked and counted.
     Skip { duplicate: bool },
-    /// A replay re-applies this instance's history: its timer waits for its place.
-    HoldTimer,
     /// The key is parked: the event becomes a dead letter behind the poison one.
     Park { why: String },
 }
@@ -225,10 +250,6 @@ fn gate(core: &ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending) -> Result
             Gate::Skip { duplicate: false }
         });
     };
-    // During an operator's replay, timers fire only at their place in the history.
-    if inst.replaying && matches!(p.origin, Origin::Timer(_)) {
-        return Ok(Gate::HoldTimer);
-    }
     // The sequence gate (invariant 3), for requeued events too: each applies once.
     let applied = event.seq > 0 && inst.last_seq.get(&event.stream).is_some_and(|&last| last >= event.seq);
     // A parked key: later events wait behind the poison one, in order; a redelivered copy
@@ -254,14 +275,14 @@ fn gate(core: &ShardCore, st: &mut Staged, key: &SagaKey, p: &Pending) -> Result
     Ok(Gate::Apply {
         state: Some(inst.state.clone()),
         traceparent: event.traceparent.clone().or_else(|| inst.traceparent.clone()),
-        suppressed: inst.replay_suppress.contains(&event.id),
+        suppressed: p.origin.replayed(),
     })
 }
 
 /// Applies one event to its instance. `Ok(Err(message))` is a failure of the key (retried
 /// by policy, then quarantined): the program failed, or its stored instance cannot be read;
 /// `Err` aborts the batch.
-fn apply_one(
+pub(super) fn apply_one(
     core: &ShardCore,
     st: &mut Staged,
     key: &SagaKey,
@@ -301,12 +322,6 @@ fn apply_read(
                 }
             }
             settle(core, st, p, None, now);
-            return Ok(Ok(()));
-        }
-        Gate::HoldTimer => {
-            if let Some(sk) = p.origin.timer() {
-                core.set_held(st, sk.clone(), true);
-            }
             return Ok(Ok(()));
         }
         Gate::Park { why } => {
@@ -417,7 +432,6 @@ fn apply_read(
         }
         list.extend(timers);
     }
-    inst.replay_suppress.remove(&event.id);
     if let Some(r) = &event.result {
         inst.outstanding.remove(&r.command_id);
     }
@@ -425,16 +439,18 @@ fn apply_read(
         let last = inst.last_seq.entry(event.stream.clone()).or_insert(0);
         *last = (*last).max(event.seq);
     }
-    inst.applied.push(AppliedRef { stream: event.stream.clone(), seq: event.seq, id: event.id.clone() });
-    if inst.applied.len() > APPLIED_HISTORY {
-        let excess = inst.applied.len() - APPLIED_HISTORY;
-        inst.applied.drain(..excess);
-    }
+    let index = inst.history.next;
+    inst.history.next += 1;
     inst.state = t.state;
     inst.status = t.status;
     inst.version += 1;
     inst.updated_at = now;
     st.stats.applied += 1;
+    // The instance's history, in full (what a replay applies again): one small entry.
+    st.batch.put_history(
+        &HistoryKey { saga: key.clone(), index },
+        &AppliedRef { stream: event.stream.clone(), seq: event.seq, id: event.id.clone() },
+    );
     if event.seq == 0 && event.result.is_some() {
         // A result applied in place came from no stream: keep it, so a replay can apply it
         // again at its place in the history.
@@ -513,6 +529,7 @@ fn settle(core: &ShardCore, st: &mut Staged, p: &Pending, term: Option<String>, 
             core.set_held(st, sk.clone(), false);
         }
         Origin::Requeue(dk) => st.batch.delete_deadletter(dk),
+        Origin::Replayed => {}
         Origin::Ran { key, audit } => {
             st.batch.delete_outbox(*key);
             st.stats.outbox_deleted += 1;

@@ -21,7 +21,8 @@
 //!
 //! Files: [`action`] what the core asks for; [`apply`] saga transitions, blocked keys and
 //! quarantine; [`effects`] the effect gate; [`outbox`] dispatch results; [`timers`] durable
-//! timers and retention; [`admin`] requeue, discard and replay; [`query`] read-only answers.
+//! timers and retention; [`admin`] requeue, re-send and discard; [`replay`] an operator's
+//! controlled replay; [`query`] read-only answers.
 
 mod action;
 mod admin;
@@ -29,6 +30,7 @@ mod apply;
 mod effects;
 mod outbox;
 mod query;
+mod replay;
 mod timers;
 
 #[cfg(test)]
@@ -114,6 +116,8 @@ pub enum Origin {
     Requeue(crate::keys::DeadLetterKey),
     /// A timer fired on an operator's replay, at its place in the instance's history.
     ReplayTimer(ScheduleKey),
+    /// A stream event applied again by an operator's replay, read back by its sequence.
+    Replayed,
     /// The result of an effect run in place (outbox item `key`): settling it deletes the
     /// item and records the call for the streams.
     Ran { key: OutboxKey, audit: Box<outbox::RanAudit> },
@@ -128,6 +132,13 @@ impl Origin {
             Origin::Timer(k) | Origin::ReplayTimer(k) => Some(k),
             _ => None,
         }
+    }
+
+    /// A step of an operator's replay: the instance applied this event before its reset,
+    /// and the work it produced then was dispatched then (or is still in the outbox), so the
+    /// work it produces now is not dispatched again.
+    fn replayed(&self) -> bool {
+        matches!(self, Origin::Replayed | Origin::ReplayTimer(_) | Origin::Recorded)
     }
 }
 
@@ -183,15 +194,30 @@ pub enum Work {
     },
 }
 
-/// A key whose head event failed and waits for its retry; later events of the key queue
-/// behind it (invariant 7).
+/// A key whose events wait, in order (invariant 7): its head event failed and waits for its
+/// retry, or an operator's replay is re-applying its history (timers of the key are held,
+/// not queued: the replay fires those of its history at their place, the rest fire after).
 #[derive(Debug, Clone)]
 pub(crate) struct Blocked {
+    /// The failed event and its retry; `None` while a replay holds the key.
+    retry: Option<Retry>,
+    queue: VecDeque<Pending>,
+}
+
+/// The head event of a blocked key and its next attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Retry {
     head: Pending,
     attempts: u32,
     retry_at: u64,
-    queue: VecDeque<Pending>,
     error: String,
+}
+
+impl Blocked {
+    /// A key held by a replay.
+    fn replay() -> Self {
+        Self { retry: None, queue: VecDeque::new() }
+    }
 }
 
 /// An instance as the core works on it: metadata plus the program's state value.
@@ -245,6 +271,8 @@ pub struct Overlay {
     /// Dead letters of saga keys written in this batch (a requeue later in the batch reads
     /// them with the committed ones).
     letters: Vec<(crate::keys::DeadLetterKey, crate::record::DeadLetter)>,
+    /// Replay records written (`Some`) or deleted (`None`) in this batch.
+    replays: AHashMap<SagaKey, Option<crate::record::ReplayMark>>,
     outbox_seq: u64,
     deadletter_at: u64,
     /// The retention sweep ran: where the next one starts and when.
@@ -318,9 +346,16 @@ impl ShardCore {
         manifests: Arc<ManifestSet>,
     ) -> Result<Self, ShardError> {
         let programs = Programs::build(&manifests)?;
-        let (outbox_seq, next_due, deadletter_at) = {
+        let (outbox_seq, next_due, deadletter_at, replaying) = {
             let view = store.read()?;
-            (view.max_outbox_seq()?, view.next_due()?, view.deadletter_clock()?)
+            // A replay killed after its first step holds its key again until it is resumed.
+            let replaying: AHashMap<SagaKey, Blocked> = view
+                .replays(None, usize::MAX)?
+                .into_iter()
+                .filter(|(_, mark)| mark.plan.is_some())
+                .map(|(key, _)| (key, Blocked::replay()))
+                .collect();
+            (view.max_outbox_seq()?, view.next_due()?, view.deadletter_clock()?, replaying)
         };
         let capacity = NonZeroUsize::new(cfg.cache_capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
         Ok(Self {
@@ -331,7 +366,7 @@ impl ShardCore {
             manifests,
             programs,
             cache: RefCell::new(lru::LruCache::with_hasher(capacity, ahash::RandomState::new())),
-            blocked: AHashMap::new(),
+            blocked: replaying,
             in_flight_effects: AHashMap::new(),
             held_timers: AHashSet::new(),
             next_due,
@@ -374,7 +409,7 @@ impl ShardCore {
 
     /// The earliest retry of a blocked key.
     pub fn next_retry(&self) -> Option<u64> {
-        self.blocked.values().map(|b| b.retry_at).min()
+        self.blocked.values().filter_map(|b| b.retry.as_ref().map(|r| r.retry_at)).min()
     }
 
     /// When the core wants to run again without new input: the earliest timer or retry.
@@ -478,6 +513,7 @@ impl ShardCore {
             held,
             effects: _,
             letters: _,
+            replays: _,
             outbox_seq,
             deadletter_at,
             retention,
@@ -530,12 +566,12 @@ impl ShardCore {
 
     /// Events waiting in blocked keys that came from stream messages (shutdown NAKs them).
     pub fn waiting_deliveries(&self) -> impl Iterator<Item = RequestId> + '_ {
-        self.blocked.values().flat_map(|b| std::iter::once(&b.head).chain(b.queue.iter())).filter_map(|p| {
-            match p.origin {
+        self.blocked.values().flat_map(|b| b.retry.iter().map(|r| &r.head).chain(b.queue.iter())).filter_map(
+            |p| match p.origin {
                 Origin::Delivery(r) | Origin::Crashed { request: r, .. } => Some(r),
                 _ => None,
-            }
-        })
+            },
+        )
     }
 
     // --- lookups and overlay writes shared by the submodules ---
@@ -566,19 +602,42 @@ impl ShardCore {
         st.overlay.blocked.insert(key, value);
     }
 
+    /// Whether a replay holds the key, as of this point of the batch.
+    fn is_replaying(&self, st: &Staged, key: &SagaKey) -> bool {
+        self.blocked(st, key).is_some_and(|b| b.retry.is_none())
+    }
+
+    /// The replay recorded for `key`, as of this point of the batch.
+    fn replay_mark(&self, st: &Staged, key: &SagaKey) -> Result<Option<crate::record::ReplayMark>, CoreError> {
+        match st.overlay.replays.get(key) {
+            Some(m) => Ok(m.clone()),
+            None => Ok(self.store.read()?.replay(key)?),
+        }
+    }
+
+    fn set_replay_mark(&self, st: &mut Staged, key: SagaKey, mark: Option<crate::record::ReplayMark>) {
+        match &mark {
+            Some(m) => st.batch.put_replay(&key, m),
+            None => st.batch.delete_replay(&key),
+        }
+        st.overlay.replays.insert(key, mark);
+    }
+
     /// Blocked keys whose retry is due, as of this point of the batch.
     fn due_retries(&self, st: &Staged, now: u64) -> Vec<SagaKey> {
         let mut due: Vec<SagaKey> = self
             .blocked
             .iter()
-            .filter(|(k, b)| b.retry_at <= now && !st.overlay.blocked.contains_key(*k))
+            .filter(|(k, b)| {
+                b.retry.as_ref().is_some_and(|r| r.retry_at <= now) && !st.overlay.blocked.contains_key(*k)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         due.extend(
             st.overlay
                 .blocked
                 .iter()
-                .filter(|(_, b)| b.as_ref().is_some_and(|b| b.retry_at <= now))
+                .filter(|(_, b)| b.as_ref().and_then(|b| b.retry.as_ref()).is_some_and(|r| r.retry_at <= now))
                 .map(|(k, _)| k.clone()),
         );
         due
@@ -693,8 +752,8 @@ fn copy_meta(i: &Instance) -> Instance {
         parked: i.parked.clone(),
         traceparent: i.traceparent.clone(),
         applied: i.applied.clone(),
-        replay_suppress: i.replay_suppress.clone(),
-        replaying: i.replaying,
+        history: i.history,
+        replay_step: i.replay_step,
         timers: i.timers.clone(),
         state: Dynamic::UNIT,
     }

@@ -52,12 +52,23 @@ impl ShardCore {
             .filter(|(_, i)| i.saga == key.saga && i.correlation_id == key.correlation_id && i.tenant == key.tenant)
             .map(|(_, i)| i)
             .collect();
-        let blocked = self.blocked.get(key).map(|b| BlockedView {
-            attempts: b.attempts,
-            retry_at: b.retry_at,
-            error: b.error.clone(),
-            queued: b.queue.len(),
-            event_id: b.head.event.id.clone(),
+        let blocked = self.blocked.get(key).map(|b| match &b.retry {
+            Some(r) => BlockedView {
+                attempts: r.attempts,
+                retry_at: r.retry_at,
+                error: r.error.clone(),
+                queued: b.queue.len(),
+                event_id: r.head.event.id.clone(),
+                replaying: false,
+            },
+            None => BlockedView {
+                attempts: 0,
+                retry_at: 0,
+                error: String::new(),
+                queued: b.queue.len(),
+                event_id: String::new(),
+                replaying: true,
+            },
         });
         Ok(Some(SagaView {
             tenant: key.tenant.clone(),
@@ -158,6 +169,13 @@ impl ShardCore {
             }
         }
         Ok(crate::message::SagaList { instances, scanned_to: if exhausted { None } else { scanned_to } })
+    }
+
+    /// Replays recorded and not finished, after `after`, at most `limit`; `true` for those
+    /// started (see [`Query::Replays`](crate::message::Query::Replays)).
+    pub fn replays(&self, after: Option<&SagaKey>, limit: usize) -> Result<Vec<(SagaKey, bool)>, StoreError> {
+        let marks = self.store.read()?.replays(after, limit.max(1))?;
+        Ok(marks.into_iter().map(|(key, mark)| (key, mark.plan.is_some())).collect())
     }
 
     /// Store counts and in-memory state; the shell adds the relay's figures.

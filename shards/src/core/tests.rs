@@ -1057,19 +1057,17 @@ fn final_records_stay_readable_until_the_retention_removes_them() {
 }
 
 #[test]
-fn replay_reset_rebuilds_state_without_dispatching_again() {
+fn replay_rebuilds_state_without_dispatching_again() {
     let mut env = TestEnv::new(example_manifests);
     let placed = order_placed(&mut env, "o-11");
     env.apply(placed.clone(), SAGA, "o-11", true);
     env.confirm_all();
     let before = env.record(SAGA, "o-11").unwrap();
-    let answer =
-        env.admin(AdminOp::Replay { tenant: "acme".into(), saga: SAGA.into(), correlation_id: None, from_seq: 1 });
-    let Ok(AdminAnswer::Reset(reset)) = answer else { panic!("{answer:?}") };
-    assert_eq!(reset.instances[0].correlation_id, "o-11");
-    assert_eq!(reset.instances[0].applied[0].id, placed.id);
+    let first = replay::begin(&mut env, SAGA, "o-11", 1);
+    assert_eq!(first.refs[0].id, placed.id);
     // The source event applied again: same state, its work suppressed (deleted undispatched).
-    env.apply(placed, SAGA, "o-11", true);
+    let end = replay::step(&mut env, SAGA, &first, std::slice::from_ref(&placed));
+    assert!(end.ended, "{end:?}");
     let after = env.record(SAGA, "o-11").unwrap();
     assert_eq!(after.state.get(), before.state.get());
     let outbox = env.outbox();
@@ -1131,34 +1129,29 @@ fn during_a_replay_timers_wait_for_their_place_in_the_history() {
     env.apply(placed.clone(), SAGA, "o-13", true);
     let reserved = env.event("inventory", "InventoryReserved", serde_json::json!({"order_id": "o-13"}));
     env.apply(reserved.clone(), SAGA, "o-13", false);
-    let key = SagaKey::new("acme", SAGA, "o-13");
     let due = env.timers("o-13")[0].clone();
     env.now = due.due_at;
     env.tick();
     assert_eq!(env.state(SAGA, "o-13")["step"], "payment_timed_out");
     let before = env.record(SAGA, "o-13").unwrap();
     let dispatchable_before = env.outbox().len();
-    let answer = env.admin(AdminOp::Replay {
-        tenant: "acme".into(),
-        saga: SAGA.into(),
-        correlation_id: Some("o-13".into()),
-        from_seq: 0,
-    });
-    let Ok(AdminAnswer::Reset(reset)) = answer else { panic!("{answer:?}") };
-    let applied: Vec<&str> = reset.instances[0].applied.iter().map(|a| a.stream.as_str()).collect();
-    assert_eq!(applied, ["AGGREGATE_EVENTS", "AGGREGATE_EVENTS", "timers"]);
-    env.apply(placed, SAGA, "o-13", true);
-    env.apply(reserved, SAGA, "o-13", false);
+    let history = [placed, reserved];
+    let first = replay::begin(&mut env, SAGA, "o-13", 0);
+    let applied: Vec<&str> = first.refs.iter().map(|a| a.stream.as_str()).collect();
+    assert_eq!(applied, ["AGGREGATE_EVENTS", "AGGREGATE_EVENTS"], "a page ends before a timer's step");
+    assert_eq!(first.total, 3);
+    let second = replay::step(&mut env, SAGA, &first, &history);
     // The re-created timer is past due, but waits for its place in the history.
     env.tick();
     env.tick();
     assert_eq!(env.state(SAGA, "o-13")["step"], "charging");
-    env.admin(AdminOp::FireTimer { key: key.clone(), timer_id: due.timer_id.clone() }).unwrap();
-    env.admin(AdminOp::EndReplay { key: key.clone() }).unwrap();
+    assert_eq!(second.refs.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), [due.timer_id.as_str()]);
+    let end = replay::step(&mut env, SAGA, &second, &history);
+    assert!(end.ended && end.aborted.is_none(), "{end:?}");
     let after = env.record(SAGA, "o-13").unwrap();
     assert_eq!(after.state.get(), before.state.get(), "replay did not rebuild the same state");
     assert_eq!(after.status, before.status);
-    assert!(!after.replaying);
+    assert_eq!(after.replay_step, None);
     // Everything the replay produced is suppressed: nothing new is dispatched.
     let outbox = env.outbox();
     assert_eq!(outbox.iter().filter(|(_, i)| !i.suppressed).count(), dispatchable_before);
@@ -1177,8 +1170,8 @@ fn a_refused_admin_action_writes_nothing() {
     );
     let key = SagaKey::new("acme", SAGA, "none");
     assert_eq!(
-        env.admin(AdminOp::FireTimer { key: key.clone(), timer_id: "t".into() }),
-        Err(AdminError::NoSuchTimer { key, timer_id: "t".into() })
+        env.admin(AdminOp::ReplaySteps { key: key.clone(), at: 0, steps: vec![] }),
+        Err(AdminError::NoReplay { key })
     );
     assert_eq!(env.core().stats().unwrap().store.deadletters, 0);
 }
@@ -1419,3 +1412,4 @@ mod crashed;
 mod deadletters;
 mod limits;
 mod prune;
+mod replay;

@@ -21,8 +21,8 @@ fn saga_record(state: &str, version: u64) -> SagaRecord {
         parked: None,
         traceparent: None,
         applied: vec![],
-        replay_suppress: Default::default(),
-        replaying: false,
+        history: Default::default(),
+        replay_step: None,
         timers: None,
         state: json(state),
     }
