@@ -1,7 +1,8 @@
-//! The I/O bridge: one thread running a single-threaded tokio runtime that owns the NATS
-//! connection and does all network work — pull consumers, publishes, Gateway calls, effect
-//! providers. Shards never touch the network; they get requests from here and hand back
-//! outbox items to dispatch.
+//! The NATS bridge: one thread running a single-threaded tokio runtime that owns the NATS
+//! connection and does NATS only — pull consumers, publishes, acks, the effect fleet's
+//! consumer, NATS requests for the shards. HTTP effect and Gateway calls run on the owning
+//! shard's executor, the operations server on its own thread (ARCHITECTURE.md, "Threads").
+//! Shards get requests from here and hand back outbox items to publish.
 //!
 //! Files: [`streams`] stream and consumer setup; [`ingest`] consumers → shards → acks;
 //! [`screen`] messages the client cannot parse; [`dispatch`] outbox items → JetStream /
