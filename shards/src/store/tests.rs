@@ -463,13 +463,15 @@ fn a_marker_that_does_not_match_the_environment_is_refused_naming_the_file() {
 #[test]
 fn a_crashed_process_s_unflushed_commit_is_discarded_at_open() {
     // The writer is a child process that dies without closing the environment (as a
-    // SIGKILL leaves it: lock file and page cache as they were).
-    let dir = tempfile::tempdir().unwrap();
+    // SIGKILL leaves it: lock file and page cache as they were): this test binary run again
+    // for this test alone, which finds the directory in its environment. (A fork of the
+    // multi-threaded test process could deadlock in the child on a lock another test thread
+    // held.)
+    const CHILD_DIR: &str = "RUNNER_STORE_TEST_WRITER_DIR";
     let key = |n: &str| SagaKey::new("t", "order", n);
-    // SAFETY: the child only uses the store and exits with _exit, never returning.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let store = open(dir.path(), &fsync());
+    if let Some(dir) = std::env::var_os(CHILD_DIR) {
+        let dir = std::path::PathBuf::from(dir);
+        let store = open(&dir, &fsync());
         let mut b = Batch::new();
         b.put_saga(&key("kept"), &saga_record("1", 1));
         b.put_saga(&key("deleted-later"), &saga_record("1", 1));
@@ -478,12 +480,21 @@ fn a_crashed_process_s_unflushed_commit_is_discarded_at_open() {
         b.delete_saga(&key("deleted-later"));
         b.put_saga(&key("unflushed"), &saga_record("2", 1));
         store.commit_unflushed(&b).unwrap();
+        // SAFETY: ends the child at once, without closing the environment.
         unsafe { libc::_exit(0) };
     }
-    let mut status = 0;
-    // SAFETY: waits for the child forked above.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(status, 0, "the writer process failed");
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "store::tests::a_crashed_process_s_unflushed_commit_is_discarded_at_open",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR, dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the writer process failed: {status}");
     let store = open(dir.path(), &fsync());
     let v = store.read().unwrap();
     assert!(v.saga(&key("kept")).unwrap().is_some());
