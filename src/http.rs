@@ -2,7 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /health` | storage writable and JetStream reachable (200 / 503) |
+//! | `GET /health` | liveness: storage writable (200 / 503); NATS reported, not counted |
 //! | `GET /ready` | healthy, pulling, not draining (200 / 503) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /info` | build, mode, streams, consumers, sagas, effects, shards, partitions |

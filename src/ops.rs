@@ -146,8 +146,8 @@ impl Ops {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Storage writable (every shard's last commit succeeded and the data directory takes a
-    /// file) and JetStream reachable.
+    /// Liveness: storage writable (every shard's last commit succeeded and the data directory
+    /// takes a file). NATS is reported, not counted (see [`Self::ready`]).
     pub fn health(&self) -> (bool, Value) {
         let failing: Vec<usize> =
             self.shards.iter().filter(|s| !s.health.writable.load(Ordering::SeqCst)).map(|s| s.index).collect();
@@ -160,8 +160,10 @@ impl Ops {
         // The data directory's last probe (a thread of its own writes and syncs a file every
         // second; nothing touches the disk on the request path).
         let probe = self.probe.lock().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        // Reported, not counted: liveness is whether this process works. A NATS outage is
+        // not cured by replacing the process (it makes the runner not ready instead).
         let nats = self.bridge.connected.load(Ordering::SeqCst);
-        let ok = failing.is_empty() && probe.is_ok() && nats;
+        let ok = failing.is_empty() && probe.is_ok();
         (
             ok,
             json!({
@@ -173,13 +175,17 @@ impl Ops {
         )
     }
 
-    /// Healthy, pulling, and not draining.
+    /// Healthy, connected to NATS, pulling, and not draining.
     pub fn ready(&self) -> (bool, Value) {
         let (healthy, _) = self.health();
         let draining = self.is_draining();
         let pulling = self.bridge.pulling.load(Ordering::SeqCst);
-        let ok = healthy && !draining && pulling;
-        (ok, json!({ "ready": ok, "healthy": healthy, "draining": draining, "pulling": pulling }))
+        let nats = self.bridge.connected.load(Ordering::SeqCst);
+        let ok = healthy && nats && !draining && pulling;
+        (
+            ok,
+            json!({ "ready": ok, "healthy": healthy, "nats_connected": nats, "draining": draining, "pulling": pulling }),
+        )
     }
 
     pub fn info(&self) -> Value {

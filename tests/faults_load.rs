@@ -101,9 +101,14 @@ fn nats_server_killed_and_restarted_twice_during_a_run() {
         // A result publish in flight may fail and its effect run again: a crash in between.
         sc.crashes.push(Instant::now());
         wait_until(T, "the runner to report NATS down", || {
-            sc.h.http("GET", &url(port, "/health"), None, None).0 == 503
+            let (status, body) = sc.h.http("GET", &url(port, "/ready"), None, None);
+            status == 503 && body.contains("\"nats_connected\": false")
         });
-        assert_eq!(sc.h.http("GET", &url(port, "/ready"), None, None).0, 503);
+        // Liveness is not readiness: an outage of NATS must not make an orchestrator kill
+        // and replace a runner that works (/health), only stop sending it traffic (/ready).
+        let (status, body) = sc.h.http("GET", &url(port, "/health"), None, None);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"connected\": false"), "{body}");
         // The outage ends here: an effect called during it (its command fetched before the
         // kill) whose result could not be published runs again after the restart.
         sc.crashes.push(Instant::now());

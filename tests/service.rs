@@ -46,7 +46,7 @@ fn readiness_drops_on_drain_and_admin_needs_the_token() {
     let (status, body) = h.http("GET", &format!("{base}/ready"), None, None);
     assert_eq!(status, 503, "still ready after a drain: {body}");
     assert!(body.contains("\"draining\": true"));
-    // Health is about storage and NATS, not draining.
+    // Health is about whether the process works (storage), not draining.
     assert_eq!(h.http("GET", &format!("{base}/health"), None, None).0, 200);
     let (status, body) = h.http("GET", &format!("{base}/nope"), None, None);
     assert_eq!((status, body.contains("\"error\"")), (404, true));

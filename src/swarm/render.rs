@@ -154,27 +154,14 @@ pub fn render(stack: &Stack) -> String {
                 w!("        mode: 0400");
             }
         }
-        w!("    # Healthy = /health (storage writable, NATS reachable) and /ready (consuming, not draining).");
+        w!("    # Healthy = /health: the process works (storage writable). Not /ready: a drain or a");
+        w!("    # NATS outage makes a runner not ready, and Swarm must not replace it for that.");
         w!("    healthcheck:");
         w!("      test:");
         let health = format!("http://127.0.0.1:{HTTP_PORT}/health");
-        let ready = format!("http://127.0.0.1:{HTTP_PORT}/ready");
-        for a in [
-            "CMD",
-            "curl",
-            "--fail",
-            "--fail-early",
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "2",
-            "--output",
-            "/dev/null",
-            "--output",
-            "/dev/null",
-            &health,
-            &ready,
-        ] {
+        for a in
+            ["CMD", "curl", "--fail", "--silent", "--show-error", "--max-time", "2", "--output", "/dev/null", &health]
+        {
             w!("        - {}", q(a));
         }
         w!("      interval: 10s");
