@@ -268,6 +268,7 @@ impl App {
 
     /// Drains (bounded by `shutdown.drain_deadline_ms`) and stops everything in order.
     pub fn shutdown(mut self) -> DrainReport {
+        self.ops.mark_exiting();
         let report = self.drain(Duration::from_millis(self.cfg.drain_deadline_ms));
         if let Some(rt) = self.runtime.take() {
             rt.shutdown();
@@ -286,6 +287,7 @@ impl App {
 
     /// Stops without draining (what a crash looks like to the outside, minus the OS).
     pub fn abort(mut self) {
+        self.ops.mark_exiting();
         let _ = self.ops.drain_blocking(Duration::ZERO);
         if let Some(rt) = self.runtime.take() {
             rt.shutdown();

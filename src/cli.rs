@@ -1,5 +1,5 @@
 //! The command line: `runner serve | demo | check | saga get | deadletter list|requeue|resend|
-//! discard | outbox stats | drain | reload | swarm render`. `main` only parses and calls one
+//! discard | outbox stats | drain | resume | reload | swarm render`. `main` only parses and calls one
 //! `run`; this file parses and dispatches, each command's own arguments live beside it
 //! (`demo::DemoArgs`, `inspect::Source`, `act::Target`).
 
@@ -50,6 +50,11 @@ pub enum Command {
     Swarm(SwarmCmd),
     /// Stop pulling, settle what is in flight, flush the relay (the runner stays up, not ready).
     Drain {
+        #[command(flatten)]
+        target: crate::act::Target,
+    },
+    /// End a drain: the consumers bind again and pull; the runner is ready again.
+    Resume {
         #[command(flatten)]
         target: crate::act::Target,
     },
@@ -241,6 +246,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Drain { target } => {
             crate::act::post(&target, "/admin/drain", "drain the runner", serde_json::json!({}))
+        }
+        Command::Resume { target } => {
+            crate::act::post(&target, "/admin/resume", "resume pulling", serde_json::json!({}))
         }
         Command::Reload { target } => {
             crate::act::post(&target, "/admin/reload", "reload the manifests", serde_json::json!({}))

@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /info` | build, mode, streams, consumers, sagas, effects, shards, partitions |
 //! | `POST /admin/drain` | stop pulling, finish in-flight, flush the relay; report |
+//! | `POST /admin/resume` | end a drain: consumers bind again and pull (409 when not draining) |
 //! | `POST /admin/reload` | swap manifests, or answer every problem and keep the old set |
 //! | `POST /admin/replay` | `{tenant, saga, correlation_id?, from_seq?, confirm}` |
 //! | `GET /admin/stats` | per-shard store counts, outbox depth, blocked keys |
@@ -282,6 +283,7 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
             let v = serde_json::to_value(&report).expect("a DrainReport is a flag and numbers, always JSON");
             json_response(if report.drained { 200 } else { 503 }, &v)
         }
+        (&Method::POST, "/admin/resume") => from(ops.resume()),
         (&Method::POST, "/admin/reload") => from(ops.reload().await),
         (&Method::GET, "/admin/stats") => from(ops.stats().await),
         (&Method::POST, "/admin/replay") => {
@@ -397,6 +399,7 @@ async fn route(ops: &Ops, req: Request<hyper::body::Incoming>) -> Resp {
                 "/metrics",
                 "/info",
                 "/admin/drain",
+                "/admin/resume",
                 "/admin/reload",
                 "/admin/replay",
                 "/admin/deadletters",

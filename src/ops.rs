@@ -54,6 +54,8 @@ pub struct Ops {
     manifests_tx: flume::Sender<Arc<ManifestSet>>,
     manifests: Mutex<Arc<ManifestSet>>,
     draining: AtomicBool,
+    /// The process is stopping (its final drain began): no resume.
+    exiting: AtomicBool,
     started: Instant,
     nats_url: String,
     /// Set by the bridge once connected (replay reads stored messages).
@@ -129,6 +131,7 @@ impl Ops {
             manifests_tx,
             manifests: Mutex::new(manifests),
             draining: AtomicBool::new(false),
+            exiting: AtomicBool::new(false),
             started: Instant::now(),
             nats_url,
             js: OnceLock::new(),
@@ -234,6 +237,25 @@ impl Ops {
     fn drain_state(&self) -> (i64, u64, i64) {
         let window = self.shards.iter().map(|h| h.health.outbox_window.load(Ordering::SeqCst)).sum();
         (self.bridge.in_flight.load(Ordering::SeqCst), window, self.bridge.dispatching.load(Ordering::SeqCst))
+    }
+
+    /// The process is stopping: a drain from now on is the last one (no resume).
+    pub fn mark_exiting(&self) {
+        self.exiting.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a drain: consumers bind again (at their ack floors) and pull; the runner is
+    /// ready again once they do. Refused when not draining or when the process is stopping.
+    pub fn resume(&self) -> Result<Value, OpsError> {
+        if self.exiting.load(Ordering::SeqCst) {
+            return Err(OpsError::new(409, "the runner is shutting down; it cannot resume"));
+        }
+        if !self.draining.swap(false, Ordering::SeqCst) {
+            return Err(OpsError::new(409, "the runner is not draining; nothing to resume"));
+        }
+        tracing::info!("resuming: consumers bind again");
+        let _ = self.stop_pulling.send(false);
+        Ok(json!({ "resumed": true }))
     }
 
     fn begin_drain(&self) {

@@ -321,6 +321,16 @@ fn the_cli_acts_on_a_running_runner_only_with_yes() {
     let drain = runner_bin().args(["drain", "--url", &base, "--yes"]).output().unwrap();
     assert!(drain.status.success(), "{}", String::from_utf8_lossy(&drain.stderr));
     assert_eq!(h.http("GET", &format!("{base}/ready"), None, None).0, 503, "not drained");
+    // An order placed while drained waits in the stream; resume binds the consumers again.
+    h.place_order("p-after-drain", "o-after-drain");
+    let resume = runner_bin().args(["resume", "--url", &base, "--yes"]).output().unwrap();
+    assert!(resume.status.success(), "{}", String::from_utf8_lossy(&resume.stderr));
+    wait_until(T, "ready again after resume", || h.http("GET", &format!("{base}/ready"), None, None).0 == 200);
+    wait_until(T, "the order placed during the drain applied", || {
+        h.http("GET", &format!("{base}/sagas/acme/{SAGA}/o-after-drain"), None, None).0 == 200
+    });
+    let again = runner_bin().args(["resume", "--url", &base, "--yes"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1), "a resume while not draining succeeded");
     app.shutdown();
 }
 

@@ -257,6 +257,8 @@ async fn run(
     let feeding = bound.iter().filter(|(_, role, ..)| *role != "effects").count();
     let marks = ingest::Marks::new(feeding, ctx.shared.stream_watermark.clone());
     let mut slot = 0;
+    // What a resume after a drain binds again: each consumer with its mark slot.
+    let mut roles = Vec::new();
     for (stream, role, filter, consumer, unsettled) in bound {
         let kind = match role {
             "events" => ingest::Kind::Aggregate,
@@ -267,6 +269,7 @@ async fn run(
             slot += 1;
             (marks.clone(), slot - 1)
         });
+        roles.push((kind, stream.clone(), role, filter.clone(), mark.clone()));
         let effects = effects.clone();
         consumers.push(tokio::task::spawn_local(ingest::consume(
             ctx.clone(),
@@ -289,7 +292,53 @@ async fn run(
     let nats_calls =
         tokio::task::spawn_local(crate::effects::provider::serve_nats_calls(ctx.client.clone(), nats_calls_rx));
     let _ = ready.send(Ok(()));
-    let _ = shutdown.wait_for(|s| *s).await;
+    // Until shutdown: a drain stops the consumers (they see `stop_pulling`); a resume
+    // (`stop_pulling` back to false) binds them again, at their ack floors.
+    let mut pulls = ctx.stop_pulling.clone();
+    loop {
+        let resumed = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            changed = pulls.changed() => changed.is_ok() && !*pulls.borrow_and_update(),
+        };
+        if pulls.has_changed().is_err() {
+            // Nobody can resume any more: wait for the shutdown.
+            let _ = shutdown.wait_for(|s| *s).await;
+            break;
+        }
+        if resumed {
+            for c in consumers.drain(..) {
+                // Each ended when the drain began; wait for the last of its work.
+                let _ = c.await;
+            }
+            for (kind, stream, role, filter, mark) in &roles {
+                let consumer = loop {
+                    match streams::bind(&ctx.js, cfg, stream, role, filter).await {
+                        Ok((c, _)) => break Some(c),
+                        Err(e) => {
+                            tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot bind the consumer again after a resume; retrying");
+                            if *shutdown.borrow() || *pulls.borrow() {
+                                break None;
+                            }
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                };
+                let Some(consumer) = consumer else { continue };
+                consumers.push(tokio::task::spawn_local(ingest::consume(
+                    ctx.clone(),
+                    *kind,
+                    stream.clone(),
+                    filter.clone(),
+                    consumer,
+                    effects.clone(),
+                    mark.clone(),
+                    Default::default(),
+                )));
+            }
+            ctx.shared.pulling.store(true, Ordering::SeqCst);
+            tracing::info!(consumers = consumers.len(), "resumed: consumers bound again, pulling");
+        }
+    }
     for c in consumers {
         c.abort();
     }
