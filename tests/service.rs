@@ -745,6 +745,26 @@ fn stop(child: std::process::Child) -> String {
 }
 
 #[test]
+fn sigterm_during_the_start_drains_and_stops_cleanly() {
+    use std::io::BufRead;
+    let h = Harness::new();
+    let port = free_port();
+    let mut child = serve_on_cpus(&h, "early", &[0, 1], 1, true, port);
+    // The placement line comes from inside the start, before anything serves.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut logs = String::new();
+    while !logs.contains("CPU placement") {
+        assert!(stderr.read_line(&mut logs).unwrap() > 0, "the runner ended during its start:\n{logs}");
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+    assert!(status.success(), "a SIGTERM during the start ended the runner with {status}:\n{logs}");
+    assert!(logs.contains("shutting down: draining"), "{logs}");
+}
+
+#[test]
 fn pinning_follows_the_process_cpu_mask() {
     let h = Harness::new();
     // Under `taskset -c 1` the one shard pins to CPU 1, not to the machine's first CPU. The
