@@ -12,8 +12,10 @@ use crate::config::Config;
 use crate::context::BridgeShared;
 use crate::nats_server::NatsServer;
 use crate::ops::{DrainReport, Ops};
+use crate::placement::Placement;
 use anyhow::Context;
 use shards::clock::SharedClock;
+use shards::cpus::CpuMask;
 use shards::layout::{DataDir, MoveProgress};
 use shards::manifest::ManifestSet;
 use shards::runtime::{Pinning, RuntimeConfig, ShardRuntime};
@@ -94,6 +96,45 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataLock> {
     }
 }
 
+/// Plans where the threads run (see [`Placement`]) and says so in the log: the mask, each
+/// thread's CPUs, and a CPU quota when the cgroup has one.
+fn place_threads(cfg: &Config) -> anyhow::Result<Placement> {
+    let mask = CpuMask::of_process();
+    let placement = Placement::plan(cfg.shards, cfg.pin_cores, cfg.bridge_cpu, mask)?;
+    let quota = shards::cpus::cpu_quota();
+    tracing::info!(
+        mask = %mask,
+        shards = cfg.shards,
+        shard_cpus = %shards::cpus::show(&placement.shards),
+        bridge_cpus = %shards::cpus::show(&placement.bridge),
+        ops_cpus = %shards::cpus::show(&placement.ops),
+        quota_cpus = %quota.map_or_else(|| "none".to_owned(), |q| q.to_string()),
+        "CPU placement"
+    );
+    if !cfg.pin_cores && cfg.shards > mask.len() {
+        tracing::warn!(
+            shards = cfg.shards,
+            mask = %mask,
+            "more shards than CPUs in the process's mask: unpinned, they share CPUs (and the bridge's)"
+        );
+    }
+    if let Some(q) = quota.filter(|&q| q < mask.len() as f64) {
+        if cfg.shards_from_mask {
+            tracing::warn!(
+                shards = cfg.shards,
+                mask = %mask,
+                quota_cpus = q,
+                "`shards` defaults to the CPUs of the process's mask, not to its CPU quota (cgroup cpu.max): \
+                 the mask says where threads may run, the quota only how much time they get, so the shards \
+                 share the quota's time; set `shards` to give each a whole CPU"
+            );
+        } else {
+            tracing::info!(shards = cfg.shards, quota_cpus = q, "the cgroup's CPU quota is below the mask's CPU count");
+        }
+    }
+    Ok(placement)
+}
+
 impl App {
     pub fn start(cfg: Config, opts: AppOptions) -> anyhow::Result<Self> {
         // The recorder must exist before the shards and the bridge create their metric handles.
@@ -102,6 +143,8 @@ impl App {
             Some(m) => m,
             None => Arc::new(crate::config::load_manifests(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?),
         };
+        // Refused before anything changes on disk (a shard-count change moves partitions).
+        let placement = place_threads(&cfg)?;
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
         let lock = lock_data_dir(&cfg.data_dir)?;
@@ -129,7 +172,7 @@ impl App {
         };
 
         let mut rcfg = RuntimeConfig {
-            pinning: if cfg.pin_cores { Pinning::Auto } else { Pinning::None },
+            pinning: if placement.shards.is_empty() { Pinning::None } else { Pinning::Cpus(placement.shards.clone()) },
             inbox_capacity: cfg.inbox_capacity,
             stall_threshold: opts.stall_threshold,
             ..RuntimeConfig::default()
@@ -183,14 +226,15 @@ impl App {
             manifests: manifests_rx,
             nats_calls: nats_calls_rx,
         };
-        let bridge = match Bridge::start(ops.clone(), nats_url.clone(), manifests.clone(), inputs) {
-            Ok(b) => b,
-            Err(e) => {
-                runtime.shutdown();
-                return Err(e).context("cannot start the I/O bridge");
-            }
-        };
-        let server = match crate::http::OpsServer::start(ops.clone(), http) {
+        let bridge =
+            match Bridge::start(ops.clone(), nats_url.clone(), manifests.clone(), inputs, placement.bridge.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    runtime.shutdown();
+                    return Err(e).context("cannot start the I/O bridge");
+                }
+            };
+        let server = match crate::http::OpsServer::start(ops.clone(), http, placement.ops.clone()) {
             Ok(s) => s,
             Err(e) => {
                 bridge.shutdown();

@@ -52,12 +52,20 @@ pub struct RawConfig {
     pub mode: Mode,
     /// Where shard stores (and the embedded nats-server's store) live. Default `./data`.
     pub data_dir: Option<PathBuf>,
-    /// Shard count. Default: the CPUs available to the process.
+    /// Shard count. Default: the CPUs in the process's affinity mask (`taskset`,
+    /// `docker --cpuset-cpus`); a CPU quota (`docker --cpus`, cgroup `cpu.max`) does not
+    /// lower it (the start logs the quota).
     pub shards: Option<usize>,
     /// Partitions of a new data directory (fixed once created). Default 256.
     pub partitions: Option<u32>,
-    /// Pin shard i to CPU i when there are enough CPUs. Default true.
+    /// Pin shard i to the i-th CPU of the process's affinity mask; more shards than CPUs in
+    /// the mask are then refused at start. False: nothing is pinned (shards may share CPUs).
+    /// Default true.
     pub pin_cores: Option<bool>,
+    /// The CPU the I/O bridge thread pins to (it must be in the process's mask; the shards
+    /// skip it). Default: the mask's CPUs no shard uses, or unpinned when there are none.
+    /// Needs `pin_cores`.
+    pub bridge_cpu: Option<usize>,
     pub nats: RawNats,
     pub streams: RawStreams,
     pub consumers: RawConsumers,
@@ -259,8 +267,11 @@ pub struct Config {
     pub mode: Mode,
     pub data_dir: PathBuf,
     pub shards: usize,
+    /// `shards` was not set: it is the CPU count of the process's mask.
+    pub shards_from_mask: bool,
     pub partitions: u32,
     pub pin_cores: bool,
+    pub bridge_cpu: Option<usize>,
     pub nats_url: Option<String>,
     pub nats_server_binary: Option<PathBuf>,
     pub create_streams: bool,
@@ -480,6 +491,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let shards = raw.shards.unwrap_or_else(shards::runtime::default_shards);
     if shards == 0 || shards > 1024 {
         bad("shards", &shards, "must be between 1 and 1024");
+    }
+    let pin_cores = raw.pin_cores.unwrap_or(true);
+    if let (Some(cpu), false) = (raw.bridge_cpu, pin_cores) {
+        bad("bridge_cpu", &cpu, "pins the bridge thread, but `pin_cores = false` turns pinning off: unset one");
     }
     let partitions = raw.partitions.unwrap_or(shards::routing::DEFAULT_PARTITIONS);
     if partitions == 0 || partitions > 65_536 {
@@ -723,8 +738,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         mode: raw.mode,
         data_dir: raw.data_dir.unwrap_or_else(|| "./data".into()),
         shards,
+        shards_from_mask: raw.shards.is_none(),
         partitions,
-        pin_cores: raw.pin_cores.unwrap_or(true),
+        pin_cores,
+        bridge_cpu: raw.bridge_cpu,
         nats_url: raw.nats.url,
         nats_server_binary: raw.nats.server_binary,
         create_streams: raw.nats.create_streams.unwrap_or(true),

@@ -68,13 +68,13 @@ pub struct OpsServer {
 
 impl OpsServer {
     /// Starts the probe and, with a listener, the HTTP server.
-    pub fn start(ops: Arc<Ops>, listener: Option<std::net::TcpListener>) -> std::io::Result<Self> {
+    pub fn start(ops: Arc<Ops>, listener: Option<std::net::TcpListener>, cpus: Vec<usize>) -> std::io::Result<Self> {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (probe_stop, probe_rx) = flume::bounded::<()>(1);
         let mut threads = Vec::new();
         ops.probe_data_dir();
         let probing = ops.clone();
-        threads.push(std::thread::Builder::new().name("probe".into()).spawn(move || {
+        threads.push(shards::cpus::spawn_on("probe", cpus.clone(), move || {
             while let Err(flume::RecvTimeoutError::Timeout) = probe_rx.recv_timeout(Duration::from_secs(1)) {
                 probing.probe_data_dir();
             }
@@ -82,7 +82,7 @@ impl OpsServer {
         // The operations thread serves HTTP (with a listener) and resumes the replays a
         // crash left unfinished.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        threads.push(std::thread::Builder::new().name("ops-http".into()).spawn(move || {
+        threads.push(shards::cpus::spawn_on("ops-http", cpus, move || {
             let local = tokio::task::LocalSet::new();
             let resuming = ops.clone();
             let mut stop = stop_rx.clone();

@@ -17,6 +17,7 @@
 //!   change a running runner).
 //! - [`swarm`]: tenant ranges rendered into the Docker Swarm stack.
 //! - [`logging`]: pretty or JSON structured logs.
+//! - [`placement`]: which CPUs the shards, the bridge and the operations threads take.
 //! - [`app`]: starts and stops everything in order.
 //!
 //! The modules' dependencies form no cycle (`tests/module_graph.rs`).
@@ -39,6 +40,7 @@ pub mod inspect;
 pub mod logging;
 pub mod nats_server;
 pub mod ops;
+pub mod placement;
 pub mod quarantine;
 pub mod serve;
 pub mod swarm;

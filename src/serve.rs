@@ -12,11 +12,14 @@ use std::process::ExitCode;
 pub fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     crate::logging::init(cfg.log_format, &cfg.log_level);
     let _ = crate::ops::metrics_handle();
+    // Caught from before the start: a SIGTERM that comes as soon as `/ready` answers drains
+    // and stops, instead of ending the process by the signal's default action.
+    let signals = Signals::install()?;
     let app = App::start(cfg, AppOptions::default())?;
     if let Some(addr) = app.http_addr() {
         tracing::info!(addr = %addr, "serving; SIGTERM or Ctrl-C drains and stops");
     }
-    let signal = wait_for_signal()?;
+    let signal = signals.wait()?;
     tracing::info!(signal, "shutting down: draining");
     let report = app.shutdown();
     if report.drained {
@@ -31,16 +34,33 @@ pub fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Blocks until SIGTERM or SIGINT; returns its name.
-pub fn wait_for_signal() -> anyhow::Result<&'static str> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
+/// SIGTERM and SIGINT, caught from [`Signals::install`] on (one that comes before
+/// [`Signals::wait`] is kept for it).
+pub struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        Ok(tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        })
-    })
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (term, int) = {
+            let _in_runtime = rt.enter();
+            (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+        };
+        Ok(Self { rt, term, int })
+    }
+
+    /// Blocks until SIGTERM or SIGINT; returns its name.
+    pub fn wait(mut self) -> anyhow::Result<&'static str> {
+        let (term, int) = (&mut self.term, &mut self.int);
+        Ok(self.rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        }))
+    }
 }

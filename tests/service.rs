@@ -1,7 +1,7 @@
 //! The service: operations endpoints (readiness with drain, health with an unwritable data
 //! directory, reload of a broken manifest, replay confirmation, the admin token, Prometheus
-//! metrics), the `runner` binary under SIGTERM during load, JSON logs, config errors and
-//! inspection of a stopped runner's data.
+//! metrics), the `runner` binary under SIGTERM during load, JSON logs, config errors,
+//! inspection of a stopped runner's data, and CPU pinning under the process's affinity mask.
 
 mod support;
 
@@ -672,4 +672,162 @@ fn config_errors_name_the_field_and_check_passes_the_example() {
     let out = runner_bin().args(["saga", "get", "t", "s", "x", "--data"]).arg(dir.path()).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a runner data directory"));
+}
+
+/// A `runner serve` process whose affinity mask is `cpus` (what `taskset -c` or
+/// `docker --cpuset-cpus` give it), with one saga and `shards` shards.
+fn serve_on_cpus(
+    h: &Harness,
+    label: &str,
+    cpus: &'static [usize],
+    shards: usize,
+    pin: bool,
+    port: u16,
+) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let dir = h.dir.path().join(label);
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = custom_saga(&dir, NOTE_PROGRAM, "", "");
+    let config = write(
+        &dir,
+        "runner.toml",
+        &format!(
+            "mode = \"saga\"\ndata_dir = \"{}\"\nshards = {shards}\npin_cores = {pin}\n[nats]\nurl = \"{}\"\n[sagas]\nmanifests = [\"{}\"]\n[effects]\nmanifests = []\n[gateway]\nurl = \"http://127.0.0.1:9\"\n[http]\naddr = \"127.0.0.1:{port}\"\n",
+            dir.join("data").display(),
+            h.nats.url(),
+            manifest.display(),
+        ),
+    );
+    let mut cmd = runner_bin();
+    cmd.args(["serve", "--config"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and makes one system call
+    // on a set built on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &cpu in cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Each thread of process `pid` by name, with the CPUs it may run on (`Cpus_allowed_list`).
+fn thread_cpus(pid: u32) -> std::collections::BTreeMap<String, String> {
+    let mut threads = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let (Ok(name), Ok(status)) =
+            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("status")))
+        else {
+            continue; // the thread ended meanwhile
+        };
+        let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_owned();
+        threads.insert(name.trim().to_owned(), cpus);
+    }
+    threads
+}
+
+/// The CPUs of the thread named `name` (glommio adds `-<executor id>` to a shard's name).
+fn cpus_of<'a>(threads: &'a std::collections::BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    threads
+        .iter()
+        .find(|(t, _)| *t == name || t.strip_prefix(name).is_some_and(|rest| rest.starts_with('-')))
+        .map(|(_, cpus)| cpus.as_str())
+}
+
+fn ready(h: &Harness, port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        && h.http("GET", &format!("http://127.0.0.1:{port}/ready"), None, None).0 == 200
+}
+
+fn stop(child: std::process::Child) -> String {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "runner exited with {} on SIGTERM", out.status);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn sigterm_during_the_start_drains_and_stops_cleanly() {
+    use std::io::BufRead;
+    let h = Harness::new();
+    let port = free_port();
+    let mut child = serve_on_cpus(&h, "early", &[0, 1], 1, true, port);
+    // The placement line comes from inside the start, before anything serves.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut logs = String::new();
+    while !logs.contains("CPU placement") {
+        assert!(stderr.read_line(&mut logs).unwrap() > 0, "the runner ended during its start:\n{logs}");
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+    assert!(status.success(), "a SIGTERM during the start ended the runner with {status}:\n{logs}");
+    assert!(logs.contains("shutting down: draining"), "{logs}");
+}
+
+#[test]
+fn pinning_follows_the_process_cpu_mask() {
+    let h = Harness::new();
+    // Under `taskset -c 1` the one shard pins to CPU 1, not to the machine's first CPU. The
+    // mask has no CPU left, so the bridge stays unpinned within it.
+    let port = free_port();
+    let child = serve_on_cpus(&h, "mask-1", &[1], 1, true, port);
+    wait_until(T, "the runner on CPU 1 ready", || ready(&h, port));
+    let threads = thread_cpus(child.id());
+    assert_eq!(cpus_of(&threads, "shard-0"), Some("1"), "{threads:?}");
+    assert_eq!(cpus_of(&threads, "bridge"), Some("1"), "{threads:?}");
+    stop(child);
+    // With room in the mask, the bridge and the operations thread take the CPU the shard
+    // does not use: they never share one.
+    let port = free_port();
+    let child = serve_on_cpus(&h, "mask-0-1", &[0, 1], 1, true, port);
+    wait_until(T, "the runner on CPUs 0-1 ready", || ready(&h, port));
+    let threads = thread_cpus(child.id());
+    assert_eq!(cpus_of(&threads, "shard-0"), Some("0"), "{threads:?}");
+    assert_eq!(cpus_of(&threads, "bridge"), Some("1"), "{threads:?}");
+    assert_eq!(cpus_of(&threads, "ops-http"), Some("1"), "{threads:?}");
+    let logs = stop(child);
+    assert!(logs.contains("mask=0-1"), "the start does not say where threads run:\n{logs}");
+}
+
+#[test]
+fn more_shards_than_the_mask_has_cpus_are_refused_when_pinned() {
+    let h = Harness::new();
+    let port = free_port();
+    let mut child = serve_on_cpus(&h, "pinned", &[1], 2, true, port);
+    let mut status = None;
+    wait_until(T, "the runner to refuse or serve", || {
+        status = child.try_wait().unwrap();
+        status.is_some() || ready(&h, port)
+    });
+    if status.is_none() {
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        panic!("2 pinned shards started on a mask of 1 CPU");
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for part in ["2 shards", "1 CPU", "(mask 1)", "`shards`", "`pin_cores = false`"] {
+        assert!(err.contains(part), "{part:?} missing in:\n{err}");
+    }
+    // Without pinning they run, sharing the mask's CPU, with a warning.
+    let port = free_port();
+    let child = serve_on_cpus(&h, "unpinned", &[1], 2, false, port);
+    wait_until(T, "the unpinned runner ready", || ready(&h, port));
+    let threads = thread_cpus(child.id());
+    for t in ["shard-0", "shard-1", "bridge"] {
+        assert_eq!(cpus_of(&threads, t), Some("1"), "{t}: {threads:?}");
+    }
+    let logs = stop(child);
+    assert!(logs.contains("WARN") && logs.contains("mask=1"), "no warning about sharing CPUs:\n{logs}");
 }

@@ -17,10 +17,12 @@
 //! - [`caller`]: the contract for calls a shard makes itself (HTTP effects, Gateway).
 //! - [`runtime`]: one pinned glommio executor per shard and the handles that reach them.
 //! - [`clock`]: time as a trait, with a manual clock for tests.
+//! - [`cpus`]: the process's CPU mask and quota, and pinning threads to CPUs.
 
 pub mod caller;
 pub mod clock;
 pub mod core;
+pub mod cpus;
 pub mod ids;
 pub mod keys;
 pub mod layout;

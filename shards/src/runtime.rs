@@ -1,4 +1,4 @@
-//! The thread-per-core runtime: one glommio executor per shard, pinned to its core, and
+//! The thread-per-core runtime: one glommio executor per shard, pinned to its CPU, and
 //! the handles the I/O bridge uses to reach them. Requests go through bounded flume
 //! channels, which work from any executor; flume guards each channel's queue with a short
 //! mutex (held for a push or a pop, never across an await), so sending is not lock-free,
@@ -9,6 +9,7 @@
 //! accepted, answers what it can, and its thread is joined.
 
 use crate::clock::SharedClock;
+use crate::cpus::CpuMask;
 use crate::layout::DataDir;
 use crate::manifest::ManifestSet;
 use crate::message::{Control, DispatchRequest, Request};
@@ -43,7 +44,8 @@ pub enum RuntimeError {
 /// How shards are placed on CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Pinning {
-    /// Shard i on CPU i when there are at least as many online CPUs as shards, else unbound.
+    /// Shard i on the i-th CPU of the process's affinity mask ([`CpuMask::of_process`])
+    /// when it holds at least as many CPUs as there are shards, else unbound.
     #[default]
     Auto,
     /// Never pin (tests, shared machines).
@@ -143,7 +145,7 @@ impl ShardRuntime {
     ) -> Result<Self, RuntimeError> {
         let router = data.router();
         let shards = router.shards();
-        let cpus = online_cpus();
+        let cpus = CpuMask::of_process().cpus();
         let mut handles = Vec::with_capacity(shards);
         let mut executors = Vec::with_capacity(shards);
         let mut readies = Vec::with_capacity(shards);
@@ -230,20 +232,8 @@ impl ShardRuntime {
     }
 }
 
-fn online_cpus() -> Vec<usize> {
-    let mut set = Vec::new();
-    if let Ok(cpus) = glommio::CpuSet::online() {
-        set.extend(cpus.iter().map(|l| l.cpu));
-    }
-    set.sort_unstable();
-    set.dedup();
-    if set.is_empty() {
-        set.push(0);
-    }
-    set
-}
-
-/// Default shard count: the CPUs this process may run on.
+/// Default shard count: the CPUs in the process's affinity mask ([`CpuMask::of_process`]).
+/// A CPU quota (`cpu.max`) does not lower it; the runner logs the quota beside it.
 pub fn default_shards() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    CpuMask::of_process().len()
 }

@@ -60,35 +60,34 @@ impl Bridge {
         url: String,
         manifests: Arc<ManifestSet>,
         inputs: BridgeInputs,
+        cpus: Vec<usize>,
     ) -> Result<Self, BridgeError> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), BridgeError>>();
         let ops2 = ops.clone();
-        let thread = std::thread::Builder::new()
-            .name("bridge".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
+        let thread = shards::cpus::spawn_on("bridge", cpus, move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(BridgeError::Setup(format!("tokio runtime: {e}"))));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, nats_calls } = inputs;
+                let (ctx, effects) = match setup(ops2.clone(), url, manifests, stop_pulling).await {
+                    Ok((ctx, effects)) => (Rc::new(ctx), effects.map(Rc::new)),
                     Err(e) => {
-                        let _ = ready_tx.send(Err(BridgeError::Setup(format!("tokio runtime: {e}"))));
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, async move {
-                    let BridgeInputs { dispatch, stop_pulling, manifests: manifests_rx, nats_calls } = inputs;
-                    let (ctx, effects) = match setup(ops2.clone(), url, manifests, stop_pulling).await {
-                        Ok((ctx, effects)) => (Rc::new(ctx), effects.map(Rc::new)),
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ops2.js.set(ctx.js.clone());
-                    run(ctx, effects, dispatch, nats_calls, manifests_rx, shutdown_rx, ready_tx).await;
-                });
-            })
-            .map_err(|e| BridgeError::Setup(format!("cannot spawn the bridge thread: {e}")))?;
+                let _ = ops2.js.set(ctx.js.clone());
+                run(ctx, effects, dispatch, nats_calls, manifests_rx, shutdown_rx, ready_tx).await;
+            });
+        })
+        .map_err(|e| BridgeError::Setup(format!("cannot start the bridge thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self { thread: Some(thread), ops, shutdown: shutdown_tx }),
             Ok(Err(e)) => {

@@ -140,3 +140,14 @@ fn effect_record_retention_defaults_to_a_week_and_may_not_undercut_the_dedupe_wi
     let err = load(None, &below).unwrap_err().to_string();
     assert!(err.contains("retention.effect_records_ms") && err.contains("120000 ms"), "{err}");
 }
+
+#[test]
+fn shards_default_to_the_masks_cpus_and_a_bridge_cpu_needs_pinning() {
+    let c = load(None, &[]).unwrap();
+    assert_eq!(c.shards, shards::cpus::CpuMask::of_process().len());
+    assert!(c.shards_from_mask && c.pin_cores && c.bridge_cpu.is_none());
+    let c = load(None, &env(&[("RUNNER_SHARDS", "1"), ("RUNNER_BRIDGE_CPU", "1")])).unwrap();
+    assert_eq!((c.shards, c.shards_from_mask, c.bridge_cpu), (1, false, Some(1)));
+    let err = load(None, &env(&[("RUNNER_BRIDGE_CPU", "1"), ("RUNNER_PIN_CORES", "false")])).unwrap_err().to_string();
+    assert!(err.contains("field `bridge_cpu` = 1") && err.contains("`pin_cores = false`"), "{err}");
+}
