@@ -253,8 +253,8 @@ impl CrashLedger {
 }
 
 fn line(message: &Suspect, entry: Entry) -> Vec<u8> {
-    // A plain struct of strings and integers always serialises.
-    let mut bytes = serde_json::to_vec(&Line { message: message.clone(), entry }).unwrap_or_default();
+    let mut bytes = serde_json::to_vec(&Line { message: message.clone(), entry })
+        .expect("a ledger line is strings and integers, which always serialise");
     bytes.push(b'\n');
     bytes
 }
