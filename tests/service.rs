@@ -21,6 +21,21 @@ fn on_event(state, event) {
 }
 "#;
 
+/// A saga-mode runner whose Gateway is a fixture, and the base URL of its operations
+/// endpoints; `tune` scripts the fixture and adjusts the config before the start.
+fn with_gateway(
+    h: &Harness,
+    tune: impl FnOnce(&HttpFixture, &mut runner::config::Config),
+) -> (HttpFixture, TestApp, String) {
+    let gateway = HttpFixture::start().unwrap();
+    let mut cfg = h.config(Mode::Saga);
+    cfg.gateway_url = Some(gateway.url());
+    tune(&gateway, &mut cfg);
+    let app = h.start(cfg);
+    let base = format!("http://{}", app.http_addr().unwrap());
+    (gateway, app, base)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -100,15 +115,12 @@ fn a_long_gateway_outage_ends_with_each_command_delivered_once() {
     // No `relay.max_attempts`: 200 failed attempts (backoff capped at 10 ms), then the
     // Gateway is back and the command goes through once; the wait is visible meanwhile.
     let h = Harness::new();
-    let gateway = HttpFixture::start().unwrap();
-    gateway.script(|s| s.fail_next = 200);
-    let mut cfg = h.config(Mode::Saga);
-    cfg.gateway_url = Some(gateway.url());
-    assert_eq!(cfg.relay.max_attempts, None, "no attempt limit by default");
-    cfg.relay.retry.backoff_ms = 1;
-    cfg.relay.retry.max_backoff_ms = 10;
-    let app = h.start(cfg);
-    let base = format!("http://{}", app.http_addr().unwrap());
+    let (gateway, app, base) = with_gateway(&h, |gateway, cfg| {
+        gateway.script(|s| s.fail_next = 200);
+        assert_eq!(cfg.relay.max_attempts, None, "no attempt limit by default");
+        cfg.relay.retry.backoff_ms = 1;
+        cfg.relay.retry.max_backoff_ms = 10;
+    });
     h.place_order("p-out", "o-out");
     let mut seen_retrying = false;
     wait_until(T, "the outbox drains", || {
@@ -131,15 +143,12 @@ fn a_long_gateway_outage_ends_with_each_command_delivered_once() {
 #[test]
 fn a_dispatch_stopped_by_its_attempt_limit_can_be_resent_by_an_operator() {
     let h = Harness::new();
-    let gateway = HttpFixture::start().unwrap();
-    gateway.script(|s| s.fail_next = 2);
-    let mut cfg = h.config(Mode::Saga);
-    cfg.gateway_url = Some(gateway.url());
-    cfg.relay.max_attempts = Some(2);
-    cfg.relay.retry.backoff_ms = 1;
-    cfg.relay.retry.max_backoff_ms = 10;
-    let app = h.start(cfg);
-    let base = format!("http://{}", app.http_addr().unwrap());
+    let (gateway, app, base) = with_gateway(&h, |gateway, cfg| {
+        gateway.script(|s| s.fail_next = 2);
+        cfg.relay.max_attempts = Some(2);
+        cfg.relay.retry.backoff_ms = 1;
+        cfg.relay.retry.max_backoff_ms = 10;
+    });
     h.place_order("p-dl", "o-dl");
     let letter = wait_dispatch_letter(&app, "acme");
     assert_eq!(gateway.records().len(), 2);
@@ -198,11 +207,7 @@ fn a_message_cannot_act_for_another_tenant_than_its_subject() {
     // Invariant 8: on `events.acme...`, a header or body naming `globex` makes a dead letter
     // (filed under acme, naming both), never a globex instance or a Gateway call as globex.
     let h = Harness::new();
-    let gateway = HttpFixture::start().unwrap();
-    let mut cfg = h.config(Mode::Saga);
-    cfg.gateway_url = Some(gateway.url());
-    let app = h.start(cfg);
-    let base = format!("http://{}", app.http_addr().unwrap());
+    let (gateway, app, base) = with_gateway(&h, |_, _| {});
     let order = |id: &str, tenant: &str| {
         serde_json::json!({"id": id, "type": "OrderPlaced", "tenant_id": tenant, "aggregate_type": "order",
             "data": {"order_id": id, "sku": "s", "qty": 1, "amount": 1, "customer": "c"}})
@@ -287,13 +292,10 @@ fn a_data_directory_has_one_runner_at_a_time() {
 #[test]
 fn the_cli_acts_on_a_running_runner_only_with_yes() {
     let h = Harness::new();
-    let gateway = HttpFixture::start().unwrap();
-    gateway.script(|s| s.fail_next = 1);
-    let mut cfg = h.config(Mode::Saga);
-    cfg.gateway_url = Some(gateway.url());
-    cfg.relay.max_attempts = Some(1);
-    let app = h.start(cfg);
-    let base = format!("http://{}", app.http_addr().unwrap());
+    let (gateway, app, base) = with_gateway(&h, |gateway, cfg| {
+        gateway.script(|s| s.fail_next = 1);
+        cfg.relay.max_attempts = Some(1);
+    });
     h.place_order("p-cli", "o-cli");
     let letter = wait_dispatch_letter(&app, "acme");
     let at = letter["key"]["at"].as_u64().unwrap().to_string();
@@ -337,11 +339,7 @@ fn the_cli_acts_on_a_running_runner_only_with_yes() {
 #[test]
 fn instances_are_listed_page_by_page_with_filters() {
     let h = Harness::new();
-    let gateway = HttpFixture::start().unwrap();
-    let mut cfg = h.config(Mode::Saga);
-    cfg.gateway_url = Some(gateway.url());
-    let app = h.start(cfg);
-    let base = format!("http://{}", app.http_addr().unwrap());
+    let (_gateway, app, base) = with_gateway(&h, |_, _| {});
     let ids: Vec<String> = (0..30).map(|i| format!("o-{}-{i}", if i % 3 == 0 { "vip" } else { "std" })).collect();
     for id in &ids {
         h.place_order(&format!("p-{id}"), id);

@@ -226,23 +226,23 @@ async fn run(
     // Bind consumers before reporting ready, so a bad setup fails the start.
     let mut bound = Vec::new();
     let cfg = &ctx.cfg;
-    let mut roles: Vec<(String, &'static str, String)> = Vec::new();
+    let mut roles: Vec<(String, ingest::Kind, String)> = Vec::new();
     if cfg.mode.runs_sagas() {
         for f in &cfg.aggregate_filters {
-            roles.push((cfg.aggregate_stream.clone(), "events", f.clone()));
+            roles.push((cfg.aggregate_stream.clone(), ingest::Kind::Aggregate, f.clone()));
         }
         for f in &cfg.result_filters {
-            roles.push((cfg.events_stream.clone(), "results", f.clone()));
+            roles.push((cfg.events_stream.clone(), ingest::Kind::Results, f.clone()));
         }
     }
     if cfg.mode.runs_effects() {
         for f in &cfg.command_filters {
-            roles.push((cfg.commands_stream.clone(), "effects", f.clone()));
+            roles.push((cfg.commands_stream.clone(), ingest::Kind::Effects, f.clone()));
         }
     }
-    for (stream, role, filter) in roles {
-        match streams::bind(&ctx.js, cfg, &stream, role, &filter).await {
-            Ok((c, unsettled)) => bound.push((stream, role, filter, c, unsettled)),
+    for (stream, kind, filter) in roles {
+        match streams::bind(&ctx.js, cfg, &stream, kind.label(), &filter).await {
+            Ok((c, unsettled)) => bound.push((stream, kind, filter, c, unsettled)),
             Err(e) => {
                 let _ = ready.send(Err(BridgeError::Setup(format!("consumer for {filter} on {stream}: {e}"))));
                 return;
@@ -253,22 +253,17 @@ async fn run(
     let dispatcher = tokio::task::spawn_local(dispatch::run(ctx.clone(), dispatch_rx));
     let mut consumers = Vec::new();
     // Every consumer that feeds the sagas has a mark before any starts (see `ingest::Marks`).
-    let feeding = bound.iter().filter(|(_, role, ..)| *role != "effects").count();
+    let feeding = bound.iter().filter(|(_, kind, ..)| *kind != ingest::Kind::Effects).count();
     let marks = ingest::Marks::new(feeding, ctx.shared.stream_watermark.clone());
     let mut slot = 0;
     // What a resume after a drain binds again: each consumer with its mark slot.
-    let mut roles = Vec::new();
-    for (stream, role, filter, consumer, unsettled) in bound {
-        let kind = match role {
-            "events" => ingest::Kind::Aggregate,
-            "results" => ingest::Kind::Results,
-            _ => ingest::Kind::Effects,
-        };
+    let mut rebind = Vec::new();
+    for (stream, kind, filter, consumer, unsettled) in bound {
         let mark = (kind != ingest::Kind::Effects).then(|| {
             slot += 1;
             (marks.clone(), slot - 1)
         });
-        roles.push((kind, stream.clone(), role, filter.clone(), mark.clone()));
+        rebind.push((kind, stream.clone(), filter.clone(), mark.clone()));
         let effects = effects.clone();
         consumers.push(tokio::task::spawn_local(ingest::consume(
             ctx.clone(),
@@ -309,9 +304,9 @@ async fn run(
                 // Each ended when the drain began; wait for the last of its work.
                 let _ = c.await;
             }
-            for (kind, stream, role, filter, mark) in &roles {
+            for (kind, stream, filter, mark) in &rebind {
                 let consumer = loop {
-                    match streams::bind(&ctx.js, cfg, stream, role, filter).await {
+                    match streams::bind(&ctx.js, cfg, stream, kind.label(), filter).await {
                         Ok((c, _)) => break Some(c),
                         Err(e) => {
                             tracing::warn!(stream = %stream, filter = %filter, error = %e, "cannot bind the consumer again after a resume; retrying");
